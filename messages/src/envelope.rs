@@ -1,0 +1,209 @@
+//! The envelope: what every message carries in its Kafka headers, following the CloudEvents
+//! Kafka protocol binding in binary mode (`ce_*` headers, the payload is the data) plus the
+//! saga's correlation, causation and W3C trace context headers.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::SCHEMA_VERSION;
+
+/// Header names. Do not change: producers in other languages and stored audit rows use them.
+pub mod headers {
+    pub const SPEC_VERSION: &str = "ce_specversion";
+    pub const ID: &str = "ce_id";
+    pub const TYPE: &str = "ce_type";
+    pub const SOURCE: &str = "ce_source";
+    pub const TIME: &str = "ce_time";
+    pub const CONTENT_TYPE: &str = "content-type";
+    pub const SCHEMA_VERSION: &str = "schema-version";
+    pub const CORRELATION_ID: &str = "correlation-id";
+    pub const CAUSATION_ID: &str = "causation-id";
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const TRACESTATE: &str = "tracestate";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique per message; consumers deduplicate on it.
+    pub id: Uuid,
+    pub message_type: String,
+    pub schema_version: u32,
+    /// The worker that produced the message, e.g. `/twophase/coordinator`.
+    pub source: String,
+    pub time: DateTime<Utc>,
+    /// The transfer id.
+    pub correlation_id: Option<String>,
+    /// The id of the message that caused this one.
+    pub causation_id: Option<Uuid>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("header {0} is missing")]
+    Missing(&'static str),
+    #[error("header {name} is not valid: {value:?}")]
+    Invalid { name: &'static str, value: String },
+}
+
+impl Envelope {
+    /// A new envelope for a message caused by `cause` (continuing its correlation and trace).
+    pub fn new(message_type: &str, source: &str, correlation_id: impl Into<String>) -> Envelope {
+        Envelope {
+            id: Uuid::new_v4(),
+            message_type: message_type.to_owned(),
+            schema_version: SCHEMA_VERSION,
+            source: source.to_owned(),
+            time: Utc::now(),
+            correlation_id: Some(correlation_id.into()),
+            causation_id: None,
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+
+    /// The headers to put on the Kafka record, in a fixed order.
+    pub fn to_headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![
+            (headers::SPEC_VERSION, "1.0".to_owned()),
+            (headers::ID, self.id.to_string()),
+            (headers::TYPE, self.message_type.clone()),
+            (headers::SOURCE, self.source.clone()),
+            (headers::TIME, self.time.to_rfc3339()),
+            (headers::CONTENT_TYPE, "application/json".to_owned()),
+            (headers::SCHEMA_VERSION, self.schema_version.to_string()),
+        ];
+        let optional = [
+            (headers::CORRELATION_ID, self.correlation_id.clone()),
+            (headers::CAUSATION_ID, self.causation_id.map(|c| c.to_string())),
+            (headers::TRACEPARENT, self.traceparent.clone()),
+            (headers::TRACESTATE, self.tracestate.clone()),
+        ];
+        out.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        out
+    }
+
+    /// Reads the envelope from record headers.
+    ///
+    /// Producers outside the project may publish requests with no headers at all, so the
+    /// caller supplies what a missing header defaults to: the type the topic implies, and an
+    /// id derived from the record's position (stable across redeliveries).
+    pub fn from_headers<'a>(
+        record_headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+        default_type: Option<&str>,
+        fallback_id: impl FnOnce() -> Uuid,
+    ) -> Result<Envelope, EnvelopeError> {
+        let mut found: std::collections::HashMap<&str, String> = Default::default();
+        for (name, value) in record_headers {
+            let Some(value) = value else { continue };
+            let Some(known) = KNOWN.iter().find(|k| **k == name) else {
+                continue;
+            };
+            let text = std::str::from_utf8(value).map_err(|_| EnvelopeError::Invalid {
+                name: known,
+                value: String::from_utf8_lossy(value).into_owned(),
+            })?;
+            found.insert(known, text.to_owned());
+        }
+        let message_type = match found.remove(headers::TYPE) {
+            Some(t) => t,
+            None => default_type
+                .map(str::to_owned)
+                .ok_or(EnvelopeError::Missing(headers::TYPE))?,
+        };
+        let id = match found.remove(headers::ID) {
+            Some(v) => parse_uuid(headers::ID, v)?,
+            None => fallback_id(),
+        };
+        let schema_version = match found.remove(headers::SCHEMA_VERSION) {
+            Some(v) => v.parse().map_err(|_| EnvelopeError::Invalid {
+                name: headers::SCHEMA_VERSION,
+                value: v,
+            })?,
+            None => 1,
+        };
+        let time = match found.remove(headers::TIME) {
+            Some(v) => DateTime::parse_from_rfc3339(&v)
+                .map_err(|_| EnvelopeError::Invalid {
+                    name: headers::TIME,
+                    value: v,
+                })?
+                .with_timezone(&Utc),
+            None => Utc::now(),
+        };
+        let causation_id = found
+            .remove(headers::CAUSATION_ID)
+            .map(|v| parse_uuid(headers::CAUSATION_ID, v))
+            .transpose()?;
+        Ok(Envelope {
+            id,
+            message_type,
+            schema_version,
+            source: found.remove(headers::SOURCE).unwrap_or_default(),
+            time,
+            correlation_id: found.remove(headers::CORRELATION_ID),
+            causation_id,
+            traceparent: found.remove(headers::TRACEPARENT),
+            tracestate: found.remove(headers::TRACESTATE),
+        })
+    }
+}
+
+const KNOWN: [&str; 10] = [
+    headers::ID,
+    headers::TYPE,
+    headers::SOURCE,
+    headers::TIME,
+    headers::SCHEMA_VERSION,
+    headers::CORRELATION_ID,
+    headers::CAUSATION_ID,
+    headers::TRACEPARENT,
+    headers::TRACESTATE,
+    headers::CONTENT_TYPE,
+];
+
+fn parse_uuid(name: &'static str, value: String) -> Result<Uuid, EnvelopeError> {
+    Uuid::parse_str(&value).map_err(|_| EnvelopeError::Invalid { name, value })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_headers() {
+        let mut e = Envelope::new(crate::types::VOTE, "/twophase/risk", "t-1");
+        e.causation_id = Some(Uuid::new_v4());
+        e.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let headers = e.to_headers();
+        let back = Envelope::from_headers(
+            headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))),
+            None,
+            || unreachable!("the id header is present"),
+        )
+        .unwrap();
+        // RFC 3339 keeps nanoseconds, so the round trip is exact.
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_bare_request_gets_defaults() {
+        let id = Uuid::new_v4();
+        let e = Envelope::from_headers([], Some(crate::types::TRANSFER_REQUESTED), || id).unwrap();
+        assert_eq!(e.id, id);
+        assert_eq!(e.message_type, crate::types::TRANSFER_REQUESTED);
+        assert_eq!(e.schema_version, 1);
+    }
+
+    #[test]
+    fn a_bad_header_is_named() {
+        let err = Envelope::from_headers(
+            [(headers::SCHEMA_VERSION, Some(&b"two"[..]))],
+            Some("x"),
+            Uuid::new_v4,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "header schema-version is not valid: \"two\"");
+    }
+}

@@ -1,0 +1,247 @@
+//! The twophase message contract: every message the saga workers exchange, the envelope carried
+//! in Kafka headers, and the topic names.
+//!
+//! This crate is what producer teams and every worker agree on. It owns no I/O: it never talks
+//! to Kafka or a database, so a producer in another language can rely on the JSON Schemas it
+//! exports (`twophase schema`) and nothing else.
+//!
+//! Evolution is additive: a new field gets `#[serde(default)]`, a field is never reused, and a
+//! removed field leaves a comment saying when it went. A breaking change bumps
+//! [`SCHEMA_VERSION`].
+
+pub mod envelope;
+pub mod money;
+pub mod payloads;
+pub mod topics;
+
+pub use envelope::{Envelope, EnvelopeError};
+pub use money::{validate_amount, AmountError};
+pub use payloads::*;
+pub use topics::Topics;
+
+/// The schema version every message of this crate is written with. A consumer refuses a
+/// message with a higher version (it cannot know what changed) and accepts lower ones.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Every message type on the saga topics: a closed set, dispatched with `match`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    TransferRequested(TransferRequested),
+    EvaluateRisk(EvaluateRisk),
+    Account(AccountCommand),
+    Vote(Vote),
+    Ack(Ack),
+    TransferCompleted(TransferCompleted),
+    TransferFailed(TransferFailed),
+    TransferRejected(TransferRejected),
+    CommitStuck(CommitStuck),
+}
+
+/// Why a message could not be decoded. Every variant is permanent: retrying the same bytes
+/// gives the same answer, so such a message is set aside, never retried.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("schema version {found} of {message_type} is newer than the supported {supported}")]
+    UnsupportedVersion {
+        message_type: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error("payload of {message_type} is not valid: {source}")]
+    Payload {
+        message_type: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Message {
+    /// The `ce_type` of this message.
+    pub fn message_type(&self) -> &'static str {
+        match self {
+            Message::TransferRequested(_) => types::TRANSFER_REQUESTED,
+            Message::EvaluateRisk(_) => types::RISK_EVALUATE,
+            Message::Account(c) => c.action.message_type(),
+            Message::Vote(_) => types::VOTE,
+            Message::Ack(_) => types::ACK,
+            Message::TransferCompleted(_) => types::TRANSFER_COMPLETED,
+            Message::TransferFailed(_) => types::TRANSFER_FAILED,
+            Message::TransferRejected(_) => types::TRANSFER_REJECTED,
+            Message::CommitStuck(_) => types::COMMIT_STUCK,
+        }
+    }
+
+    /// The transfer this message belongs to, as the producer spelled it.
+    pub fn transfer_id(&self) -> String {
+        match self {
+            Message::TransferRequested(m) => m.transfer_id.clone(),
+            Message::EvaluateRisk(m) => m.transfer_id.to_string(),
+            Message::Account(m) => m.body.transfer_id.to_string(),
+            Message::Vote(m) => m.transfer_id.to_string(),
+            Message::Ack(m) => m.transfer_id.to_string(),
+            Message::TransferCompleted(m) => m.transfer_id.to_string(),
+            Message::TransferFailed(m) => m.transfer_id.to_string(),
+            Message::TransferRejected(m) => m.transfer_id.clone(),
+            Message::CommitStuck(m) => m.transfer_id.to_string(),
+        }
+    }
+
+    /// The JSON payload.
+    pub fn to_json(&self) -> Vec<u8> {
+        let result = match self {
+            Message::TransferRequested(m) => serde_json::to_vec(m),
+            Message::EvaluateRisk(m) => serde_json::to_vec(m),
+            Message::Account(m) => serde_json::to_vec(&m.body),
+            Message::Vote(m) => serde_json::to_vec(m),
+            Message::Ack(m) => serde_json::to_vec(m),
+            Message::TransferCompleted(m) => serde_json::to_vec(m),
+            Message::TransferFailed(m) => serde_json::to_vec(m),
+            Message::TransferRejected(m) => serde_json::to_vec(m),
+            Message::CommitStuck(m) => serde_json::to_vec(m),
+        };
+        // Serializing these plain structs to a Vec cannot fail: no maps with non-string keys,
+        // no custom serializers that error.
+        result.expect("message payloads always serialize")
+    }
+
+    /// Decodes a payload of the given type and schema version.
+    pub fn decode(
+        message_type: &str,
+        schema_version: u32,
+        payload: &[u8],
+    ) -> Result<Message, DecodeError> {
+        if schema_version > SCHEMA_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                message_type: message_type.to_owned(),
+                found: schema_version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        fn parse<T: serde::de::DeserializeOwned>(
+            message_type: &str,
+            payload: &[u8],
+        ) -> Result<T, DecodeError> {
+            serde_json::from_slice(payload).map_err(|source| DecodeError::Payload {
+                message_type: message_type.to_owned(),
+                source,
+            })
+        }
+        let message = match message_type {
+            types::TRANSFER_REQUESTED => {
+                Message::TransferRequested(parse(message_type, payload)?)
+            }
+            types::RISK_EVALUATE => Message::EvaluateRisk(parse(message_type, payload)?),
+            types::VOTE => Message::Vote(parse(message_type, payload)?),
+            types::ACK => Message::Ack(parse(message_type, payload)?),
+            types::TRANSFER_COMPLETED => Message::TransferCompleted(parse(message_type, payload)?),
+            types::TRANSFER_FAILED => Message::TransferFailed(parse(message_type, payload)?),
+            types::TRANSFER_REJECTED => Message::TransferRejected(parse(message_type, payload)?),
+            types::COMMIT_STUCK => Message::CommitStuck(parse(message_type, payload)?),
+            other => match AccountAction::from_message_type(other) {
+                Some(action) => {
+                    let body: AccountCommandBody = parse(message_type, payload)?;
+                    Message::Account(AccountCommand::new(action, body))
+                }
+                None => return Err(DecodeError::UnknownType(other.to_owned())),
+            },
+        };
+        Ok(message)
+    }
+}
+
+/// The `ce_type` values. Do not change a value: producers and stored audit rows depend on them.
+pub mod types {
+    pub const TRANSFER_REQUESTED: &str = "twophase.transfer.requested";
+    pub const RISK_EVALUATE: &str = "twophase.risk.evaluate";
+    pub const ACCOUNT_HOLD: &str = "twophase.account.hold";
+    pub const ACCOUNT_RESERVE_CREDIT: &str = "twophase.account.reserve_credit";
+    pub const ACCOUNT_CAPTURE: &str = "twophase.account.capture";
+    pub const ACCOUNT_CREDIT: &str = "twophase.account.credit";
+    pub const ACCOUNT_RELEASE: &str = "twophase.account.release";
+    pub const ACCOUNT_CANCEL_CREDIT: &str = "twophase.account.cancel_credit";
+    pub const VOTE: &str = "twophase.saga.vote";
+    pub const ACK: &str = "twophase.saga.ack";
+    pub const TRANSFER_COMPLETED: &str = "twophase.transfer.completed";
+    pub const TRANSFER_FAILED: &str = "twophase.transfer.failed";
+    pub const TRANSFER_REJECTED: &str = "twophase.transfer.rejected";
+    pub const COMMIT_STUCK: &str = "twophase.transfer.commit_stuck";
+}
+
+/// The JSON Schema of every message, by `ce_type`, for producer teams to validate against.
+pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
+    fn schema<T: schemars::JsonSchema>() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(T)).expect("schemas serialize")
+    }
+    let mut out = vec![
+        (types::TRANSFER_REQUESTED, schema::<TransferRequested>()),
+        (types::RISK_EVALUATE, schema::<EvaluateRisk>()),
+    ];
+    for action in AccountAction::ALL {
+        out.push((action.message_type(), schema::<AccountCommandBody>()));
+    }
+    out.extend([
+        (types::VOTE, schema::<Vote>()),
+        (types::ACK, schema::<Ack>()),
+        (types::TRANSFER_COMPLETED, schema::<TransferCompleted>()),
+        (types::TRANSFER_FAILED, schema::<TransferFailed>()),
+        (types::TRANSFER_REJECTED, schema::<TransferRejected>()),
+        (types::COMMIT_STUCK, schema::<CommitStuck>()),
+    ]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_schema_names_its_required_fields() {
+        let schemas = json_schemas();
+        let (_, request) = schemas
+            .iter()
+            .find(|(t, _)| *t == types::TRANSFER_REQUESTED)
+            .unwrap();
+        let required = request["required"].as_array().unwrap();
+        for field in ["transfer_id", "from_account", "to_account", "amount", "currency"] {
+            assert!(required.iter().any(|f| f == field), "{field} not required");
+        }
+    }
+
+    #[test]
+    fn a_newer_schema_version_is_refused() {
+        let err = Message::decode(types::VOTE, SCHEMA_VERSION + 1, b"{}").unwrap_err();
+        assert!(matches!(err, DecodeError::UnsupportedVersion { found, .. } if found == SCHEMA_VERSION + 1));
+    }
+
+    #[test]
+    fn an_unknown_type_is_refused() {
+        let err = Message::decode("twophase.nope", 1, b"{}").unwrap_err();
+        assert!(matches!(err, DecodeError::UnknownType(t) if t == "twophase.nope"));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_missing_ones_refused() {
+        let ok = br#"{"transfer_id":"t","from_account":"a","to_account":"b","amount":"1.00","currency":"USD","future":1}"#;
+        assert!(Message::decode(types::TRANSFER_REQUESTED, 1, ok).is_ok());
+        let missing = br#"{"transfer_id":"t","from_account":"a","to_account":"b","currency":"USD"}"#;
+        let err = Message::decode(types::TRANSFER_REQUESTED, 1, missing).unwrap_err();
+        assert!(err.to_string().contains("amount"), "{err}");
+    }
+
+    #[test]
+    fn account_commands_round_trip() {
+        let body = AccountCommandBody {
+            transfer_id: uuid::Uuid::new_v4(),
+            account_id: uuid::Uuid::new_v4(),
+            amount: "12.34".parse().unwrap(),
+            currency: "USD".into(),
+        };
+        for action in AccountAction::ALL {
+            let m = Message::Account(AccountCommand::new(action, body.clone()));
+            let back = Message::decode(m.message_type(), 1, &m.to_json()).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+}

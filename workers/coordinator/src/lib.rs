@@ -1,0 +1,398 @@
+//! The coordinator: drives each transfer through prepare and commit-or-abort.
+//!
+//! It consumes `transfers.requests` and `saga.replies` and publishes commands on
+//! `saga.commands.risk` and `saga.commands.account` and outcomes on `transfers.events`. Its
+//! state is one row per transfer in the `coordinator` schema; every change is committed before
+//! the messages it calls for are published, and a redelivered message (or the timer) re-sends
+//! whatever the state still calls for, so a crash anywhere heals. It never touches another
+//! worker's schema.
+
+pub mod saga;
+pub mod store;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use twophase_messages::{
+    reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, CommitStuck, Envelope,
+    EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
+    TransferRejected, TransferRequested, Vote,
+};
+use twophase_runtime::worker::{self, Incoming, WorkerSettings};
+use twophase_runtime::{CancellationToken, Handler, HandlerError, Outgoing, Publisher};
+use uuid::Uuid;
+
+use saga::{Applied, Emit, Saga, Status};
+use store::Stored;
+
+/// The database schema this worker owns.
+pub const SCHEMA: &str = "coordinator";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// A transfer whose votes are not all in by then is aborted with reason `timeout`.
+    #[serde(with = "humantime_serde")]
+    pub prepare_timeout: Duration,
+    /// Commit and abort commands unanswered this long are sent again, with the wait doubling
+    /// per attempt up to `resend_max_backoff`. They are never abandoned.
+    #[serde(with = "humantime_serde")]
+    pub resend_after: Duration,
+    #[serde(with = "humantime_serde")]
+    pub resend_max_backoff: Duration,
+    /// After this many re-sends of a commit, a `commit_stuck` event is published.
+    pub commit_stuck_after_attempts: i32,
+    /// How often the timers are checked.
+    #[serde(with = "humantime_serde")]
+    pub timer_interval: Duration,
+    /// The largest transfer accepted per currency; larger requests are rejected.
+    pub max_amount: BTreeMap<String, Decimal>,
+    /// The limit for currencies `max_amount` does not name.
+    pub default_max_amount: Decimal,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> CoordinatorConfig {
+        CoordinatorConfig {
+            prepare_timeout: Duration::from_secs(30),
+            resend_after: Duration::from_secs(5),
+            resend_max_backoff: Duration::from_secs(60),
+            commit_stuck_after_attempts: 5,
+            timer_interval: Duration::from_secs(1),
+            max_amount: BTreeMap::new(),
+            default_max_amount: Decimal::from(1_000_000),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Coordinator {
+    pool: PgPool,
+    config: CoordinatorConfig,
+    topics: Topics,
+    source: String,
+}
+
+impl Coordinator {
+    pub fn settings(
+        kafka: twophase_runtime::KafkaConfig,
+        retry: twophase_runtime::RetryConfig,
+    ) -> WorkerSettings {
+        let topics = Topics::new(&kafka.topic_prefix);
+        WorkerSettings {
+            name: "coordinator",
+            kafka,
+            retry,
+            topics: vec![topics.requests(), topics.replies()],
+            default_types: vec![(topics.requests(), twophase_messages::types::TRANSFER_REQUESTED)],
+        }
+    }
+
+    /// Runs the consume loop and the timers until `shutdown`.
+    pub async fn run(
+        pool: PgPool,
+        config: CoordinatorConfig,
+        settings: WorkerSettings,
+        publisher: Publisher,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let coordinator = Arc::new(Coordinator {
+            pool,
+            config,
+            topics: Topics::new(&settings.kafka.topic_prefix),
+            source: settings.source(),
+        });
+        let timers = tokio::spawn(Arc::clone(&coordinator).run_timers(publisher.clone(), shutdown.clone()));
+        let result = worker::run(coordinator, settings, publisher, shutdown.clone()).await;
+        shutdown.cancel();
+        timers.await?;
+        result
+    }
+
+    async fn on_request(
+        &self,
+        envelope: &Envelope,
+        request: &TransferRequested,
+    ) -> Result<Vec<Outgoing>, HandlerError> {
+        let Ok(transfer_id) = Uuid::parse_str(&request.transfer_id) else {
+            // Nothing can be stored under a malformed id; the rejection is re-sent on every
+            // redelivery with the same message id.
+            let rejected = TransferRejected {
+                transfer_id: request.transfer_id.clone(),
+                reason: reasons::INVALID_TRANSFER_ID.to_owned(),
+                detail: format!("transfer_id {:?} is not a UUID", request.transfer_id),
+                rejected_at: envelope.time,
+            };
+            let id_seed = format!("rejected:{}", request.transfer_id);
+            return Ok(vec![self.outcome(envelope, &request.transfer_id, &id_seed, Message::TransferRejected(rejected))]);
+        };
+        let hash = validate::fingerprint(request);
+        let mut tx = self.pool.begin().await?;
+        if let Some(existing) = store::lock(&mut tx, transfer_id).await? {
+            tx.commit().await?;
+            if existing.request_hash != hash {
+                tracing::warn!(%transfer_id, "transfer id reused with a different request: rejected as a conflict");
+                let rejected = TransferRejected {
+                    transfer_id: request.transfer_id.clone(),
+                    reason: reasons::CONFLICT.to_owned(),
+                    detail: "this transfer_id was already used for a different request".into(),
+                    rejected_at: envelope.time,
+                };
+                let id_seed = format!("conflict:{transfer_id}:{hash}");
+                return Ok(vec![self.outcome(envelope, &request.transfer_id, &id_seed, Message::TransferRejected(rejected))]);
+            }
+            // The same request again: answer with what its state calls for (the outcome, once
+            // there is one).
+            return Ok(self.emit(envelope, &existing));
+        }
+        let saga = match validate::validate(request, &self.config.max_amount, self.config.default_max_amount) {
+            Ok(terms) => Saga::preparing(transfer_id, terms),
+            Err(rejection) => {
+                tracing::info!(%transfer_id, reason = rejection.reason, detail = %rejection.detail, "request rejected");
+                Saga::rejected(transfer_id, rejection.reason, rejection.detail, Utc::now())
+            }
+        };
+        let stored = Stored {
+            saga,
+            request_hash: hash,
+            traceparent: envelope.traceparent.clone(),
+            tracestate: envelope.tracestate.clone(),
+            request_message_id: Some(envelope.id),
+            commit_attempts: 0,
+            decided_at: None,
+        };
+        let deadline = Utc::now()
+            + chrono::TimeDelta::from_std(self.config.prepare_timeout).unwrap_or(chrono::TimeDelta::MAX);
+        let raw = serde_json::to_value(request).expect("requests serialize");
+        store::insert(&mut tx, &stored, &raw, deadline).await?;
+        tx.commit().await?;
+        Ok(self.emit(envelope, &stored))
+    }
+
+    /// Applies a vote or an ack to its transfer and returns what to publish.
+    async fn on_reply(
+        &self,
+        envelope: &Envelope,
+        transfer_id: Uuid,
+        apply: impl FnOnce(&mut Saga) -> Result<Applied, saga::Contradiction>,
+    ) -> Result<Vec<Outgoing>, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(mut stored) = store::lock(&mut tx, transfer_id).await? else {
+            return Err(HandlerError::permanent(format!(
+                "reply for transfer {transfer_id}, which this coordinator never started"
+            )));
+        };
+        let applied = apply(&mut stored.saga).map_err(|e| HandlerError::Permanent(e.into()))?;
+        if applied != Applied::Unchanged {
+            store::update(&mut tx, &stored).await?;
+        }
+        tx.commit().await?;
+        if applied == Applied::Advanced {
+            tracing::info!(%transfer_id, status = stored.saga.status.as_str(), reason = ?stored.saga.reason, "transfer advanced");
+        }
+        Ok(match applied {
+            Applied::Recorded => Vec::new(),
+            Applied::Advanced | Applied::Unchanged => self.emit(envelope, &stored),
+        })
+    }
+
+    /// The messages a saga's state calls for, caused by `cause`.
+    fn emit(&self, cause: &Envelope, stored: &Stored) -> Vec<Outgoing> {
+        let saga = &stored.saga;
+        saga.outstanding()
+            .into_iter()
+            .filter_map(|e| self.message_for(cause, saga, e))
+            .collect()
+    }
+
+    fn message_for(&self, cause: &Envelope, saga: &Saga, emit: Emit) -> Option<Outgoing> {
+        let id = saga.transfer_id;
+        if emit == Emit::Outcome {
+            let at = saga.finished_at.unwrap_or_else(Utc::now);
+            let message = match (saga.status, saga.terms.as_ref()) {
+                (Status::Completed, Some(t)) => Message::TransferCompleted(TransferCompleted {
+                    transfer_id: id,
+                    from_account: t.from_account,
+                    to_account: t.to_account,
+                    amount: t.amount,
+                    currency: t.currency.clone(),
+                    completed_at: at,
+                }),
+                (Status::Failed, _) => Message::TransferFailed(TransferFailed {
+                    transfer_id: id,
+                    reason: saga.reason.clone().unwrap_or_default(),
+                    participant: saga.failed_participant,
+                    risk: saga.risk.clone(),
+                    failed_at: at,
+                }),
+                _ => Message::TransferRejected(TransferRejected {
+                    transfer_id: id.to_string(),
+                    reason: saga.reason.clone().unwrap_or_default(),
+                    detail: saga.reason_detail.clone().unwrap_or_default(),
+                    rejected_at: at,
+                }),
+            };
+            return Some(self.outcome(cause, &id.to_string(), &format!("outcome:{id}"), message));
+        }
+        let terms = saga.terms.as_ref()?;
+        let (topic, key, message) = match emit {
+            Emit::Evaluate => (
+                self.topics.risk_commands(),
+                // Keyed by source account: one account's evaluations are serialized.
+                terms.from_account,
+                Message::EvaluateRisk(EvaluateRisk {
+                    transfer_id: id,
+                    from_account: terms.from_account,
+                    to_account: terms.to_account,
+                    amount: terms.amount,
+                    currency: terms.currency.clone(),
+                }),
+            ),
+            Emit::Account(action) => {
+                let account_id = match action.participant() {
+                    Participant::Destination => terms.to_account,
+                    _ => terms.from_account,
+                };
+                let body = AccountCommandBody {
+                    transfer_id: id,
+                    account_id,
+                    amount: terms.amount,
+                    currency: terms.currency.clone(),
+                };
+                (
+                    self.topics.account_commands(),
+                    account_id,
+                    Message::Account(AccountCommand::new(action, body)),
+                )
+            }
+            Emit::Outcome => unreachable!("handled above"),
+        };
+        Some(Outgoing::caused_by(cause, &self.source, topic, key, &message))
+    }
+
+    /// An outcome event. Its message id is derived from `id_seed`, so an outcome published
+    /// again after a redelivery is recognisably the same message. Do not change the derivation.
+    fn outcome(&self, cause: &Envelope, key: &str, id_seed: &str, message: Message) -> Outgoing {
+        let mut out = Outgoing::caused_by(cause, &self.source, self.topics.events(), key, &message);
+        out.envelope.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, id_seed.as_bytes());
+        out
+    }
+
+    /// Aborts transfers whose prepare timed out and re-sends unanswered commit and abort
+    /// commands, until `shutdown`.
+    async fn run_timers(self: Arc<Self>, publisher: Publisher, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.timer_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.fire_timers().await {
+                Ok(out) if !out.is_empty() => {
+                    // If publishing fails the rows stay due and the next tick tries again.
+                    if let Err(e) = publisher.publish_all(&out).await {
+                        tracing::warn!(error = %e, "timer messages not published; retrying next tick");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "timer check failed; retrying next tick"),
+            }
+        }
+    }
+
+    async fn fire_timers(&self) -> Result<Vec<Outgoing>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::new();
+        for mut stored in store::lock_expired(&mut tx, 100).await? {
+            stored.saga.on_timeout();
+            store::update(&mut tx, &stored).await?;
+            tracing::warn!(transfer_id = %stored.saga.transfer_id, "prepare timed out: aborting");
+            out.extend(self.emit(&self.timer_cause(&stored), &stored));
+        }
+        let stalled = store::lock_stalled(
+            &mut tx,
+            self.config.resend_after,
+            self.config.resend_max_backoff,
+            100,
+        )
+        .await?;
+        for mut stored in stalled {
+            stored.commit_attempts += 1;
+            store::update(&mut tx, &stored).await?;
+            let cause = self.timer_cause(&stored);
+            let saga = &stored.saga;
+            tracing::warn!(transfer_id = %saga.transfer_id, status = saga.status.as_str(), attempt = stored.commit_attempts, "re-sending unanswered commands");
+            out.extend(self.emit(&cause, &stored));
+            if saga.status == Status::Committing
+                && stored.commit_attempts == self.config.commit_stuck_after_attempts
+            {
+                tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
+                let pending = saga
+                    .outstanding()
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Emit::Account(a) => Some(a),
+                        _ => None,
+                    })
+                    .collect::<Vec<AccountAction>>();
+                let stuck = Message::CommitStuck(CommitStuck {
+                    transfer_id: saga.transfer_id,
+                    pending,
+                    attempts: stored.commit_attempts as u32,
+                    decided_at: stored.decided_at.unwrap_or_else(Utc::now),
+                });
+                out.push(Outgoing::caused_by(&cause, &self.source, self.topics.events(), saga.transfer_id, &stuck));
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The envelope timer-made messages continue: the transfer's own trace.
+    fn timer_cause(&self, stored: &Stored) -> Envelope {
+        let mut cause = Envelope::new("timer", &self.source, stored.saga.transfer_id.to_string());
+        cause.id = stored.request_message_id.unwrap_or(cause.id);
+        cause.traceparent = stored.traceparent.clone();
+        cause.tracestate = stored.tracestate.clone();
+        cause
+    }
+}
+
+impl Handler for Coordinator {
+    async fn handle(&self, incoming: &Incoming) -> Result<Vec<Outgoing>, HandlerError> {
+        let envelope = &incoming.envelope;
+        match &incoming.message {
+            Message::TransferRequested(request) => self.on_request(envelope, request).await,
+            Message::Vote(Vote {
+                transfer_id,
+                participant,
+                decision,
+                reason,
+                risk,
+            }) => {
+                self.on_reply(envelope, *transfer_id, |s| {
+                    Ok(s.on_vote(*participant, *decision, reason.as_deref(), risk.as_ref()))
+                })
+                .await
+            }
+            Message::Ack(Ack {
+                transfer_id,
+                action,
+            }) => {
+                self.on_reply(envelope, *transfer_id, |s| s.on_ack(*action, Utc::now()))
+                    .await
+            }
+            other => Err(HandlerError::permanent(format!(
+                "the coordinator does not take {} messages",
+                other.message_type()
+            ))),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Kafka clients: the producer every worker publishes with, consumers, topic creation.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use twophase_messages::{Envelope, Message};
+use uuid::Uuid;
+
+use crate::config::KafkaConfig;
+
+/// The base client configuration: brokers plus the user's extra properties.
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// A message to publish, with its envelope.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    pub key: String,
+    pub envelope: Envelope,
+    pub payload: Vec<u8>,
+}
+
+impl Outgoing {
+    /// A message caused by `cause`: same correlation id, causation id set, trace continued.
+    pub fn caused_by(
+        cause: &Envelope,
+        source: &str,
+        topic: String,
+        key: impl ToString,
+        message: &Message,
+    ) -> Outgoing {
+        let mut envelope = Envelope::new(
+            message.message_type(),
+            source,
+            cause
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| message.transfer_id()),
+        );
+        envelope.causation_id = Some(cause.id);
+        envelope.traceparent = Some(child_traceparent(cause.traceparent.as_deref()));
+        envelope.tracestate = cause.tracestate.clone();
+        Outgoing::with_envelope(topic, key, envelope, message)
+    }
+
+    /// A message that starts a new chain (a producer's request, an ops command).
+    pub fn new(topic: String, key: impl ToString, source: &str, message: &Message) -> Outgoing {
+        let mut envelope = Envelope::new(message.message_type(), source, message.transfer_id());
+        envelope.traceparent = Some(child_traceparent(None));
+        Outgoing::with_envelope(topic, key, envelope, message)
+    }
+
+    pub fn with_envelope(
+        topic: String,
+        key: impl ToString,
+        envelope: Envelope,
+        message: &Message,
+    ) -> Outgoing {
+        Outgoing {
+            topic,
+            key: key.to_string(),
+            envelope,
+            payload: message.to_json(),
+        }
+    }
+}
+
+/// A W3C `traceparent` for a child span of `parent` (or the root of a new trace).
+pub fn child_traceparent(parent: Option<&str>) -> String {
+    let trace_id = parent
+        .and_then(|p| {
+            let parts: Vec<&str> = p.split('-').collect();
+            (parts.len() == 4 && parts[1].len() == 32 && parts[1] != "0".repeat(32))
+                .then(|| parts[1].to_owned())
+        })
+        .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
+    let span_id = &Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace_id}-{span_id}-01")
+}
+
+/// The idempotent producer every worker publishes with.
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    pub fn new(kafka: &KafkaConfig) -> Result<Publisher, KafkaError> {
+        let producer = client_config(kafka)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(Publisher { producer })
+    }
+
+    /// Publishes one message and waits until the broker has it.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), KafkaError> {
+        let headers = message
+            .envelope
+            .to_headers()
+            .into_iter()
+            .fold(OwnedHeaders::new(), |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                })
+            });
+        self.send_raw(
+            &message.topic,
+            Some(message.key.as_bytes()),
+            &message.payload,
+            headers,
+        )
+        .await
+    }
+
+    /// Publishes all messages concurrently and waits for every acknowledgement. Per key,
+    /// order is kept (idempotent producer).
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), KafkaError> {
+        let sends = messages.iter().map(|m| self.publish(m));
+        futures::future::try_join_all(sends).await.map(|_| ())
+    }
+
+    /// Publishes bytes and headers as they are (dead letters, replays).
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(), KafkaError> {
+        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+}
+
+/// Creates the topics that do not exist yet. Existing topics are left as they are.
+pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                kafka.partitions,
+                TopicReplication::Fixed(kafka.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic, ?code, "could not create topic");
+                })
+            }
+        }
+    }
+    Ok(())
+}

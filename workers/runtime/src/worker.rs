@@ -1,0 +1,296 @@
+//! The at-least-once consume loop every worker runs.
+//!
+//! For each message, in partition order: decode it, run the handler (which commits its effects
+//! in one database transaction and returns the messages to publish), publish those and wait for
+//! the broker's acknowledgement, and only then store the offset. A crash anywhere in between
+//! redelivers the message, and handlers are idempotent, so nothing is lost or applied twice.
+//!
+//! A message that cannot be decoded, or whose handler fails permanently, or transiently for
+//! longer than the retry budget, goes to `<topic>.dlq` with its original key, bytes and headers
+//! plus headers that say why; then the partition moves on.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use twophase_messages::{Envelope, Message};
+use uuid::Uuid;
+
+use crate::config::{KafkaConfig, RetryConfig};
+use crate::error::HandlerError;
+use crate::kafka::{client_config, Outgoing, Publisher};
+
+/// A decoded message handed to a handler.
+#[derive(Debug)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub envelope: Envelope,
+    pub message: Message,
+}
+
+/// A worker's logic. `handle` must be idempotent: it may see the same message again after a
+/// crash or rebalance, and must then return the same replies without applying anything twice.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        incoming: &Incoming,
+    ) -> impl Future<Output = Result<Vec<Outgoing>, HandlerError>> + Send;
+}
+
+/// Where a worker consumes from and how it retries.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// The worker's name: `coordinator`, `account`, `risk`.
+    pub name: &'static str,
+    pub kafka: KafkaConfig,
+    pub retry: RetryConfig,
+    pub topics: Vec<String>,
+    /// For topics written by producers outside the project, the message type a record without
+    /// a `ce_type` header has.
+    pub default_types: Vec<(String, &'static str)>,
+}
+
+impl WorkerSettings {
+    pub fn group_id(&self) -> String {
+        format!("{}-{}", self.kafka.group_prefix, self.name)
+    }
+
+    /// The `ce_source` of what this worker publishes.
+    pub fn source(&self) -> String {
+        format!("/twophase/{}", self.name)
+    }
+}
+
+/// Header names on dead letters. Do not change: `twophase dlq` and ops tooling read them.
+pub mod dlq_headers {
+    pub const ERROR: &str = "dlq-error";
+    pub const ERROR_CLASS: &str = "dlq-error-class";
+    pub const TOPIC: &str = "dlq-original-topic";
+    pub const PARTITION: &str = "dlq-original-partition";
+    pub const OFFSET: &str = "dlq-original-offset";
+    pub const WORKER: &str = "dlq-worker";
+    pub const ATTEMPTS: &str = "dlq-attempts";
+    pub const FIRST_FAILURE: &str = "dlq-first-failure-time";
+}
+
+/// Runs the consume loop until `shutdown` is cancelled, then commits the stored offsets.
+pub async fn run<H: Handler>(
+    handler: Arc<H>,
+    settings: WorkerSettings,
+    publisher: Publisher,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer = client_config(&settings.kafka)
+        .set("group.id", settings.group_id())
+        .set("client.id", format!("twophase-{}-{}", settings.name, std::process::id()))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        // Offsets are stored by hand, only once a message's effects are durable.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // A crashed worker's partitions move within seconds, not the default 45.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        // A message may wait this long for a recovering database before it is set aside.
+        .set(
+            "max.poll.interval.ms",
+            (settings.retry.give_up_after.as_millis() as u64 + 60_000).to_string(),
+        )
+        .create()?;
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    tracing::info!(worker = settings.name, group = %settings.group_id(), ?topics, "consuming");
+
+    let loop_ = ConsumeLoop {
+        handler,
+        settings,
+        publisher,
+        shutdown: shutdown.clone(),
+    };
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        match message {
+            Ok(message) => {
+                if !loop_.process(&message).await {
+                    break;
+                }
+                consumer.store_offset_from_message(&message)?;
+            }
+            Err(e) => tracing::warn!(error = %e, "consumer error"),
+        }
+    }
+    // Stored offsets are committed before leaving, so the next owner does not redo work.
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::warn!(error = %e, "final offset commit failed; the next owner will redo some messages");
+    }
+    tracing::info!(worker = loop_.settings.name, "stopped");
+    Ok(())
+}
+
+struct ConsumeLoop<H> {
+    handler: Arc<H>,
+    settings: WorkerSettings,
+    publisher: Publisher,
+    shutdown: CancellationToken,
+}
+
+impl<H: Handler> ConsumeLoop<H> {
+    /// Handles one message to its end: applied and replied, or dead-lettered. Returns false if
+    /// shutdown interrupted it (its offset must then not be stored).
+    async fn process(&self, raw: &BorrowedMessage<'_>) -> bool {
+        let span = tracing::info_span!(
+            "consume",
+            messaging.system = "kafka",
+            messaging.destination.name = raw.topic(),
+            messaging.consumer.group.name = %self.settings.group_id(),
+            messaging.kafka.partition = raw.partition(),
+            messaging.kafka.offset = raw.offset(),
+            message.id = tracing::field::Empty,
+            message.r#type = tracing::field::Empty,
+            transfer.id = tracing::field::Empty,
+        );
+        async {
+            let incoming = match self.decode(raw) {
+                Ok(incoming) => incoming,
+                Err(e) => {
+                    let first = Utc::now();
+                    return self.dead_letter(raw, "decode", &e, 1, first).await;
+                }
+            };
+            let span = tracing::Span::current();
+            span.record("message.id", tracing::field::display(incoming.envelope.id));
+            span.record("message.type", incoming.envelope.message_type.as_str());
+            span.record("transfer.id", incoming.message.transfer_id());
+            self.handle(raw, &incoming).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn decode(&self, raw: &BorrowedMessage<'_>) -> anyhow::Result<Incoming> {
+        let default_type = self
+            .settings
+            .default_types
+            .iter()
+            .find(|(t, _)| t == raw.topic())
+            .map(|(_, ty)| *ty);
+        let headers = raw
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let envelope = Envelope::from_headers(headers, default_type, || {
+            // Do not change: a record without a `ce_id` gets this id on every redelivery, and
+            // deduplication depends on it being stable.
+            let position = format!("{}/{}/{}", raw.topic(), raw.partition(), raw.offset());
+            Uuid::new_v5(&Uuid::NAMESPACE_OID, position.as_bytes())
+        })?;
+        let payload = raw.payload().unwrap_or_default();
+        let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
+        Ok(Incoming {
+            topic: raw.topic().to_owned(),
+            partition: raw.partition(),
+            offset: raw.offset(),
+            envelope,
+            message,
+        })
+    }
+
+    async fn handle(&self, raw: &BorrowedMessage<'_>, incoming: &Incoming) -> bool {
+        let started = Instant::now();
+        let first_failure = Utc::now();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let error = match self.handler.handle(incoming).await {
+                Ok(outgoing) => match self.publisher.publish_all(&outgoing).await {
+                    Ok(()) => return true,
+                    Err(e) => HandlerError::Transient(anyhow::Error::new(e).context("publishing replies")),
+                },
+                Err(e) => e,
+            };
+            let give_up = match &error {
+                HandlerError::Permanent(_) => true,
+                HandlerError::Transient(_) => started.elapsed() >= self.settings.retry.give_up_after,
+            };
+            if give_up {
+                let class = match &error {
+                    HandlerError::Permanent(_) => "permanent",
+                    HandlerError::Transient(_) => "retries_exhausted",
+                };
+                return self
+                    .dead_letter(raw, class, error.cause(), attempt, first_failure)
+                    .await;
+            }
+            let wait = self.settings.retry.backoff(attempt);
+            tracing::warn!(attempt, ?wait, error = %error, "handler failed; retrying");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Publishes the record to its dead-letter topic, retrying until the broker takes it.
+    async fn dead_letter(
+        &self,
+        raw: &BorrowedMessage<'_>,
+        class: &str,
+        error: &anyhow::Error,
+        attempts: u32,
+        first_failure: chrono::DateTime<Utc>,
+    ) -> bool {
+        tracing::error!(class, error = format!("{error:#}"), "dead-lettering message");
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = raw.headers() {
+            for h in original.iter() {
+                headers = headers.insert(h);
+            }
+        }
+        let extra = [
+            (dlq_headers::ERROR, format!("{error:#}")),
+            (dlq_headers::ERROR_CLASS, class.to_owned()),
+            (dlq_headers::TOPIC, raw.topic().to_owned()),
+            (dlq_headers::PARTITION, raw.partition().to_string()),
+            (dlq_headers::OFFSET, raw.offset().to_string()),
+            (dlq_headers::WORKER, self.settings.name.to_owned()),
+            (dlq_headers::ATTEMPTS, attempts.to_string()),
+            (dlq_headers::FIRST_FAILURE, first_failure.to_rfc3339()),
+        ];
+        for (key, value) in &extra {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let topic = twophase_messages::Topics::dead_letters(raw.topic());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .publisher
+                .send_raw(&topic, raw.key(), raw.payload().unwrap_or_default(), headers.clone())
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => {
+                    let wait = self.settings.retry.backoff(attempt);
+                    tracing::warn!(error = %e, ?wait, "dead letter not accepted; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The command line: `twophase <worker>` runs a worker; the other subcommands are ops tasks.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use twophase_account::AccountStatus;
+use twophase_messages::{Topics, TransferRequested};
+use twophase_runtime::{db, kafka, shutdown, telemetry, Publisher};
+use uuid::Uuid;
+
+use crate::client::{self, Outcome, OutcomeWatcher};
+use crate::config::Config;
+
+/// Exit code for a failure of the command itself (bad config, unreachable service).
+const EXIT_ERROR: u8 = 3;
+/// Exit code for a command line that does not parse.
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twophase",
+    version,
+    about = "Money transfers as two-phase saga workers on Kafka",
+    long_about = "Money transfers as two-phase saga workers on Kafka.\n\n\
+        Run the workers (coordinator, account, risk) as separate processes, each a Kafka consumer \
+        group; run more copies to scale out. Configuration comes from defaults, --config FILE, \
+        TWOPHASE_* environment variables (TWOPHASE_DATABASE_URL, TWOPHASE_KAFKA__BROKERS, ...; \
+        `__` separates nested keys) and the flags below, in that order. \
+        `twophase config` prints the result."
+)]
+pub struct Cli {
+    /// A TOML configuration file.
+    #[arg(long, global = true, env = "TWOPHASE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers (overrides kafka.brokers).
+    #[arg(long, global = true)]
+    brokers: Option<String>,
+    /// PostgreSQL URL (overrides database_url).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator: drives transfers through prepare and commit or abort.
+    Coordinator,
+    /// Run the account worker: holds, captures, credits and the ledger.
+    Account,
+    /// Run the risk worker: scores transfers and votes.
+    Risk,
+    /// Create or upgrade the database schemas.
+    Migrate,
+    /// Kafka topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Open accounts, move money in and out, look at balances.
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Publish a transfer request, and with --wait print its outcome.
+    ///
+    /// Exit code with --wait: 0 completed, 1 failed, 2 rejected, 3 no outcome in time.
+    Transfer(TransferArgs),
+    /// Print the JSON Schema of each message (or of one, by type).
+    Schema {
+        /// A message type, e.g. twophase.transfer.requested.
+        message_type: Option<String>,
+    },
+    /// Print the effective configuration (the database password masked).
+    Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCommand {
+    /// Create every saga topic (and its dead-letter topic) that does not exist yet.
+    Create,
+    /// List the saga topic names under the configured prefix.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCommand {
+    /// Open an empty account.
+    Open {
+        #[arg(long)]
+        currency: String,
+    },
+    /// Add money from outside (a ledger entry of kind deposit).
+    Deposit {
+        id: Uuid,
+        amount: String,
+        #[arg(long)]
+        reference: Option<String>,
+    },
+    /// Take money out (a ledger entry of kind withdrawal).
+    Withdraw {
+        id: Uuid,
+        amount: String,
+        #[arg(long)]
+        reference: Option<String>,
+    },
+    /// Show an account and its latest ledger entries.
+    Show {
+        id: Uuid,
+        #[arg(long, default_value_t = 10)]
+        entries: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every account.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop an account from sending or receiving new transfers.
+    Freeze { id: Uuid },
+    /// Let a frozen account take part in transfers again.
+    Unfreeze { id: Uuid },
+    /// Close an empty account for good.
+    Close { id: Uuid },
+}
+
+#[derive(Debug, clap::Args)]
+struct TransferArgs {
+    #[arg(long)]
+    from: String,
+    #[arg(long)]
+    to: String,
+    /// A decimal string, e.g. 12.34.
+    #[arg(long)]
+    amount: String,
+    /// An ISO 4217 code.
+    #[arg(long)]
+    currency: String,
+    /// The idempotency key; a new UUID if absent. Re-sending the same request with the same
+    /// id is safe.
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long)]
+    reference: Option<String>,
+    /// Wait for the outcome and print it.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses the command line, runs the command and maps the result to an exit code.
+pub async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli).await {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config: Config = twophase_runtime::config::load(cli.config.as_deref())
+        .context("reading the configuration")?;
+    if let Some(brokers) = &cli.brokers {
+        config.kafka.brokers = brokers.clone();
+    }
+    if let Some(url) = &cli.database_url {
+        config.database_url = url.clone();
+    }
+    Ok(config)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let config = load_config(&cli)?;
+    telemetry::init(config.log_json);
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    match cli.command {
+        Command::Coordinator => {
+            let pool = pool(&config, twophase_coordinator::SCHEMA).await?;
+            let (publisher, token) = start_worker(&config).await?;
+            let settings = twophase_coordinator::Coordinator::settings(config.kafka.clone(), config.retry.clone());
+            twophase_coordinator::Coordinator::run(pool, config.coordinator.clone(), settings, publisher, token).await?;
+        }
+        Command::Account => {
+            let pool = pool(&config, twophase_account::SCHEMA).await?;
+            let (publisher, token) = start_worker(&config).await?;
+            let settings = twophase_account::AccountWorker::settings(config.kafka.clone(), config.retry.clone());
+            twophase_account::AccountWorker::run(pool, settings, publisher, token).await?;
+        }
+        Command::Risk => {
+            let pool = pool(&config, twophase_risk::SCHEMA).await?;
+            let (publisher, token) = start_worker(&config).await?;
+            let settings = twophase_risk::RiskWorker::settings(config.kafka.clone(), config.retry.clone());
+            twophase_risk::RiskWorker::run(pool, config.risk.clone(), settings, publisher, token).await?;
+        }
+        Command::Migrate => {
+            db::migrate(&config.database_url)
+                .await
+                .context("applying migrations")?;
+            println!("migrations applied");
+        }
+        Command::Topics(TopicsCommand::Create) => {
+            kafka::ensure_topics(&config.kafka, &topics.all())
+                .await
+                .context("creating topics")?;
+            for t in topics.all() {
+                println!("{t}");
+            }
+        }
+        Command::Topics(TopicsCommand::List) => {
+            for t in topics.all() {
+                println!("{t}");
+            }
+        }
+        Command::Accounts(command) => return accounts(&config, command).await,
+        Command::Transfer(args) => return transfer(&config, args).await,
+        Command::Schema { message_type } => {
+            let schemas = twophase_messages::json_schemas();
+            let chosen: Vec<_> = schemas
+                .iter()
+                .filter(|(t, _)| message_type.as_deref().is_none_or(|m| m == *t))
+                .collect();
+            if chosen.is_empty() {
+                let known: Vec<_> = schemas.iter().map(|(t, _)| *t).collect();
+                anyhow::bail!(
+                    "no message type {:?}; the types are: {}",
+                    message_type.unwrap_or_default(),
+                    known.join(", ")
+                );
+            }
+            let out: serde_json::Map<String, serde_json::Value> = chosen
+                .into_iter()
+                .map(|(t, s)| ((*t).to_owned(), s.clone()))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Config => print!("{}", config.redacted_toml()),
+    }
+    Ok(0)
+}
+
+async fn pool(config: &Config, schema: &str) -> anyhow::Result<sqlx::PgPool> {
+    db::connect(&config.database_url, schema, config.database_max_connections)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {}",
+                crate::config::redact_url(&config.database_url)
+            )
+        })
+}
+
+/// What every worker needs before it consumes: its topics, a producer, a shutdown signal.
+async fn start_worker(
+    config: &Config,
+) -> anyhow::Result<(Publisher, twophase_runtime::CancellationToken)> {
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    kafka::ensure_topics(&config.kafka, &topics.all())
+        .await
+        .context("creating topics")?;
+    let publisher = Publisher::new(&config.kafka)?;
+    Ok((publisher, shutdown::on_signal()))
+}
+
+async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u8> {
+    use twophase_account::store;
+    let pool = pool(config, twophase_account::SCHEMA).await?;
+    let show = |a: &twophase_account::Account| {
+        println!(
+            "{}  {}  {}  balance {}  held {}  available {}",
+            a.account_id,
+            a.currency,
+            a.status,
+            a.balance,
+            a.held,
+            a.available()
+        );
+    };
+    match command {
+        AccountsCommand::Open { currency } => {
+            let a = store::open(&pool, &currency).await?;
+            println!("{}", a.account_id);
+        }
+        AccountsCommand::Deposit {
+            id,
+            amount,
+            reference,
+        } => show(&store::deposit(&pool, id, &amount, reference.as_deref()).await?),
+        AccountsCommand::Withdraw {
+            id,
+            amount,
+            reference,
+        } => show(&store::withdraw(&pool, id, &amount, reference.as_deref()).await?),
+        AccountsCommand::Show { id, entries, json } => {
+            let account = store::get(&pool, id).await?;
+            let ledger = store::ledger(&pool, id, entries).await?;
+            if json {
+                let out = serde_json::json!({ "account": account, "ledger": ledger });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                show(&account);
+                for e in ledger {
+                    println!(
+                        "  #{:<6} {}  {:<10} {:>14}  balance {:>14}  {}",
+                        e.entry_id,
+                        e.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        e.kind,
+                        e.amount,
+                        e.balance_after,
+                        e.transfer_id
+                            .map(|t| format!("transfer {t}"))
+                            .or(e.reference)
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        AccountsCommand::List { json } => {
+            let all = store::list(&pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                all.iter().for_each(show);
+            }
+        }
+        AccountsCommand::Freeze { id } => {
+            show(&store::set_status(&pool, id, AccountStatus::Frozen).await?)
+        }
+        AccountsCommand::Unfreeze { id } => {
+            show(&store::set_status(&pool, id, AccountStatus::Active).await?)
+        }
+        AccountsCommand::Close { id } => {
+            show(&store::set_status(&pool, id, AccountStatus::Closed).await?)
+        }
+    }
+    Ok(0)
+}
+
+async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
+    let request = TransferRequested {
+        transfer_id: args.id.unwrap_or_else(|| Uuid::new_v4().to_string()),
+        from_account: args.from,
+        to_account: args.to,
+        amount: args.amount,
+        currency: args.currency,
+        reference: args.reference,
+    };
+    // The watcher starts before the request is published, so the outcome cannot slip past.
+    let watcher = if args.wait {
+        Some(OutcomeWatcher::start(&config.kafka).await?)
+    } else {
+        None
+    };
+    let publisher = Publisher::new(&config.kafka)?;
+    client::request_transfer(&publisher, &config.kafka, &request).await?;
+    let Some(watcher) = watcher else {
+        println!("{}", request.transfer_id);
+        return Ok(0);
+    };
+    let outcomes = watcher
+        .wait_for([request.transfer_id.clone()], args.timeout)
+        .await?;
+    let Some(outcome) = outcomes.get(&request.transfer_id) else {
+        eprintln!(
+            "no outcome for transfer {} within {}; it may still complete: look again with the same --id",
+            request.transfer_id,
+            humantime::format_duration(args.timeout)
+        );
+        return Ok(EXIT_ERROR);
+    };
+    if args.json {
+        let value = match outcome {
+            Outcome::Completed(m) => serde_json::to_value(m)?,
+            Outcome::Failed(m) => serde_json::to_value(m)?,
+            Outcome::Rejected(m) => serde_json::to_value(m)?,
+        };
+        let out = serde_json::json!({ "status": outcome.status(), "outcome": value });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        match outcome {
+            Outcome::Completed(m) => println!(
+                "completed  transfer {}  {} {} from {} to {}",
+                m.transfer_id, m.amount, m.currency, m.from_account, m.to_account
+            ),
+            Outcome::Failed(m) => println!(
+                "failed  transfer {}  reason {}{}",
+                m.transfer_id,
+                m.reason,
+                m.participant
+                    .map(|p| format!(" (voted no: {})", p.as_str()))
+                    .unwrap_or_default()
+            ),
+            Outcome::Rejected(m) => println!(
+                "rejected  transfer {}  reason {}: {}",
+                m.transfer_id, m.reason, m.detail
+            ),
+        }
+    }
+    Ok(outcome.exit_code())
+}

@@ -1,0 +1,150 @@
+//! What a producer does: publish a `TransferRequested` and read its outcome from
+//! `transfers.events`. Used by `twophase transfer` and by the tests.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use twophase_messages::{Envelope, Message, Topics, TransferRequested};
+use twophase_runtime::kafka::client_config;
+use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
+
+/// A transfer's outcome as a producer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Completed(twophase_messages::TransferCompleted),
+    Failed(twophase_messages::TransferFailed),
+    Rejected(twophase_messages::TransferRejected),
+}
+
+impl Outcome {
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Completed(_) => "completed",
+            Outcome::Failed(_) => "failed",
+            Outcome::Rejected(_) => "rejected",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Outcome::Completed(_) => None,
+            Outcome::Failed(f) => Some(&f.reason),
+            Outcome::Rejected(r) => Some(&r.reason),
+        }
+    }
+
+    /// The exit code of `twophase transfer --wait`: 0 completed, 1 failed, 2 rejected.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Completed(_) => 0,
+            Outcome::Failed(_) => 1,
+            Outcome::Rejected(_) => 2,
+        }
+    }
+}
+
+/// Reads outcomes published after it started. It joins no consumer group and commits
+/// nothing, so any number of watchers can run beside the workers.
+pub struct OutcomeWatcher {
+    consumer: StreamConsumer,
+}
+
+impl std::fmt::Debug for OutcomeWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutcomeWatcher").finish_non_exhaustive()
+    }
+}
+
+impl OutcomeWatcher {
+    /// Starts at the current end of every partition of `transfers.events`, so that nothing
+    /// published after this returns is missed.
+    pub async fn start(kafka: &KafkaConfig) -> anyhow::Result<OutcomeWatcher> {
+        let topic = Topics::new(&kafka.topic_prefix).events();
+        let consumer: StreamConsumer = client_config(kafka)
+            .set("group.id", format!("twophase-watcher-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()?;
+        let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<StreamConsumer> {
+            let timeout = Duration::from_secs(10);
+            let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            anyhow::ensure!(!partitions.is_empty(), "topic {topic} has no partitions: run `twophase topics create`");
+            let mut assignment = TopicPartitionList::new();
+            for p in partitions {
+                let (_, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
+                assignment.add_partition_offset(&topic, p, Offset::Offset(high))?;
+            }
+            consumer.assign(&assignment)?;
+            Ok(consumer)
+        })
+        .await??;
+        Ok(OutcomeWatcher { consumer })
+    }
+
+    /// The next outcome event (other events, such as `commit_stuck`, are skipped).
+    pub async fn next(&self) -> anyhow::Result<Outcome> {
+        loop {
+            let record = self.consumer.recv().await?;
+            let headers: Vec<(&str, Option<&[u8]>)> = record
+                .headers()
+                .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+                .unwrap_or_default();
+            let envelope = Envelope::from_headers(headers, None, uuid::Uuid::new_v4)?;
+            let payload = record.payload().unwrap_or_default();
+            match Message::decode(&envelope.message_type, envelope.schema_version, payload)? {
+                Message::TransferCompleted(m) => return Ok(Outcome::Completed(m)),
+                Message::TransferFailed(m) => return Ok(Outcome::Failed(m)),
+                Message::TransferRejected(m) => return Ok(Outcome::Rejected(m)),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Waits until every transfer in `ids` has an outcome, or `timeout` passes; returns the
+    /// outcomes seen (the first one of each transfer).
+    pub async fn wait_for(
+        &self,
+        ids: impl IntoIterator<Item = String>,
+        timeout: Duration,
+    ) -> anyhow::Result<HashMap<String, Outcome>> {
+        let mut waiting: std::collections::HashSet<String> = ids.into_iter().collect();
+        let mut seen = HashMap::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !waiting.is_empty() {
+            let outcome = match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(outcome) => outcome?,
+                Err(_) => break,
+            };
+            let id = match &outcome {
+                Outcome::Completed(m) => m.transfer_id.to_string(),
+                Outcome::Failed(m) => m.transfer_id.to_string(),
+                Outcome::Rejected(m) => m.transfer_id.clone(),
+            };
+            if waiting.remove(&id) {
+                seen.insert(id, outcome);
+            }
+        }
+        Ok(seen)
+    }
+}
+
+/// Publishes a transfer request as a producer would, keyed by its transfer id.
+pub async fn request_transfer(
+    publisher: &Publisher,
+    kafka: &KafkaConfig,
+    request: &TransferRequested,
+) -> anyhow::Result<Outgoing> {
+    let topic = Topics::new(&kafka.topic_prefix).requests();
+    let message = Message::TransferRequested(request.clone());
+    let outgoing = Outgoing::new(topic, &request.transfer_id, "/twophase/cli", &message);
+    publisher.publish(&outgoing).await?;
+    Ok(outgoing)
+}

@@ -1,0 +1,78 @@
+//! The effective configuration of every subcommand, layered: defaults, then `--config FILE`
+//! (TOML), then `TWOPHASE_*` environment variables, then command-line flags.
+
+use serde::{Deserialize, Serialize};
+use twophase_coordinator::CoordinatorConfig;
+use twophase_risk::RiskConfig;
+use twophase_runtime::{KafkaConfig, RetryConfig};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PostgreSQL, e.g. `postgres://user:password@127.0.0.1:5432/twophase`.
+    pub database_url: String,
+    /// Connections per worker pool.
+    pub database_max_connections: u32,
+    /// Log lines as JSON (for log shippers) rather than text.
+    pub log_json: bool,
+    pub kafka: KafkaConfig,
+    pub retry: RetryConfig,
+    pub coordinator: CoordinatorConfig,
+    pub risk: RiskConfig,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            database_url: "postgres://twophase:twophase@127.0.0.1:5432/twophase".into(),
+            database_max_connections: 10,
+            log_json: false,
+            kafka: KafkaConfig::default(),
+            retry: RetryConfig::default(),
+            coordinator: CoordinatorConfig::default(),
+            risk: RiskConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The configuration as TOML with the database password masked, for `twophase config`.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = redact_url(&self.database_url);
+        toml::to_string_pretty(&shown).expect("the configuration serializes")
+    }
+}
+
+/// `scheme://user:secret@host/db` → `scheme://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_never_printed() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr@t@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+        let c = Config {
+            database_url: "postgres://a:hunter2@h/d".into(),
+            ..Config::default()
+        };
+        assert!(!c.redacted_toml().contains("hunter2"));
+    }
+}

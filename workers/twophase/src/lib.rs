@@ -1,0 +1,8 @@
+//! The `twophase` binary's library: configuration, the command line, and the clients that
+//! producers, ops and tests use (publishing a transfer and waiting for its outcome).
+
+pub mod cli;
+pub mod client;
+pub mod config;
+
+pub use config::Config;

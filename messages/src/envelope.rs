@@ -76,7 +76,10 @@ impl Envelope {
         ];
         let optional = [
             (headers::CORRELATION_ID, self.correlation_id.clone()),
-            (headers::CAUSATION_ID, self.causation_id.map(|c| c.to_string())),
+            (
+                headers::CAUSATION_ID,
+                self.causation_id.map(|c| c.to_string()),
+            ),
             (headers::TRACEPARENT, self.traceparent.clone()),
             (headers::TRACESTATE, self.tracestate.clone()),
         ];
@@ -204,6 +207,9 @@ mod tests {
             Uuid::new_v4,
         )
         .unwrap_err();
-        assert_eq!(err.to_string(), "header schema-version is not valid: \"two\"");
+        assert_eq!(
+            err.to_string(),
+            "header schema-version is not valid: \"two\""
+        );
     }
 }

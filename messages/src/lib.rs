@@ -129,9 +129,7 @@ impl Message {
             })
         }
         let message = match message_type {
-            types::TRANSFER_REQUESTED => {
-                Message::TransferRequested(parse(message_type, payload)?)
-            }
+            types::TRANSFER_REQUESTED => Message::TransferRequested(parse(message_type, payload)?),
             types::RISK_EVALUATE => Message::EvaluateRisk(parse(message_type, payload)?),
             types::VOTE => Message::Vote(parse(message_type, payload)?),
             types::ACK => Message::Ack(parse(message_type, payload)?),
@@ -204,7 +202,13 @@ mod tests {
             .find(|(t, _)| *t == types::TRANSFER_REQUESTED)
             .unwrap();
         let required = request["required"].as_array().unwrap();
-        for field in ["transfer_id", "from_account", "to_account", "amount", "currency"] {
+        for field in [
+            "transfer_id",
+            "from_account",
+            "to_account",
+            "amount",
+            "currency",
+        ] {
             assert!(required.iter().any(|f| f == field), "{field} not required");
         }
     }
@@ -212,7 +216,9 @@ mod tests {
     #[test]
     fn a_newer_schema_version_is_refused() {
         let err = Message::decode(types::VOTE, SCHEMA_VERSION + 1, b"{}").unwrap_err();
-        assert!(matches!(err, DecodeError::UnsupportedVersion { found, .. } if found == SCHEMA_VERSION + 1));
+        assert!(
+            matches!(err, DecodeError::UnsupportedVersion { found, .. } if found == SCHEMA_VERSION + 1)
+        );
     }
 
     #[test]
@@ -225,7 +231,8 @@ mod tests {
     fn unknown_fields_are_ignored_and_missing_ones_refused() {
         let ok = br#"{"transfer_id":"t","from_account":"a","to_account":"b","amount":"1.00","currency":"USD","future":1}"#;
         assert!(Message::decode(types::TRANSFER_REQUESTED, 1, ok).is_ok());
-        let missing = br#"{"transfer_id":"t","from_account":"a","to_account":"b","currency":"USD"}"#;
+        let missing =
+            br#"{"transfer_id":"t","from_account":"a","to_account":"b","currency":"USD"}"#;
         let err = Message::decode(types::TRANSFER_REQUESTED, 1, missing).unwrap_err();
         assert!(err.to_string().contains("amount"), "{err}");
     }

@@ -65,10 +65,16 @@ mod tests {
 
     #[test]
     fn accepts_amounts_within_the_minor_unit() {
-        assert_eq!(validate_amount("12.34", "USD").unwrap().to_string(), "12.34");
+        assert_eq!(
+            validate_amount("12.34", "USD").unwrap().to_string(),
+            "12.34"
+        );
         assert_eq!(validate_amount("1.500", "USD").unwrap().to_string(), "1.5");
         assert_eq!(validate_amount("100", "JPY").unwrap().to_string(), "100");
-        assert_eq!(validate_amount("0.001", "BHD").unwrap().to_string(), "0.001");
+        assert_eq!(
+            validate_amount("0.001", "BHD").unwrap().to_string(),
+            "0.001"
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub async fn apply(
     .fetch_optional(&mut *tx)
     .await?;
     if let Some((reply_type, reply)) = stored {
-        tracing::info!(action = command.action.as_str(), "command seen before: sending its stored reply");
+        tracing::info!(
+            action = command.action.as_str(),
+            "command seen before: sending its stored reply"
+        );
         let payload = serde_json::to_vec(&reply).map_err(|e| HandlerError::Permanent(e.into()))?;
         return Message::decode(&reply_type, twophase_messages::SCHEMA_VERSION, &payload)
             .map_err(|e| HandlerError::Permanent(e.into()));
@@ -64,7 +67,11 @@ fn vote(body: &AccountCommandBody, participant: Participant, no: Option<&str>) -
     Message::Vote(Vote {
         transfer_id: body.transfer_id,
         participant,
-        decision: if no.is_some() { Decision::No } else { Decision::Yes },
+        decision: if no.is_some() {
+            Decision::No
+        } else {
+            Decision::Yes
+        },
         reason: no.map(str::to_owned),
         risk: None,
     })
@@ -79,7 +86,11 @@ fn ack(body: &AccountCommandBody, action: AccountAction) -> Message {
 
 /// A command that contradicts the recorded state: the coordinator never sends one, so it is
 /// set aside for a person to look at rather than retried.
-fn violation(body: &AccountCommandBody, action: AccountAction, state: Option<&str>) -> HandlerError {
+fn violation(
+    body: &AccountCommandBody,
+    action: AccountAction,
+    state: Option<&str>,
+) -> HandlerError {
     HandlerError::permanent(format!(
         "protocol violation: {} for transfer {} on account {} found it {}",
         action.as_str(),
@@ -191,7 +202,10 @@ fn check_account(
     participant: Participant,
 ) -> Result<(), &'static str> {
     let (not_found, inactive) = match participant {
-        Participant::Destination => (reasons::DESTINATION_NOT_FOUND, reasons::DESTINATION_INACTIVE),
+        Participant::Destination => (
+            reasons::DESTINATION_NOT_FOUND,
+            reasons::DESTINATION_INACTIVE,
+        ),
         _ => (reasons::SOURCE_NOT_FOUND, reasons::SOURCE_INACTIVE),
     };
     let account = account.ok_or(not_found)?;
@@ -305,7 +319,10 @@ fn matching(
     Ok(())
 }
 
-async fn capture(tx: &mut PgConnection, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+async fn capture(
+    tx: &mut PgConnection,
+    body: &AccountCommandBody,
+) -> Result<Message, HandlerError> {
     let action = AccountAction::Capture;
     let entry = lock_entry(tx, Entry::Hold, body.transfer_id).await?;
     match entry.as_ref().map(|e| e.0.as_str()) {
@@ -335,7 +352,10 @@ async fn credit(tx: &mut PgConnection, body: &AccountCommandBody) -> Result<Mess
     Ok(ack(body, action))
 }
 
-async fn release(tx: &mut PgConnection, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+async fn release(
+    tx: &mut PgConnection,
+    body: &AccountCommandBody,
+) -> Result<Message, HandlerError> {
     let action = AccountAction::Release;
     let entry = lock_entry(tx, Entry::Hold, body.transfer_id).await?;
     match entry.as_ref().map(|e| e.0.as_str()) {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -30,6 +30,12 @@ use uuid::Uuid;
 
 use saga::{Applied, Emit, Saga, Status};
 use store::Stored;
+
+/// The current time as the database stores it (microseconds), so that an outcome published
+/// again from a stored row is identical to the first.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
 
 /// The database schema this worker owns.
 pub const SCHEMA: &str = "coordinator";
@@ -90,7 +96,10 @@ impl Coordinator {
             kafka,
             retry,
             topics: vec![topics.requests(), topics.replies()],
-            default_types: vec![(topics.requests(), twophase_messages::types::TRANSFER_REQUESTED)],
+            default_types: vec![(
+                topics.requests(),
+                twophase_messages::types::TRANSFER_REQUESTED,
+            )],
         }
     }
 
@@ -108,7 +117,8 @@ impl Coordinator {
             topics: Topics::new(&settings.kafka.topic_prefix),
             source: settings.source(),
         });
-        let timers = tokio::spawn(Arc::clone(&coordinator).run_timers(publisher.clone(), shutdown.clone()));
+        let timers =
+            tokio::spawn(Arc::clone(&coordinator).run_timers(publisher.clone(), shutdown.clone()));
         let result = worker::run(coordinator, settings, publisher, shutdown.clone()).await;
         shutdown.cancel();
         timers.await?;
@@ -130,7 +140,12 @@ impl Coordinator {
                 rejected_at: envelope.time,
             };
             let id_seed = format!("rejected:{}", request.transfer_id);
-            return Ok(vec![self.outcome(envelope, &request.transfer_id, &id_seed, Message::TransferRejected(rejected))]);
+            return Ok(vec![self.outcome(
+                envelope,
+                &request.transfer_id,
+                &id_seed,
+                Message::TransferRejected(rejected),
+            )]);
         };
         let hash = validate::fingerprint(request);
         let mut tx = self.pool.begin().await?;
@@ -145,17 +160,26 @@ impl Coordinator {
                     rejected_at: envelope.time,
                 };
                 let id_seed = format!("conflict:{transfer_id}:{hash}");
-                return Ok(vec![self.outcome(envelope, &request.transfer_id, &id_seed, Message::TransferRejected(rejected))]);
+                return Ok(vec![self.outcome(
+                    envelope,
+                    &request.transfer_id,
+                    &id_seed,
+                    Message::TransferRejected(rejected),
+                )]);
             }
             // The same request again: answer with what its state calls for (the outcome, once
             // there is one).
             return Ok(self.emit(envelope, &existing));
         }
-        let saga = match validate::validate(request, &self.config.max_amount, self.config.default_max_amount) {
+        let saga = match validate::validate(
+            request,
+            &self.config.max_amount,
+            self.config.default_max_amount,
+        ) {
             Ok(terms) => Saga::preparing(transfer_id, terms),
             Err(rejection) => {
                 tracing::info!(%transfer_id, reason = rejection.reason, detail = %rejection.detail, "request rejected");
-                Saga::rejected(transfer_id, rejection.reason, rejection.detail, Utc::now())
+                Saga::rejected(transfer_id, rejection.reason, rejection.detail, now())
             }
         };
         let stored = Stored {
@@ -167,8 +191,9 @@ impl Coordinator {
             commit_attempts: 0,
             decided_at: None,
         };
-        let deadline = Utc::now()
-            + chrono::TimeDelta::from_std(self.config.prepare_timeout).unwrap_or(chrono::TimeDelta::MAX);
+        let deadline = now()
+            + chrono::TimeDelta::from_std(self.config.prepare_timeout)
+                .unwrap_or(chrono::TimeDelta::MAX);
         let raw = serde_json::to_value(request).expect("requests serialize");
         store::insert(&mut tx, &stored, &raw, deadline).await?;
         tx.commit().await?;
@@ -273,7 +298,13 @@ impl Coordinator {
             }
             Emit::Outcome => unreachable!("handled above"),
         };
-        Some(Outgoing::caused_by(cause, &self.source, topic, key, &message))
+        Some(Outgoing::caused_by(
+            cause,
+            &self.source,
+            topic,
+            key,
+            &message,
+        ))
     }
 
     /// An outcome event. Its message id is derived from `id_seed`, so an outcome published
@@ -348,7 +379,13 @@ impl Coordinator {
                     attempts: stored.commit_attempts as u32,
                     decided_at: stored.decided_at.unwrap_or_else(Utc::now),
                 });
-                out.push(Outgoing::caused_by(&cause, &self.source, self.topics.events(), saga.transfer_id, &stuck));
+                out.push(Outgoing::caused_by(
+                    &cause,
+                    &self.source,
+                    self.topics.events(),
+                    saga.transfer_id,
+                    &stuck,
+                ));
             }
         }
         tx.commit().await?;
@@ -386,7 +423,7 @@ impl Handler for Coordinator {
                 transfer_id,
                 action,
             }) => {
-                self.on_reply(envelope, *transfer_id, |s| s.on_ack(*action, Utc::now()))
+                self.on_reply(envelope, *transfer_id, |s| s.on_ack(*action, now()))
                     .await
             }
             other => Err(HandlerError::permanent(format!(

@@ -219,7 +219,11 @@ impl Saga {
     }
 
     /// Records a participant's acknowledgement of a commit or abort command.
-    pub fn on_ack(&mut self, action: AccountAction, now: DateTime<Utc>) -> Result<Applied, Contradiction> {
+    pub fn on_ack(
+        &mut self,
+        action: AccountAction,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, Contradiction> {
         let (expected, flag) = match action {
             AccountAction::Capture => (Status::Committing, &mut self.captured),
             AccountAction::Credit => (Status::Committing, &mut self.credited),
@@ -316,20 +320,39 @@ mod tests {
         )
     }
 
-    const ALL: [Participant; 3] = [Participant::Risk, Participant::Source, Participant::Destination];
+    const ALL: [Participant; 3] = [
+        Participant::Risk,
+        Participant::Source,
+        Participant::Destination,
+    ];
 
     #[test]
     fn three_yes_votes_commit_then_two_acks_complete() {
         let mut s = saga();
         assert_eq!(s.outstanding().len(), 3);
-        assert_eq!(s.on_vote(Participant::Source, Decision::Yes, None, None), Applied::Recorded);
-        assert_eq!(s.on_vote(Participant::Risk, Decision::Yes, None, None), Applied::Recorded);
-        assert_eq!(s.outstanding(), vec![Emit::Account(AccountAction::ReserveCredit)]);
-        assert_eq!(s.on_vote(Participant::Destination, Decision::Yes, None, None), Applied::Advanced);
+        assert_eq!(
+            s.on_vote(Participant::Source, Decision::Yes, None, None),
+            Applied::Recorded
+        );
+        assert_eq!(
+            s.on_vote(Participant::Risk, Decision::Yes, None, None),
+            Applied::Recorded
+        );
+        assert_eq!(
+            s.outstanding(),
+            vec![Emit::Account(AccountAction::ReserveCredit)]
+        );
+        assert_eq!(
+            s.on_vote(Participant::Destination, Decision::Yes, None, None),
+            Applied::Advanced
+        );
         assert_eq!(s.status, Status::Committing);
         assert_eq!(
             s.outstanding(),
-            vec![Emit::Account(AccountAction::Capture), Emit::Account(AccountAction::Credit)]
+            vec![
+                Emit::Account(AccountAction::Capture),
+                Emit::Account(AccountAction::Credit)
+            ]
         );
         let now = Utc::now();
         assert_eq!(s.on_ack(AccountAction::Credit, now), Ok(Applied::Recorded));
@@ -355,11 +378,17 @@ mod tests {
             assert_eq!(s.reason.as_deref(), Some(reasons::INSUFFICIENT_FUNDS));
             assert_eq!(
                 s.outstanding(),
-                vec![Emit::Account(AccountAction::Release), Emit::Account(AccountAction::CancelCredit)]
+                vec![
+                    Emit::Account(AccountAction::Release),
+                    Emit::Account(AccountAction::CancelCredit)
+                ]
             );
             let now = Utc::now();
             s.on_ack(AccountAction::Release, now).unwrap();
-            assert_eq!(s.on_ack(AccountAction::CancelCredit, now), Ok(Applied::Advanced));
+            assert_eq!(
+                s.on_ack(AccountAction::CancelCredit, now),
+                Ok(Applied::Advanced)
+            );
             assert_eq!(s.status, Status::Failed);
         }
     }
@@ -367,8 +396,16 @@ mod tests {
     #[test]
     fn a_late_vote_after_the_abort_changes_nothing() {
         let mut s = saga();
-        s.on_vote(Participant::Risk, Decision::No, Some(reasons::RISK_REJECTED), None);
-        assert_eq!(s.on_vote(Participant::Source, Decision::Yes, None, None), Applied::Recorded);
+        s.on_vote(
+            Participant::Risk,
+            Decision::No,
+            Some(reasons::RISK_REJECTED),
+            None,
+        );
+        assert_eq!(
+            s.on_vote(Participant::Source, Decision::Yes, None, None),
+            Applied::Recorded
+        );
         assert_eq!(s.status, Status::Aborting);
         assert_eq!(s.reason.as_deref(), Some(reasons::RISK_REJECTED));
     }
@@ -377,7 +414,10 @@ mod tests {
     fn a_duplicate_vote_is_unchanged() {
         let mut s = saga();
         s.on_vote(Participant::Risk, Decision::Yes, None, None);
-        assert_eq!(s.on_vote(Participant::Risk, Decision::No, None, None), Applied::Unchanged);
+        assert_eq!(
+            s.on_vote(Participant::Risk, Decision::No, None, None),
+            Applied::Unchanged
+        );
         assert_eq!(s.risk_vote, Some(Decision::Yes));
     }
 

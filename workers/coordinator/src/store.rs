@@ -86,9 +86,13 @@ impl TryFrom<Row> for Stored {
             .transpose()
             .map_err(|e| sqlx::Error::Decode(e.into()))?;
         let failed_participant = r.failed_participant.as_deref().and_then(|p| {
-            [Participant::Risk, Participant::Source, Participant::Destination]
-                .into_iter()
-                .find(|x| x.as_str() == p)
+            [
+                Participant::Risk,
+                Participant::Source,
+                Participant::Destination,
+            ]
+            .into_iter()
+            .find(|x| x.as_str() == p)
         });
         Ok(Stored {
             saga: Saga {
@@ -120,10 +124,11 @@ impl TryFrom<Row> for Stored {
 
 /// Reads and locks a transfer's row.
 pub async fn lock(tx: &mut PgConnection, transfer_id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
-    let row: Option<Row> = sqlx::query_as("SELECT * FROM transfers WHERE transfer_id = $1 FOR UPDATE")
-        .bind(transfer_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let row: Option<Row> =
+        sqlx::query_as("SELECT * FROM transfers WHERE transfer_id = $1 FOR UPDATE")
+            .bind(transfer_id)
+            .fetch_optional(&mut *tx)
+            .await?;
     row.map(Stored::try_from).transpose()
 }
 
@@ -179,7 +184,11 @@ pub async fn update(tx: &mut PgConnection, stored: &Stored) -> Result<(), sqlx::
     .bind(decision_str(s.risk_vote))
     .bind(decision_str(s.source_vote))
     .bind(decision_str(s.destination_vote))
-    .bind(s.risk.as_ref().map(|r| serde_json::to_value(r).expect("assessments serialize")))
+    .bind(
+        s.risk
+            .as_ref()
+            .map(|r| serde_json::to_value(r).expect("assessments serialize")),
+    )
     .bind(&s.reason)
     .bind(s.failed_participant.map(Participant::as_str))
     .bind(s.captured)

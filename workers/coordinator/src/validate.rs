@@ -130,7 +130,10 @@ mod tests {
         for (r, reason) in cases {
             assert_eq!(check(&r).unwrap_err().reason, reason, "{r:?}");
         }
-        assert_eq!(check(&request("1000", "USD")).unwrap().amount, Decimal::from(1000));
+        assert_eq!(
+            check(&request("1000", "USD")).unwrap().amount,
+            Decimal::from(1000)
+        );
     }
 
     #[test]

@@ -61,7 +61,11 @@ impl RiskWorker {
         worker::run(handler, settings, publisher, shutdown).await
     }
 
-    async fn evaluate(&self, request: &EvaluateRisk, message_id: uuid::Uuid) -> Result<Message, HandlerError> {
+    async fn evaluate(
+        &self,
+        request: &EvaluateRisk,
+        message_id: uuid::Uuid,
+    ) -> Result<Message, HandlerError> {
         let mut tx = self.pool.begin().await?;
         let stored: Option<(serde_json::Value,)> =
             sqlx::query_as("SELECT reply FROM evaluations WHERE transfer_id = $1")
@@ -81,7 +85,11 @@ impl RiskWorker {
         let vote = Vote {
             transfer_id: request.transfer_id,
             participant: Participant::Risk,
-            decision: if approved { Decision::Yes } else { Decision::No },
+            decision: if approved {
+                Decision::Yes
+            } else {
+                Decision::No
+            },
             reason: (!approved).then(|| reasons::RISK_REJECTED.to_owned()),
             risk: Some(assessment.to_message()),
         };
@@ -121,7 +129,9 @@ impl RiskWorker {
         request: &EvaluateRisk,
         now: DateTime<Utc>,
     ) -> Result<rules::History, sqlx::Error> {
-        let window_start = now - chrono::TimeDelta::from_std(self.config.velocity_window).unwrap_or(chrono::TimeDelta::MAX);
+        let window_start = now
+            - chrono::TimeDelta::from_std(self.config.velocity_window)
+                .unwrap_or(chrono::TimeDelta::MAX);
         let day_start = now
             .date_naive()
             .and_hms_opt(0, 0, 0)

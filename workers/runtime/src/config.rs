@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "TWOPHASE_";
 
 /// Loads `T` from its defaults, an optional TOML file and the environment.
-pub fn load<T>(file: Option<&Path>) -> Result<T, figment::Error>
+pub fn load<T>(file: Option<&Path>) -> Result<T, Box<figment::Error>>
 where
     T: Serialize + DeserializeOwned + Default,
 {
@@ -29,10 +29,10 @@ where
     let mut figment = Figment::from(Serialized::defaults(defaults));
     if let Some(file) = file {
         if !file.exists() {
-            return Err(figment::Error::from(format!(
+            return Err(Box::new(figment::Error::from(format!(
                 "configuration file {} does not exist",
                 file.display()
-            )));
+            ))));
         }
         figment = figment.merge(Toml::file(file));
     }
@@ -41,7 +41,7 @@ where
         let top = key.as_str().split('.').next().unwrap_or_default();
         keys.iter().any(|k| k.eq_ignore_ascii_case(top))
     });
-    figment.merge(env).extract()
+    figment.merge(env).extract().map_err(Box::new)
 }
 
 /// How workers reach Kafka.
@@ -112,6 +112,8 @@ impl RetryConfig {
 }
 
 #[cfg(test)]
+// figment's `Jail` closures return its own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -128,7 +130,7 @@ mod tests {
             jail.create_file("c.toml", "name = \"file\"\n[kafka]\npartitions = 8\n")?;
             jail.set_env("TWOPHASE_KAFKA__BROKERS", "b:1");
             jail.set_env("TWOPHASE_SERVICES_DIR", "/elsewhere");
-            let c: Sample = load(Some(Path::new("c.toml")))?;
+            let c: Sample = load(Some(Path::new("c.toml"))).map_err(|e| *e)?;
             assert_eq!(c.name, "file");
             assert_eq!(c.kafka.partitions, 8);
             assert_eq!(c.kafka.brokers, "b:1");

@@ -115,16 +115,15 @@ impl Publisher {
 
     /// Publishes one message and waits until the broker has it.
     pub async fn publish(&self, message: &Outgoing) -> Result<(), KafkaError> {
-        let headers = message
-            .envelope
-            .to_headers()
-            .into_iter()
-            .fold(OwnedHeaders::new(), |h, (key, value)| {
+        let headers = message.envelope.to_headers().into_iter().fold(
+            OwnedHeaders::new(),
+            |h, (key, value)| {
                 h.insert(Header {
                     key,
                     value: Some(value.as_bytes()),
                 })
-            });
+            },
+        );
         self.send_raw(
             &message.topic,
             Some(message.key.as_bytes()),

@@ -89,7 +89,10 @@ pub async fn run<H: Handler>(
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = client_config(&settings.kafka)
         .set("group.id", settings.group_id())
-        .set("client.id", format!("twophase-{}-{}", settings.name, std::process::id()))
+        .set(
+            "client.id",
+            format!("twophase-{}-{}", settings.name, std::process::id()),
+        )
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         // Offsets are stored by hand, only once a message's effects are durable.
@@ -214,13 +217,17 @@ impl<H: Handler> ConsumeLoop<H> {
             let error = match self.handler.handle(incoming).await {
                 Ok(outgoing) => match self.publisher.publish_all(&outgoing).await {
                     Ok(()) => return true,
-                    Err(e) => HandlerError::Transient(anyhow::Error::new(e).context("publishing replies")),
+                    Err(e) => {
+                        HandlerError::Transient(anyhow::Error::new(e).context("publishing replies"))
+                    }
                 },
                 Err(e) => e,
             };
             let give_up = match &error {
                 HandlerError::Permanent(_) => true,
-                HandlerError::Transient(_) => started.elapsed() >= self.settings.retry.give_up_after,
+                HandlerError::Transient(_) => {
+                    started.elapsed() >= self.settings.retry.give_up_after
+                }
             };
             if give_up {
                 let class = match &error {
@@ -249,7 +256,11 @@ impl<H: Handler> ConsumeLoop<H> {
         attempts: u32,
         first_failure: chrono::DateTime<Utc>,
     ) -> bool {
-        tracing::error!(class, error = format!("{error:#}"), "dead-lettering message");
+        tracing::error!(
+            class,
+            error = format!("{error:#}"),
+            "dead-lettering message"
+        );
         let mut headers = OwnedHeaders::new();
         if let Some(original) = raw.headers() {
             for h in original.iter() {
@@ -278,7 +289,12 @@ impl<H: Handler> ConsumeLoop<H> {
             attempt += 1;
             match self
                 .publisher
-                .send_raw(&topic, raw.key(), raw.payload().unwrap_or_default(), headers.clone())
+                .send_raw(
+                    &topic,
+                    raw.key(),
+                    raw.payload().unwrap_or_default(),
+                    headers.clone(),
+                )
                 .await
             {
                 Ok(()) => return true,

@@ -192,20 +192,35 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Coordinator => {
             let pool = pool(&config, twophase_coordinator::SCHEMA).await?;
             let (publisher, token) = start_worker(&config).await?;
-            let settings = twophase_coordinator::Coordinator::settings(config.kafka.clone(), config.retry.clone());
-            twophase_coordinator::Coordinator::run(pool, config.coordinator.clone(), settings, publisher, token).await?;
+            let settings = twophase_coordinator::Coordinator::settings(
+                config.kafka.clone(),
+                config.retry.clone(),
+            );
+            twophase_coordinator::Coordinator::run(
+                pool,
+                config.coordinator.clone(),
+                settings,
+                publisher,
+                token,
+            )
+            .await?;
         }
         Command::Account => {
             let pool = pool(&config, twophase_account::SCHEMA).await?;
             let (publisher, token) = start_worker(&config).await?;
-            let settings = twophase_account::AccountWorker::settings(config.kafka.clone(), config.retry.clone());
+            let settings = twophase_account::AccountWorker::settings(
+                config.kafka.clone(),
+                config.retry.clone(),
+            );
             twophase_account::AccountWorker::run(pool, settings, publisher, token).await?;
         }
         Command::Risk => {
             let pool = pool(&config, twophase_risk::SCHEMA).await?;
             let (publisher, token) = start_worker(&config).await?;
-            let settings = twophase_risk::RiskWorker::settings(config.kafka.clone(), config.retry.clone());
-            twophase_risk::RiskWorker::run(pool, config.risk.clone(), settings, publisher, token).await?;
+            let settings =
+                twophase_risk::RiskWorker::settings(config.kafka.clone(), config.retry.clone());
+            twophase_risk::RiskWorker::run(pool, config.risk.clone(), settings, publisher, token)
+                .await?;
         }
         Command::Migrate => {
             db::migrate(&config.database_url)
@@ -254,14 +269,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn pool(config: &Config, schema: &str) -> anyhow::Result<sqlx::PgPool> {
-    db::connect(&config.database_url, schema, config.database_max_connections)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to {}",
-                crate::config::redact_url(&config.database_url)
-            )
-        })
+    db::connect(
+        &config.database_url,
+        schema,
+        config.database_max_connections,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "connecting to {}",
+            crate::config::redact_url(&config.database_url)
+        )
+    })
 }
 
 /// What every worker needs before it consumes: its topics, a producer, a shutdown signal.

@@ -46,60 +46,81 @@ impl Outcome {
     }
 }
 
-/// Reads outcomes published after it started. It joins no consumer group and commits
-/// nothing, so any number of watchers can run beside the workers.
-pub struct OutcomeWatcher {
+/// Reads a topic from its current end: it joins no consumer group and commits nothing, so any
+/// number of readers can run beside the workers.
+pub struct TopicTail {
     consumer: StreamConsumer,
 }
 
-impl std::fmt::Debug for OutcomeWatcher {
+impl std::fmt::Debug for TopicTail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutcomeWatcher").finish_non_exhaustive()
+        f.debug_struct("TopicTail").finish_non_exhaustive()
     }
 }
 
-impl OutcomeWatcher {
-    /// Starts at the current end of every partition of `transfers.events`, so that nothing
-    /// published after this returns is missed.
-    pub async fn start(kafka: &KafkaConfig) -> anyhow::Result<OutcomeWatcher> {
-        let topic = Topics::new(&kafka.topic_prefix).events();
+impl TopicTail {
+    /// Starts at the current end of every partition of `topic`, so that nothing published
+    /// after this returns is missed.
+    pub async fn start(kafka: &KafkaConfig, topic: String) -> anyhow::Result<TopicTail> {
         let consumer: StreamConsumer = client_config(kafka)
-            .set("group.id", format!("twophase-watcher-{}", uuid::Uuid::new_v4()))
+            .set(
+                "group.id",
+                format!("twophase-tail-{}", uuid::Uuid::new_v4()),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .create()?;
         let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<StreamConsumer> {
-            let timeout = Duration::from_secs(10);
-            let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
-            let partitions: Vec<i32> = metadata
-                .topics()
-                .iter()
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            anyhow::ensure!(!partitions.is_empty(), "topic {topic} has no partitions: run `twophase topics create`");
-            let mut assignment = TopicPartitionList::new();
-            for p in partitions {
-                let (_, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
-                assignment.add_partition_offset(&topic, p, Offset::Offset(high))?;
+            // Right after topics are created the broker may not know their leaders yet.
+            let mut attempt = 0;
+            loop {
+                match assign_at_end(&consumer, &topic) {
+                    Ok(()) => return Ok(consumer),
+                    Err(e) if attempt < 20 => {
+                        attempt += 1;
+                        tracing::debug!(error = %e, "topic tail not assigned yet; retrying");
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            consumer.assign(&assignment)?;
-            Ok(consumer)
         })
         .await??;
-        Ok(OutcomeWatcher { consumer })
+        Ok(TopicTail { consumer })
+    }
+
+    /// The next message, decoded.
+    pub async fn next(&self) -> anyhow::Result<(Envelope, Message)> {
+        let record = self.consumer.recv().await?;
+        let headers: Vec<(&str, Option<&[u8]>)> = record
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default();
+        let envelope = Envelope::from_headers(headers, None, uuid::Uuid::new_v4)?;
+        let payload = record.payload().unwrap_or_default();
+        let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
+        Ok((envelope, message))
+    }
+}
+
+/// Reads outcomes from `transfers.events`, from the moment it starts.
+#[derive(Debug)]
+pub struct OutcomeWatcher {
+    tail: TopicTail,
+}
+
+impl OutcomeWatcher {
+    pub async fn start(kafka: &KafkaConfig) -> anyhow::Result<OutcomeWatcher> {
+        let topic = Topics::new(&kafka.topic_prefix).events();
+        Ok(OutcomeWatcher {
+            tail: TopicTail::start(kafka, topic).await?,
+        })
     }
 
     /// The next outcome event (other events, such as `commit_stuck`, are skipped).
     pub async fn next(&self) -> anyhow::Result<Outcome> {
         loop {
-            let record = self.consumer.recv().await?;
-            let headers: Vec<(&str, Option<&[u8]>)> = record
-                .headers()
-                .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-                .unwrap_or_default();
-            let envelope = Envelope::from_headers(headers, None, uuid::Uuid::new_v4)?;
-            let payload = record.payload().unwrap_or_default();
-            match Message::decode(&envelope.message_type, envelope.schema_version, payload)? {
+            match self.tail.next().await?.1 {
                 Message::TransferCompleted(m) => return Ok(Outcome::Completed(m)),
                 Message::TransferFailed(m) => return Ok(Outcome::Failed(m)),
                 Message::TransferRejected(m) => return Ok(Outcome::Rejected(m)),
@@ -134,6 +155,27 @@ impl OutcomeWatcher {
         }
         Ok(seen)
     }
+}
+
+fn assign_at_end(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    anyhow::ensure!(
+        !partitions.is_empty(),
+        "topic {topic} has no partitions: run `twophase topics create`"
+    );
+    let mut assignment = TopicPartitionList::new();
+    for p in partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        assignment.add_partition_offset(topic, p, Offset::Offset(high))?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(())
 }
 
 /// Publishes a transfer request as a producer would, keyed by its transfer id.

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run the whole test suite against real services: starts PostgreSQL and Kafka on loopback
+# (installing them on first use), then runs every test with them in the environment.
+#
+#   scripts/test.sh                 all tests
+#   scripts/test.sh --test saga     any cargo test arguments
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+scripts/services.sh start
+eval "$(scripts/services.sh env)"
+cargo test --workspace --locked "$@"

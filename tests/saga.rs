@@ -1,0 +1,416 @@
+//! The transfer saga end to end: workers as separate processes on a real Kafka broker and
+//! PostgreSQL, each test on its own database and topics.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{assert_outcome, request, TestEnv};
+use rand::Rng;
+use rust_decimal::Decimal;
+use twophase::client::{Outcome, TopicTail};
+use twophase_messages::{
+    reasons, AccountAction, AccountCommand, AccountCommandBody, Message, TransferRequested,
+};
+use twophase_runtime::Outgoing;
+use uuid::Uuid;
+
+fn dec(s: &str) -> Decimal {
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transfer_moves_money_once() {
+    let mut env = TestEnv::new("happy").await;
+    env.start_all(1);
+    let a = env.open_account("USD", "100.00").await;
+    let b = env.open_account("USD", "0").await;
+
+    let outcome = env.transfer(&request(a, b, "12.34", "USD")).await;
+
+    assert_outcome(&outcome, "completed", None);
+    assert_eq!(env.balance(a).await, (dec("87.66"), Decimal::ZERO));
+    assert_eq!(env.balance(b).await, (dec("12.34"), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_no_vote_fails_the_transfer_with_its_reason_and_moves_nothing() {
+    let mut env = TestEnv::new("novote").await;
+    let dest = env.open_account("USD", "0").await;
+    let blocked = env.open_account("USD", "0").await;
+    env.with_config(&format!(
+        "[risk]\nvelocity_max_transfers = 3\nblocked_accounts = [\"{blocked}\"]\n\
+         [risk.single_limit]\nUSD = \"1000\"\n[risk.daily_limit]\nUSD = \"500\"\n"
+    ));
+    env.start_all(1);
+
+    let poor = env.open_account("USD", "5.00").await;
+    let frozen_source = env.open_account("USD", "100").await;
+    let frozen_dest = env.open_account("USD", "0").await;
+    let euros = env.open_account("EUR", "100").await;
+    for id in [frozen_source, frozen_dest] {
+        let pool = env.pool("account").await;
+        twophase_account::store::set_status(&pool, id, twophase_account::AccountStatus::Frozen)
+            .await
+            .unwrap();
+    }
+    let mut rich = Vec::new();
+    for _ in 0..5 {
+        rich.push(env.open_account("USD", "5000").await);
+    }
+
+    let cases: Vec<(TransferRequested, &str, &str)> = vec![
+        (
+            request(poor, dest, "10.00", "USD"),
+            reasons::INSUFFICIENT_FUNDS,
+            "source",
+        ),
+        (
+            request(rich[0], Uuid::new_v4(), "10", "USD"),
+            reasons::DESTINATION_NOT_FOUND,
+            "destination",
+        ),
+        (
+            request(rich[1], frozen_dest, "10", "USD"),
+            reasons::DESTINATION_INACTIVE,
+            "destination",
+        ),
+        (
+            request(frozen_source, dest, "10", "USD"),
+            reasons::SOURCE_INACTIVE,
+            "source",
+        ),
+        (
+            request(rich[2], euros, "10", "USD"),
+            reasons::CURRENCY_MISMATCH,
+            "destination",
+        ),
+        (
+            request(euros, dest, "10", "USD"),
+            reasons::CURRENCY_MISMATCH,
+            "source",
+        ),
+        (
+            request(rich[3], dest, "1500", "USD"),
+            reasons::RISK_REJECTED,
+            "risk",
+        ),
+        (
+            request(rich[4], blocked, "10", "USD"),
+            reasons::RISK_REJECTED,
+            "risk",
+        ),
+    ];
+    let requests: Vec<TransferRequested> = cases.iter().map(|c| c.0.clone()).collect();
+    let outcomes = env.run_transfers(&requests, Duration::from_secs(60)).await;
+    for (req, reason, participant) in &cases {
+        let outcome = &outcomes[&req.transfer_id];
+        assert_outcome(outcome, "failed", Some(reason));
+        let Outcome::Failed(failed) = outcome else {
+            unreachable!()
+        };
+        assert_eq!(
+            failed.participant.map(|p| p.as_str()),
+            Some(*participant),
+            "{req:?}"
+        );
+    }
+    let rules = |req: &TransferRequested| match &outcomes[&req.transfer_id] {
+        Outcome::Failed(f) => f.risk.as_ref().unwrap().rules.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(rules(&cases[6].0).contains(&"single_transfer_limit".to_owned()));
+    assert!(rules(&cases[7].0).contains(&"blocked_account".to_owned()));
+
+    // Velocity: the fourth transfer within the window is refused. Daily: 300 + 300 > 500.
+    let fast = env.open_account("USD", "100").await;
+    let spender = env.open_account("USD", "1000").await;
+    let mut burst: Vec<TransferRequested> =
+        (0..4).map(|_| request(fast, dest, "1", "USD")).collect();
+    burst.extend((0..2).map(|_| request(spender, dest, "300", "USD")));
+    let outcomes = env.run_transfers(&burst, Duration::from_secs(60)).await;
+    let refused_by = |rule: &str, from: &[TransferRequested]| {
+        from.iter()
+            .filter(|r| match &outcomes[&r.transfer_id] {
+                Outcome::Failed(f) => f
+                    .risk
+                    .as_ref()
+                    .is_some_and(|a| a.rules.iter().any(|x| x == rule)),
+                _ => false,
+            })
+            .count()
+    };
+    assert_eq!(refused_by("velocity", &burst[..4]), 1, "{outcomes:?}");
+    assert_eq!(refused_by("daily_limit", &burst[4..]), 1, "{outcomes:?}");
+
+    for (id, balance) in [
+        (poor, "5"),
+        (frozen_source, "100"),
+        (euros, "100"),
+        (rich[3], "5000"),
+    ] {
+        assert_eq!(env.balance(id).await, (dec(balance), Decimal::ZERO), "{id}");
+    }
+    assert_eq!(env.balance(fast).await, (dec("97"), Decimal::ZERO));
+    assert_eq!(env.balance(spender).await, (dec("700"), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_are_rejected_with_their_reason() {
+    let mut env = TestEnv::new("rejects").await;
+    env.with_config("[coordinator]\ndefault_max_amount = \"5000\"\n");
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+
+    let mut malformed_id = request(a, b, "1", "USD");
+    malformed_id.transfer_id = "not-a-uuid".into();
+    let mut malformed_account = request(a, b, "1", "USD");
+    malformed_account.from_account = "acct-42".into();
+    let cases = vec![
+        (request(a, b, "0", "USD"), reasons::INVALID_AMOUNT),
+        (request(a, b, "-1.00", "USD"), reasons::INVALID_AMOUNT),
+        (request(a, b, "ten", "USD"), reasons::INVALID_AMOUNT),
+        (request(a, b, "1.001", "USD"), reasons::TOO_MANY_DECIMALS),
+        (request(a, a, "1", "USD"), reasons::SAME_ACCOUNT),
+        (request(a, b, "1", "XXY"), reasons::UNKNOWN_CURRENCY),
+        (request(a, b, "5000.01", "USD"), reasons::AMOUNT_OVER_LIMIT),
+        (malformed_id, reasons::INVALID_TRANSFER_ID),
+        (malformed_account, reasons::INVALID_ACCOUNT_ID),
+    ];
+    let requests: Vec<_> = cases.iter().map(|c| c.0.clone()).collect();
+    let outcomes = env.run_transfers(&requests, Duration::from_secs(60)).await;
+    for (req, reason) in &cases {
+        assert_outcome(&outcomes[&req.transfer_id], "rejected", Some(reason));
+    }
+    // Nothing was held or moved, and the workers are still serving.
+    assert_eq!(env.balance(a).await, (dec("100"), Decimal::ZERO));
+    let ok = env.transfer(&request(a, b, "1", "USD")).await;
+    assert_outcome(&ok, "completed", None);
+    env.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_request_twice_is_one_transfer_and_a_changed_body_conflicts() {
+    let mut env = TestEnv::new("idem").await;
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "10", "USD");
+
+    let first = env.transfer(&req).await;
+    assert_outcome(&first, "completed", None);
+    // Published again: the outcome is published again, and nothing moves twice.
+    let again = env.transfer(&req).await;
+    assert_eq!(again, first);
+    let mut changed = req.clone();
+    changed.amount = "20".into();
+    let conflict = env.transfer(&changed).await;
+    assert_outcome(&conflict, "rejected", Some(reasons::CONFLICT));
+
+    assert_eq!(env.balance(a).await, (dec("90"), Decimal::ZERO));
+    assert_eq!(env.balance(b).await, (dec("10"), Decimal::ZERO));
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM coordinator.transfers")
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    env.check_invariants().await;
+}
+
+/// Publishes an account command by hand and waits for the worker's reply to it.
+async fn send_command(
+    env: &TestEnv,
+    replies: &TopicTail,
+    action: AccountAction,
+    body: &AccountCommandBody,
+) -> Message {
+    let message = Message::Account(AccountCommand::new(action, body.clone()));
+    let out = Outgoing::new(
+        env.topics.account_commands(),
+        body.account_id,
+        "/test",
+        &message,
+    );
+    env.publisher.publish(&out).await.unwrap();
+    loop {
+        let (envelope, reply) = tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .expect("the account worker replies")
+            .unwrap();
+        if envelope.causation_id == Some(out.envelope.id) {
+            return reply;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_delivered_twice_is_applied_once() {
+    let mut env = TestEnv::new("dupcmd").await;
+    env.start("account");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let replies = TopicTail::start(&env.kafka, env.topics.replies())
+        .await
+        .unwrap();
+    let body = |account_id| AccountCommandBody {
+        transfer_id: Uuid::from_u128(42),
+        account_id,
+        amount: dec("30"),
+        currency: "USD".into(),
+    };
+
+    // Prepare twice: one hold.
+    let first = send_command(&env, &replies, AccountAction::Hold, &body(a)).await;
+    let second = send_command(&env, &replies, AccountAction::Hold, &body(a)).await;
+    assert_eq!(first, second, "a redelivered command gets the stored reply");
+    assert_eq!(env.balance(a).await, (dec("100"), dec("30")));
+    send_command(&env, &replies, AccountAction::ReserveCredit, &body(b)).await;
+
+    // Commit twice: one debit, one credit.
+    for _ in 0..2 {
+        send_command(&env, &replies, AccountAction::Capture, &body(a)).await;
+        send_command(&env, &replies, AccountAction::Credit, &body(b)).await;
+    }
+    assert_eq!(env.balance(a).await, (dec("70"), Decimal::ZERO));
+    assert_eq!(env.balance(b).await, (dec("30"), Decimal::ZERO));
+    let (entries,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM account.ledger WHERE transfer_id = $1")
+            .bind(Uuid::from_u128(42))
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(entries, 2);
+
+    // An abort that overtakes its prepare is recorded, and the late prepare is refused.
+    let late = AccountCommandBody {
+        transfer_id: Uuid::from_u128(43),
+        ..body(a)
+    };
+    send_command(&env, &replies, AccountAction::Release, &late).await;
+    let vote = send_command(&env, &replies, AccountAction::Hold, &late).await;
+    let Message::Vote(vote) = vote else {
+        panic!("{vote:?}")
+    };
+    assert_eq!(vote.reason.as_deref(), Some(reasons::ABORTED));
+    assert_eq!(env.balance(a).await, (dec("70"), Decimal::ZERO));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_transfers_racing_for_one_balance_complete_exactly_one() {
+    let mut env = TestEnv::new("race").await;
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let c = env.open_account("USD", "0").await;
+    let racers = [request(a, b, "70", "USD"), request(a, c, "70", "USD")];
+
+    let outcomes = env.run_transfers(&racers, Duration::from_secs(60)).await;
+
+    let mut statuses: Vec<_> = outcomes
+        .values()
+        .map(|o| (o.status(), o.reason()))
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![
+            ("completed", None),
+            ("failed", Some(reasons::INSUFFICIENT_FUNDS))
+        ]
+    );
+    assert_eq!(env.balance(a).await, (dec("30"), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
+/// Which members of a consumer group hold partitions, read from the broker.
+fn members_with_partitions(env: &TestEnv, group: &str) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = twophase_runtime::kafka::client_config(&env.kafka)
+        .create()
+        .unwrap();
+    let groups = client
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .unwrap();
+    groups
+        .groups()
+        .iter()
+        .flat_map(|g| g.members())
+        .filter(|m| m.assignment().is_some_and(|a| assigned_partitions(a) > 0))
+        .count()
+}
+
+/// Counts the partitions in a consumer-protocol member assignment.
+fn assigned_partitions(bytes: &[u8]) -> usize {
+    let i16_at = |at: usize| i16::from_be_bytes([bytes[at], bytes[at + 1]]) as usize;
+    let i32_at = |at: usize| i32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    if bytes.len() < 6 {
+        return 0;
+    }
+    let topics = i32_at(2);
+    let (mut at, mut count) = (6, 0);
+    for _ in 0..topics {
+        at += 2 + i16_at(at);
+        let n = i32_at(at);
+        count += n;
+        at += 4 + 4 * n;
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_random_transfers_with_two_account_workers_keep_every_invariant() {
+    let mut env = TestEnv::new("thousand").await;
+    env.start_all(2);
+    let mut accounts = Vec::new();
+    for _ in 0..20 {
+        accounts.push(env.open_account("USD", "500.00").await);
+    }
+    let group = format!("{}-account", env.kafka.group_prefix);
+    let joined = Instant::now();
+    while members_with_partitions(&env, &group) < 2 {
+        assert!(
+            joined.elapsed() < Duration::from_secs(60),
+            "both account workers take partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut rng = rand::rng();
+    let requests: Vec<TransferRequested> = (0..1000)
+        .map(|_| {
+            let from = accounts[rng.random_range(0..accounts.len())];
+            let mut to = from;
+            while to == from {
+                to = accounts[rng.random_range(0..accounts.len())];
+            }
+            let cents: i64 = rng.random_range(1..20_000);
+            request(from, to, &Decimal::new(cents, 2).to_string(), "USD")
+        })
+        .collect();
+    let started = Instant::now();
+    let outcomes = env.run_transfers(&requests, Duration::from_secs(600)).await;
+    let wall = started.elapsed();
+    let mut by_status: HashMap<&str, usize> = HashMap::new();
+    for o in outcomes.values() {
+        *by_status.entry(o.status()).or_default() += 1;
+    }
+    eprintln!("1000 transfers, 20 accounts, 2 account workers: {wall:.2?} wall time, outcomes {by_status:?}");
+    println!("1000 random transfers settled in {wall:.2?}");
+
+    // What producers were told matches what the coordinator recorded.
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT transfer_id, status FROM coordinator.transfers")
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 1000);
+    for (id, status) in rows {
+        assert_eq!(outcomes[&id.to_string()].status(), status, "transfer {id}");
+    }
+    assert!(by_status.get("completed").copied().unwrap_or(0) > 0);
+    env.check_invariants().await;
+}

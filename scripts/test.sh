@@ -11,4 +11,8 @@ cd "$REPO"
 
 scripts/services.sh start
 eval "$(scripts/services.sh env)"
+if [[ $# -eq 0 ]]; then
+  # --show-output prints what passing tests print too (the figures they measure).
+  set -- -- --show-output
+fi
 cargo test --workspace --locked "$@"

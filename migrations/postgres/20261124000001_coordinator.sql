@@ -30,7 +30,9 @@ CREATE TABLE coordinator.transfers (
     tracestate         text,
     request_message_id uuid,
     prepare_deadline   timestamptz,
-    commit_attempts    integer NOT NULL DEFAULT 0,
+    -- Commit or abort commands re-sent so far, and when they are next due.
+    resend_attempts    integer NOT NULL DEFAULT 0,
+    next_resend_at     timestamptz,
     created_at         timestamptz NOT NULL DEFAULT now(),
     decided_at         timestamptz,
     finished_at        timestamptz,
@@ -39,6 +41,8 @@ CREATE TABLE coordinator.transfers (
                                    AND amount > 0 AND currency IS NOT NULL))
 );
 
--- Recovery and timers scan only the transfers still in flight.
-CREATE INDEX transfers_in_flight ON coordinator.transfers (updated_at)
-    WHERE status IN ('preparing', 'committing', 'aborting');
+-- The timers scan only the transfers still in flight.
+CREATE INDEX transfers_preparing ON coordinator.transfers (prepare_deadline)
+    WHERE status = 'preparing';
+CREATE INDEX transfers_deciding ON coordinator.transfers (next_resend_at)
+    WHERE status IN ('committing', 'aborting');

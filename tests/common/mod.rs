@@ -1,8 +1,10 @@
 //! The test harness: a fresh database and fresh topics per test, workers started as separate
 //! `twophase` processes, and the invariants of DESIGN §4 checked against the database.
 //!
-//! The services come from `TWOPHASE_TEST_DATABASE_URL` and `TWOPHASE_TEST_BROKERS`
-//! (`scripts/services.sh env` prints them).
+//! With `TWOPHASE_TEST_DATABASE_URL` and `TWOPHASE_TEST_BROKERS` set (`scripts/services.sh env`
+//! prints them) the tests run on the real services; without them, on the embedded default: a
+//! mock Kafka cluster in the test process and SQLite files, so that `cargo test` passes on a
+//! machine with nothing installed. The workers are the same processes either way.
 
 #![allow(dead_code)]
 
@@ -13,11 +15,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::ConnectOptions;
 use twophase::client::{self, Outcome, OutcomeWatcher};
 use twophase_messages::{Topics, TransferRequested};
-use twophase_runtime::{KafkaConfig, Publisher};
+use twophase_runtime::db::{Amount, Db};
+use twophase_runtime::embedded::EmbeddedBroker;
+use twophase_runtime::{query_as, KafkaConfig, Publisher};
 use uuid::Uuid;
 
 /// One test's world: its own database, topic prefix and consumer groups.
@@ -26,11 +30,14 @@ pub struct TestEnv {
     pub database_url: String,
     pub kafka: KafkaConfig,
     pub topics: Topics,
-    pub db: PgPool,
+    /// Sees every worker's schema by name (`account.accounts`).
+    pub db: Db,
     pub publisher: Publisher,
     pub log_dir: PathBuf,
     pub config_file: Option<PathBuf>,
     workers: Vec<Worker>,
+    /// The mock cluster, when running on the embedded default. Dropped last.
+    broker: Option<EmbeddedBroker>,
 }
 
 /// A worker process; killed when dropped.
@@ -46,59 +53,70 @@ impl Drop for Worker {
     }
 }
 
-fn required_env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: start the services with `scripts/services.sh start` and \
-             `eval \"$(scripts/services.sh env)\"`, or run `scripts/test.sh`"
-        )
-    })
+/// A fresh PostgreSQL database on the server of `admin_url`; its URL.
+async fn fresh_postgres(admin_url: &str, db_name: &str) -> String {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url)
+        .await
+        .expect("the test database server answers");
+    sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        .execute(&admin)
+        .await
+        .expect("a test database can be created");
+    admin.close().await;
+    let options = PgConnectOptions::from_str(admin_url)
+        .unwrap()
+        .database(db_name);
+    options.to_url_lossy().to_string()
 }
 
 impl TestEnv {
     /// A fresh database (migrated) and a fresh topic prefix (topics created).
     pub async fn new(name: &str) -> TestEnv {
-        let admin_url = required_env("TWOPHASE_TEST_DATABASE_URL");
-        let brokers = required_env("TWOPHASE_TEST_BROKERS");
         let suffix = Uuid::new_v4().simple().to_string()[..10].to_owned();
-        let db_name = format!("t_{}_{suffix}", name.replace('-', "_"));
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&admin_url)
-            .await
-            .expect("the test database server answers");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&admin)
-            .await
-            .expect("a test database can be created");
-        admin.close().await;
-        let options = PgConnectOptions::from_str(&admin_url)
-            .unwrap()
-            .database(&db_name);
-        let database_url = options.to_url_lossy().to_string();
+        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{suffix}"));
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let prefix = format!("{name}-{suffix}.");
+        let topics = Topics::new(&prefix);
+        let real = (
+            std::env::var("TWOPHASE_TEST_DATABASE_URL"),
+            std::env::var("TWOPHASE_TEST_BROKERS"),
+        );
+        let (database_url, brokers, broker) = match real {
+            (Ok(admin_url), Ok(brokers)) => {
+                let db_name = format!("t_{}_{suffix}", name.replace('-', "_"));
+                (fresh_postgres(&admin_url, &db_name).await, brokers, None)
+            }
+            _ => {
+                let broker =
+                    EmbeddedBroker::start(&topics.all(), 4).expect("the mock cluster starts");
+                let url = format!("sqlite:{}", log_dir.join("data").display());
+                (url, broker.bootstrap_servers().to_owned(), Some(broker))
+            }
+        };
         twophase_runtime::db::migrate(&database_url)
             .await
             .expect("migrations apply");
-        let db = PgPoolOptions::new()
-            .max_connections(5)
-            .connect(&database_url)
-            .await
-            .unwrap();
+        let db = Db::connect_all(&database_url).await.unwrap();
         let kafka = KafkaConfig {
             brokers,
-            topic_prefix: format!("{name}-{suffix}."),
+            topic_prefix: prefix,
             group_prefix: format!("{name}-{suffix}"),
             ..KafkaConfig::default()
         };
-        let topics = Topics::new(&kafka.topic_prefix);
         twophase_runtime::kafka::ensure_topics(&kafka, &topics.all())
             .await
             .expect("topics can be created");
         let publisher = Publisher::new(&kafka).unwrap();
-        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{suffix}"));
-        std::fs::create_dir_all(&log_dir).unwrap();
         eprintln!(
-            "test {name}: database {db_name}, logs in {}",
+            "test {name}: {} and {}, logs in {}",
+            if broker.is_some() {
+                "embedded broker"
+            } else {
+                "Kafka"
+            },
+            twophase::config::redact_url(&database_url),
             log_dir.display()
         );
         TestEnv {
@@ -111,7 +129,13 @@ impl TestEnv {
             log_dir,
             config_file: None,
             workers: Vec::new(),
+            broker,
         }
+    }
+
+    /// Whether this test runs on the embedded default rather than the real services.
+    pub fn embedded(&self) -> bool {
+        self.broker.is_some()
     }
 
     /// Writes a TOML configuration file every worker started afterwards reads.
@@ -164,23 +188,28 @@ impl TestEnv {
     }
 
     pub async fn open_account(&self, currency: &str, deposit: &str) -> Uuid {
-        let pool = self.pool("account").await;
-        let account = twophase_account::store::open(&pool, currency)
-            .await
-            .unwrap();
+        let db = self.pool("account").await;
+        let account = twophase_account::store::open(&db, currency).await.unwrap();
         if deposit != "0" {
-            twophase_account::store::deposit(&pool, account.account_id, deposit, None)
+            twophase_account::store::deposit(&db, account.account_id, deposit, None)
                 .await
                 .unwrap();
         }
+        db.close().await;
         account.account_id
     }
 
     /// A pool that sees one worker's schema.
-    pub async fn pool(&self, schema: &str) -> PgPool {
-        twophase_runtime::db::connect(&self.database_url, schema, 5)
-            .await
-            .unwrap()
+    pub async fn pool(&self, schema: &str) -> Db {
+        Db::connect(&self.database_url, schema, 5).await.unwrap()
+    }
+
+    /// Runs a counting query (`SELECT count(*) …`) across schemas.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let mut tx = self.db.begin().await.unwrap();
+        let (n,) = query_as!(&mut tx, (i64,), fetch_one, sql).unwrap();
+        tx.commit().await.unwrap();
+        n
     }
 
     pub async fn watcher(&self) -> OutcomeWatcher {
@@ -223,152 +252,146 @@ impl TestEnv {
     }
 
     pub async fn balance(&self, account: Uuid) -> (Decimal, Decimal) {
-        sqlx::query_as("SELECT balance, held FROM account.accounts WHERE account_id = $1")
-            .bind(account)
-            .fetch_one(&self.db)
-            .await
-            .unwrap()
+        let mut tx = self.db.begin().await.unwrap();
+        let (balance, held) = query_as!(
+            &mut tx,
+            (Amount, Amount),
+            fetch_one,
+            "SELECT balance, held FROM account.accounts WHERE account_id = $1",
+            account
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+        (balance.0, held.0)
     }
 
     /// Checks invariants 1–4 of DESIGN §4 against the database; panics naming the first broken.
+    /// Sums are taken here in exact decimals, the same on both backends.
     pub async fn check_invariants(&self) {
-        let db = &self.db;
-        // 1. Conservation: balances sum to deposits minus withdrawals.
-        let (total, external): (Option<Decimal>, Option<Decimal>) = sqlx::query_as(
-            "SELECT (SELECT sum(balance) FROM account.accounts),
-                    (SELECT sum(CASE kind WHEN 'deposit' THEN amount WHEN 'withdrawal' THEN -amount ELSE 0 END)
-                     FROM account.ledger)",
+        let mut tx = self.db.begin().await.unwrap();
+        let accounts = query_as!(
+            &mut tx,
+            (Uuid, Amount, Amount),
+            fetch_all,
+            "SELECT account_id, balance, held FROM account.accounts"
         )
-        .fetch_one(db)
-        .await
         .unwrap();
+        let ledger = query_as!(
+            &mut tx,
+            (Uuid, Option<Uuid>, String, Amount),
+            fetch_all,
+            "SELECT account_id, transfer_id, kind, amount FROM account.ledger"
+        )
+        .unwrap();
+        let holds = query_as!(
+            &mut tx,
+            (Uuid, Uuid, Amount),
+            fetch_all,
+            "SELECT transfer_id, account_id, amount FROM account.holds WHERE status = 'held'"
+        )
+        .unwrap();
+        let credits = query_as!(
+            &mut tx,
+            (Uuid,),
+            fetch_all,
+            "SELECT transfer_id FROM account.credits WHERE status = 'reserved'"
+        )
+        .unwrap();
+        let transfers = query_as!(
+            &mut tx,
+            (Uuid, String, Option<Uuid>, Option<Uuid>, Option<Amount>),
+            fetch_all,
+            "SELECT transfer_id, status, from_account, to_account, amount FROM coordinator.transfers"
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        // 1. Conservation: balances sum to deposits minus withdrawals.
+        let total: Decimal = accounts.iter().map(|a| a.1 .0).sum();
+        let external: Decimal = ledger
+            .iter()
+            .map(|(_, _, kind, amount)| match kind.as_str() {
+                "deposit" => amount.0,
+                "withdrawal" => -amount.0,
+                _ => Decimal::ZERO,
+            })
+            .sum();
         assert_eq!(total, external, "invariant 1 (conservation) broken");
 
-        // 2. No overdraft, and each balance and hold replays from the ledger and the holds.
-        let accounts: Vec<AccountCheck> = sqlx::query_as(
-            "SELECT a.account_id, a.balance, a.held,
-                    (SELECT sum(CASE WHEN kind IN ('deposit', 'credit') THEN amount ELSE -amount END)
-                     FROM account.ledger l WHERE l.account_id = a.account_id) AS replayed,
-                    (SELECT sum(amount) FROM account.holds h
-                     WHERE h.account_id = a.account_id AND h.status = 'held') AS open_holds
-             FROM account.accounts a",
-        )
-        .fetch_all(db)
-        .await
-        .unwrap();
-        for AccountCheck {
-            account_id: id,
-            balance,
-            held,
-            replayed,
-            open_holds,
-        } in accounts
-        {
+        // 2. No overdraft; each balance replays from its ledger, each hold from the open holds.
+        for (id, balance, held) in &accounts {
+            let (balance, held) = (balance.0, held.0);
             assert!(
                 balance - held >= Decimal::ZERO,
                 "invariant 2 (no overdraft) broken on {id}"
             );
+            let replayed: Decimal = ledger
+                .iter()
+                .filter(|e| e.0 == *id)
+                .map(|(_, _, kind, amount)| match kind.as_str() {
+                    "deposit" | "credit" => amount.0,
+                    _ => -amount.0,
+                })
+                .sum();
             assert_eq!(
-                balance,
-                replayed.unwrap_or_default(),
+                balance, replayed,
                 "balance of {id} does not replay from its ledger"
             );
-            assert_eq!(
-                held,
-                open_holds.unwrap_or_default(),
-                "held of {id} is not the sum of its open holds"
-            );
+            let open: Decimal = holds.iter().filter(|h| h.1 == *id).map(|h| h.2 .0).sum();
+            assert_eq!(held, open, "held of {id} is not the sum of its open holds");
         }
 
         // 3. Atomic outcome: terminal; completed ⇒ one debit and one credit of the amount;
-        //    failed/rejected ⇒ no ledger entry and nothing left held or reserved.
-        let transfers: Vec<TransferCheck> = sqlx::query_as(
-            "SELECT transfer_id, status, from_account, to_account, amount FROM coordinator.transfers",
-        )
-        .fetch_all(db)
-        .await
-        .unwrap();
-        let entries: Vec<(Uuid, Uuid, String, Decimal)> = sqlx::query_as(
-            "SELECT transfer_id, account_id, kind, amount FROM account.ledger WHERE transfer_id IS NOT NULL",
-        )
-        .fetch_all(db)
-        .await
-        .unwrap();
-        let open: Vec<(Uuid,)> = sqlx::query_as(
-            "SELECT transfer_id FROM account.holds WHERE status = 'held'
-             UNION ALL SELECT transfer_id FROM account.credits WHERE status = 'reserved'",
-        )
-        .fetch_all(db)
-        .await
-        .unwrap();
+        //    failed/rejected ⇒ no ledger entry.
         let mut by_transfer: HashMap<Uuid, Vec<(Uuid, String, Decimal)>> = HashMap::new();
-        for (t, a, k, amt) in entries {
-            by_transfer.entry(t).or_default().push((a, k, amt));
+        for (account, transfer, kind, amount) in ledger {
+            if let Some(t) = transfer {
+                by_transfer
+                    .entry(t)
+                    .or_default()
+                    .push((account, kind, amount.0));
+            }
         }
-        for TransferCheck {
-            transfer_id: id,
-            status,
-            from_account: from,
-            to_account: to,
-            amount,
-        } in &transfers
-        {
-            let mut ledger = by_transfer.remove(id).unwrap_or_default();
+        for (id, status, from, to, amount) in &transfers {
+            let mut entries = by_transfer.remove(id).unwrap_or_default();
             match status.as_str() {
                 "completed" => {
-                    ledger.sort_by(|a, b| a.1.cmp(&b.1));
+                    entries.sort_by(|a, b| a.1.cmp(&b.1));
+                    let amount = amount.unwrap().0;
                     let expected = vec![
-                        (to.unwrap(), "credit".to_owned(), amount.unwrap()),
-                        (from.unwrap(), "debit".to_owned(), amount.unwrap()),
+                        (to.unwrap(), "credit".to_owned(), amount),
+                        (from.unwrap(), "debit".to_owned(), amount),
                     ];
                     assert_eq!(
-                        ledger, expected,
+                        entries, expected,
                         "invariant 3: completed transfer {id} has the wrong ledger entries"
                     );
                 }
                 "failed" | "rejected" => {
                     assert!(
-                        ledger.is_empty(),
-                        "invariant 3: {status} transfer {id} moved money: {ledger:?}"
+                        entries.is_empty(),
+                        "invariant 3: {status} transfer {id} moved money: {entries:?}"
                     )
                 }
                 other => panic!("invariant 3: transfer {id} is not terminal: {other}"),
             }
-            if status != "completed" {
-                assert!(
-                    !open.iter().any(|(t,)| t == id),
-                    "invariant 3: {status} transfer {id} left a hold or reserved credit"
-                );
-            }
         }
-        // 4. Exactly once: no ledger entry without a transfer the coordinator knows.
+        // 4. Exactly once: no ledger entry without a transfer the coordinator knows, and
+        //    nothing left held or reserved once every transfer has ended.
         assert!(
             by_transfer.is_empty(),
             "ledger entries of unknown transfers: {by_transfer:?}"
         );
+        let open: Vec<Uuid> = holds
+            .iter()
+            .map(|h| h.0)
+            .chain(credits.iter().map(|c| c.0))
+            .collect();
         assert!(
             open.is_empty(),
             "holds or credits left open after every transfer ended: {open:?}"
         );
     }
-}
-
-#[derive(sqlx::FromRow)]
-struct AccountCheck {
-    account_id: Uuid,
-    balance: Decimal,
-    held: Decimal,
-    replayed: Option<Decimal>,
-    open_holds: Option<Decimal>,
-}
-
-#[derive(sqlx::FromRow)]
-struct TransferCheck {
-    transfer_id: Uuid,
-    status: String,
-    from_account: Option<Uuid>,
-    to_account: Option<Uuid>,
-    amount: Option<Decimal>,
 }
 
 pub fn request(from: Uuid, to: Uuid, amount: &str, currency: &str) -> TransferRequested {

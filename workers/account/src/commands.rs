@@ -5,30 +5,33 @@
 //! is recorded as `voided`, and the late prepare is then refused, so no hold is left hanging.
 
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, PgPool};
 use twophase_messages::{
     reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, Decision, Message,
     Participant, Vote,
 };
+use twophase_runtime::db::sqlx::types::Json;
+use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::HandlerError;
+use twophase_runtime::{execute, query_as};
 use uuid::Uuid;
 
 /// Applies `command` once and returns its reply; a command seen before gets its stored reply.
 pub async fn apply(
-    pool: &PgPool,
+    db: &Db,
     command: &AccountCommand,
     message_id: Uuid,
 ) -> Result<Message, HandlerError> {
     let body = &command.body;
-    let mut tx = pool.begin().await?;
-    let stored: Option<(String, serde_json::Value)> = sqlx::query_as(
+    let mut tx = db.begin().await?;
+    let stored = query_as!(
+        &mut tx,
+        (String, Json<serde_json::Value>),
+        fetch_optional,
         "SELECT reply_type, reply FROM processed_commands WHERE transfer_id = $1 AND action = $2",
-    )
-    .bind(body.transfer_id)
-    .bind(command.action.as_str())
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some((reply_type, reply)) = stored {
+        body.transfer_id,
+        command.action.as_str(),
+    )?;
+    if let Some((reply_type, Json(reply))) = stored {
         tracing::info!(
             action = command.action.as_str(),
             "command seen before: sending its stored reply"
@@ -38,31 +41,33 @@ pub async fn apply(
             .map_err(|e| HandlerError::Permanent(e.into()));
     }
 
+    let now = Timestamp::now();
     let reply = match command.action {
-        AccountAction::Hold => hold(&mut tx, body).await?,
-        AccountAction::ReserveCredit => reserve_credit(&mut tx, body).await?,
-        AccountAction::Capture => capture(&mut tx, body).await?,
-        AccountAction::Credit => credit(&mut tx, body).await?,
-        AccountAction::Release => release(&mut tx, body).await?,
-        AccountAction::CancelCredit => cancel_credit(&mut tx, body).await?,
+        AccountAction::Hold => hold(&mut tx, body, now).await?,
+        AccountAction::ReserveCredit => reserve_credit(&mut tx, body, now).await?,
+        AccountAction::Capture => capture(&mut tx, body, now).await?,
+        AccountAction::Credit => credit(&mut tx, body, now).await?,
+        AccountAction::Release => release(&mut tx, body, now).await?,
+        AccountAction::CancelCredit => cancel_credit(&mut tx, body, now).await?,
     };
 
-    sqlx::query(
-        "INSERT INTO processed_commands (transfer_id, action, account_id, message_id, reply_type, reply)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(body.transfer_id)
-    .bind(command.action.as_str())
-    .bind(body.account_id)
-    .bind(message_id)
-    .bind(reply.message_type())
-    .bind(serde_json::from_slice::<serde_json::Value>(&reply.to_json()).expect("replies are JSON"))
-    .execute(&mut *tx)
-    .await?;
+    let reply_json: serde_json::Value =
+        serde_json::from_slice(&reply.to_json()).expect("replies are JSON");
+    execute!(
+        &mut tx,
+        "INSERT INTO processed_commands (transfer_id, action, account_id, message_id, reply_type, reply, processed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        body.transfer_id,
+        command.action.as_str(),
+        body.account_id,
+        message_id,
+        reply.message_type(),
+        Json(reply_json),
+        now,
+    )?;
     tx.commit().await?;
     Ok(reply)
 }
-
 fn vote(body: &AccountCommandBody, participant: Participant, no: Option<&str>) -> Message {
     Message::Vote(Vote {
         transfer_id: body.transfer_id,
@@ -108,78 +113,105 @@ struct LockedAccount {
 }
 
 async fn lock_account(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     account_id: Uuid,
-) -> Result<Option<LockedAccount>, sqlx::Error> {
-    let row: Option<(String, String, Decimal, Decimal)> = sqlx::query_as(
+) -> Result<Option<LockedAccount>, twophase_runtime::db::sqlx::Error> {
+    let row = query_as!(
+        tx,
+        (String, String, Amount, Amount),
+        fetch_optional,
         "SELECT currency, status, balance, held FROM accounts WHERE account_id = $1 FOR UPDATE",
-    )
-    .bind(account_id)
-    .fetch_optional(&mut *tx)
-    .await?;
+        account_id,
+    )?;
     Ok(row.map(|(currency, status, balance, held)| LockedAccount {
         currency,
         status,
-        balance,
-        held,
+        balance: balance.0,
+        held: held.0,
     }))
 }
 
+/// Writes an account's new balance and held amount, computed in Rust from its locked row.
+async fn set_money(
+    tx: &mut Tx,
+    account_id: Uuid,
+    balance: Decimal,
+    held: Decimal,
+    now: Timestamp,
+) -> Result<(), twophase_runtime::db::sqlx::Error> {
+    execute!(
+        tx,
+        "UPDATE accounts SET balance = $2, held = $3, updated_at = $4 WHERE account_id = $1",
+        account_id,
+        Amount(balance),
+        Amount(held),
+        now,
+    )?;
+    Ok(())
+}
+
+/// A hold's or credit's recorded state: status, amount, account.
+type EntryRow = (String, Decimal, Uuid);
+
 /// The recorded state of a hold or credit, locked for this transaction.
 async fn lock_entry(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     table: Entry,
     transfer_id: Uuid,
-) -> Result<Option<(String, Decimal, Uuid)>, sqlx::Error> {
+) -> Result<Option<EntryRow>, twophase_runtime::db::sqlx::Error> {
     let sql = format!(
         "SELECT status, amount, account_id FROM {} WHERE transfer_id = $1 FOR UPDATE",
         table.name()
     );
-    sqlx::query_as(&sql)
-        .bind(transfer_id)
-        .fetch_optional(&mut *tx)
-        .await
+    let row = query_as!(
+        tx,
+        (String, Amount, Uuid),
+        fetch_optional,
+        &sql,
+        transfer_id
+    )?;
+    Ok(row.map(|(status, amount, account)| (status, amount.0, account)))
 }
 
 async fn insert_entry(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     table: Entry,
     body: &AccountCommandBody,
     status: &str,
-) -> Result<(), sqlx::Error> {
+    now: Timestamp,
+) -> Result<(), twophase_runtime::db::sqlx::Error> {
     let sql = format!(
-        "INSERT INTO {} (transfer_id, account_id, amount, currency, status) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO {} (transfer_id, account_id, amount, currency, status, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $6)",
         table.name()
     );
-    sqlx::query(&sql)
-        .bind(body.transfer_id)
-        .bind(body.account_id)
-        .bind(body.amount)
-        .bind(&body.currency)
-        .bind(status)
-        .execute(&mut *tx)
-        .await?;
+    execute!(
+        tx,
+        &sql,
+        body.transfer_id,
+        body.account_id,
+        Amount(body.amount),
+        &body.currency,
+        status,
+        now
+    )?;
     Ok(())
 }
 
 async fn set_entry_status(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     table: Entry,
     transfer_id: Uuid,
     status: &str,
-) -> Result<(), sqlx::Error> {
+    now: Timestamp,
+) -> Result<(), twophase_runtime::db::sqlx::Error> {
     let sql = format!(
-        "UPDATE {} SET status = $2, updated_at = now() WHERE transfer_id = $1",
+        "UPDATE {} SET status = $2, updated_at = $3 WHERE transfer_id = $1",
         table.name()
     );
-    sqlx::query(&sql)
-        .bind(transfer_id)
-        .bind(status)
-        .execute(&mut *tx)
-        .await?;
+    execute!(tx, &sql, transfer_id, status, now)?;
     Ok(())
 }
-
 #[derive(Clone, Copy)]
 enum Entry {
     Hold,
@@ -218,7 +250,11 @@ fn check_account(
     Ok(())
 }
 
-async fn hold(tx: &mut PgConnection, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+async fn hold(
+    tx: &mut Tx,
+    body: &AccountCommandBody,
+    now: Timestamp,
+) -> Result<Message, HandlerError> {
     let source = Participant::Source;
     match lock_entry(tx, Entry::Hold, body.transfer_id).await? {
         None => {}
@@ -235,18 +271,22 @@ async fn hold(tx: &mut PgConnection, body: &AccountCommandBody) -> Result<Messag
     if account.balance - account.held < body.amount {
         return Ok(vote(body, source, Some(reasons::INSUFFICIENT_FUNDS)));
     }
-    sqlx::query("UPDATE accounts SET held = held + $2, updated_at = now() WHERE account_id = $1")
-        .bind(body.account_id)
-        .bind(body.amount)
-        .execute(&mut *tx)
-        .await?;
-    insert_entry(tx, Entry::Hold, body, "held").await?;
+    set_money(
+        tx,
+        body.account_id,
+        account.balance,
+        account.held + body.amount,
+        now,
+    )
+    .await?;
+    insert_entry(tx, Entry::Hold, body, "held", now).await?;
     Ok(vote(body, source, None))
 }
 
 async fn reserve_credit(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     body: &AccountCommandBody,
+    now: Timestamp,
 ) -> Result<Message, HandlerError> {
     let destination = Participant::Destination;
     match lock_entry(tx, Entry::Credit, body.transfer_id).await? {
@@ -263,45 +303,43 @@ async fn reserve_credit(
     if let Err(reason) = check_account(account.as_ref(), body, destination) {
         return Ok(vote(body, destination, Some(reason)));
     }
-    insert_entry(tx, Entry::Credit, body, "reserved").await?;
+    insert_entry(tx, Entry::Credit, body, "reserved", now).await?;
     Ok(vote(body, destination, None))
 }
 
-/// Moves money: the one place a balance changes because of a transfer.
+/// Moves money: the one place a balance changes because of a transfer. `debit` also releases
+/// the hold the amount was kept under.
 async fn post(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     body: &AccountCommandBody,
     kind: &str,
-    delta_balance: Decimal,
-    delta_held: Decimal,
-) -> Result<(), sqlx::Error> {
-    let (balance_after,): (Decimal,) = sqlx::query_as(
-        "UPDATE accounts SET balance = balance + $2, held = held + $3, updated_at = now()
-         WHERE account_id = $1 RETURNING balance",
-    )
-    .bind(body.account_id)
-    .bind(delta_balance)
-    .bind(delta_held)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO ledger (account_id, transfer_id, kind, amount, currency, balance_after)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(body.account_id)
-    .bind(body.transfer_id)
-    .bind(kind)
-    .bind(body.amount)
-    .bind(&body.currency)
-    .bind(balance_after)
-    .execute(&mut *tx)
-    .await?;
+    now: Timestamp,
+) -> Result<(), HandlerError> {
+    let account = lock_account(tx, body.account_id)
+        .await?
+        .ok_or_else(|| HandlerError::permanent(format!("account {} vanished", body.account_id)))?;
+    let (balance, held) = match kind {
+        "debit" => (account.balance - body.amount, account.held - body.amount),
+        _ => (account.balance + body.amount, account.held),
+    };
+    set_money(tx, body.account_id, balance, held, now).await?;
+    execute!(
+        tx,
+        "INSERT INTO ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        body.account_id,
+        body.transfer_id,
+        kind,
+        Amount(body.amount),
+        &body.currency,
+        Amount(balance),
+        now,
+    )?;
     Ok(())
 }
-
 /// The recorded entry must match the command, or the command is not one we sent.
 fn matching(
-    entry: &(String, Decimal, Uuid),
+    entry: &EntryRow,
     body: &AccountCommandBody,
     action: AccountAction,
 ) -> Result<(), HandlerError> {
@@ -320,8 +358,9 @@ fn matching(
 }
 
 async fn capture(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     body: &AccountCommandBody,
+    now: Timestamp,
 ) -> Result<Message, HandlerError> {
     let action = AccountAction::Capture;
     let entry = lock_entry(tx, Entry::Hold, body.transfer_id).await?;
@@ -331,13 +370,16 @@ async fn capture(
         other => return Err(violation(body, action, other)),
     }
     matching(entry.as_ref().expect("matched held"), body, action)?;
-    lock_account(tx, body.account_id).await?;
-    post(tx, body, "debit", -body.amount, -body.amount).await?;
-    set_entry_status(tx, Entry::Hold, body.transfer_id, "captured").await?;
+    post(tx, body, "debit", now).await?;
+    set_entry_status(tx, Entry::Hold, body.transfer_id, "captured", now).await?;
     Ok(ack(body, action))
 }
 
-async fn credit(tx: &mut PgConnection, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+async fn credit(
+    tx: &mut Tx,
+    body: &AccountCommandBody,
+    now: Timestamp,
+) -> Result<Message, HandlerError> {
     let action = AccountAction::Credit;
     let entry = lock_entry(tx, Entry::Credit, body.transfer_id).await?;
     match entry.as_ref().map(|e| e.0.as_str()) {
@@ -346,31 +388,28 @@ async fn credit(tx: &mut PgConnection, body: &AccountCommandBody) -> Result<Mess
         other => return Err(violation(body, action, other)),
     }
     matching(entry.as_ref().expect("matched reserved"), body, action)?;
-    lock_account(tx, body.account_id).await?;
-    post(tx, body, "credit", body.amount, Decimal::ZERO).await?;
-    set_entry_status(tx, Entry::Credit, body.transfer_id, "credited").await?;
+    post(tx, body, "credit", now).await?;
+    set_entry_status(tx, Entry::Credit, body.transfer_id, "credited", now).await?;
     Ok(ack(body, action))
 }
 
 async fn release(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     body: &AccountCommandBody,
+    now: Timestamp,
 ) -> Result<Message, HandlerError> {
     let action = AccountAction::Release;
     let entry = lock_entry(tx, Entry::Hold, body.transfer_id).await?;
     match entry.as_ref().map(|e| e.0.as_str()) {
         // The abort overtook the hold: remember it, so the late hold is refused.
-        None => insert_entry(tx, Entry::Hold, body, "voided").await?,
+        None => insert_entry(tx, Entry::Hold, body, "voided", now).await?,
         Some("held") => {
             let (_, amount, account_id) = entry.expect("matched held");
-            sqlx::query(
-                "UPDATE accounts SET held = held - $2, updated_at = now() WHERE account_id = $1",
-            )
-            .bind(account_id)
-            .bind(amount)
-            .execute(&mut *tx)
-            .await?;
-            set_entry_status(tx, Entry::Hold, body.transfer_id, "released").await?;
+            let account = lock_account(tx, account_id)
+                .await?
+                .ok_or_else(|| HandlerError::permanent(format!("account {account_id} vanished")))?;
+            set_money(tx, account_id, account.balance, account.held - amount, now).await?;
+            set_entry_status(tx, Entry::Hold, body.transfer_id, "released", now).await?;
         }
         Some("released" | "voided") => {}
         other => return Err(violation(body, action, other)),
@@ -379,15 +418,16 @@ async fn release(
 }
 
 async fn cancel_credit(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     body: &AccountCommandBody,
+    now: Timestamp,
 ) -> Result<Message, HandlerError> {
     let action = AccountAction::CancelCredit;
     let entry = lock_entry(tx, Entry::Credit, body.transfer_id).await?;
     match entry.as_ref().map(|e| e.0.as_str()) {
-        None => insert_entry(tx, Entry::Credit, body, "voided").await?,
+        None => insert_entry(tx, Entry::Credit, body, "voided", now).await?,
         Some("reserved") => {
-            set_entry_status(tx, Entry::Credit, body.transfer_id, "cancelled").await?
+            set_entry_status(tx, Entry::Credit, body.transfer_id, "cancelled", now).await?
         }
         Some("cancelled" | "voided") => {}
         other => return Err(violation(body, action, other)),

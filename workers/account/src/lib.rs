@@ -11,8 +11,8 @@ pub mod store;
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
 use twophase_messages::{Message, Topics};
+use twophase_runtime::db::Db;
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{CancellationToken, Handler, HandlerError, Outgoing, Publisher};
 
@@ -23,15 +23,15 @@ pub const SCHEMA: &str = "account";
 
 #[derive(Debug)]
 pub struct AccountWorker {
-    pool: PgPool,
+    db: Db,
     replies: String,
     source: String,
 }
 
 impl AccountWorker {
-    pub fn new(pool: PgPool, topics: &Topics, source: String) -> AccountWorker {
+    pub fn new(db: Db, topics: &Topics, source: String) -> AccountWorker {
         AccountWorker {
-            pool,
+            db,
             replies: topics.replies(),
             source,
         }
@@ -54,13 +54,13 @@ impl AccountWorker {
 
     /// Runs the worker until `shutdown`.
     pub async fn run(
-        pool: PgPool,
+        db: Db,
         settings: WorkerSettings,
         publisher: Publisher,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let topics = Topics::new(&settings.kafka.topic_prefix);
-        let handler = Arc::new(AccountWorker::new(pool, &topics, settings.source()));
+        let handler = Arc::new(AccountWorker::new(db, &topics, settings.source()));
         worker::run(handler, settings, publisher, shutdown).await
     }
 }
@@ -73,7 +73,7 @@ impl Handler for AccountWorker {
                 incoming.envelope.message_type
             )));
         };
-        let reply = commands::apply(&self.pool, command, incoming.envelope.id).await?;
+        let reply = commands::apply(&self.db, command, incoming.envelope.id).await?;
         Ok(vec![Outgoing::caused_by(
             &incoming.envelope,
             &self.source,

@@ -5,7 +5,9 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sqlx::PgPool;
+use twophase_runtime::db::sqlx;
+use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
+use twophase_runtime::{execute, query_as};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +53,11 @@ pub struct Account {
     pub account_id: Uuid,
     pub currency: String,
     pub status: String,
+    #[sqlx(try_from = "Amount")]
     pub balance: Decimal,
+    #[sqlx(try_from = "Amount")]
     pub held: Decimal,
+    #[sqlx(try_from = "Timestamp")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -68,102 +73,125 @@ pub struct LedgerEntry {
     pub account_id: Uuid,
     pub transfer_id: Option<Uuid>,
     pub kind: String,
+    #[sqlx(try_from = "Amount")]
     pub amount: Decimal,
     pub currency: String,
+    #[sqlx(try_from = "Amount")]
     pub balance_after: Decimal,
     pub reference: Option<String>,
+    #[sqlx(try_from = "Timestamp")]
     pub created_at: DateTime<Utc>,
 }
 
 const ACCOUNT_COLUMNS: &str = "account_id, currency, status, balance, held, created_at";
 
 /// Opens an empty, active account.
-pub async fn open(pool: &PgPool, currency: &str) -> Result<Account, AccountError> {
+pub async fn open(db: &Db, currency: &str) -> Result<Account, AccountError> {
     // Validating a unit amount checks the currency code and nothing else.
     twophase_messages::validate_amount("1", currency)?;
-    let account = sqlx::query_as(&format!(
-        "INSERT INTO accounts (account_id, currency) VALUES ($1, $2) RETURNING {ACCOUNT_COLUMNS}"
-    ))
-    .bind(Uuid::new_v4())
-    .bind(currency)
-    .fetch_one(pool)
-    .await?;
+    let now = Timestamp::now();
+    let mut tx = db.begin().await?;
+    let account = query_as!(
+        &mut tx,
+        Account,
+        fetch_one,
+        &format!(
+            "INSERT INTO accounts (account_id, currency, status, balance, held, created_at, updated_at)
+             VALUES ($1, $2, 'active', $3, $3, $4, $4) RETURNING {ACCOUNT_COLUMNS}"
+        ),
+        Uuid::new_v4(),
+        currency,
+        Amount(Decimal::ZERO),
+        now,
+    )?;
+    tx.commit().await?;
     Ok(account)
 }
 
-pub async fn get(pool: &PgPool, account_id: Uuid) -> Result<Account, AccountError> {
-    sqlx::query_as(&format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1"
-    ))
-    .bind(account_id)
-    .fetch_optional(pool)
-    .await?
+pub async fn get(db: &Db, account_id: Uuid) -> Result<Account, AccountError> {
+    let mut tx = db.begin().await?;
+    let account = lock(&mut tx, account_id).await?;
+    tx.commit().await?;
+    Ok(account)
+}
+
+/// Reads and locks an account.
+async fn lock(tx: &mut Tx, account_id: Uuid) -> Result<Account, AccountError> {
+    query_as!(
+        tx,
+        Account,
+        fetch_optional,
+        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1 FOR UPDATE"),
+        account_id,
+    )?
     .ok_or(AccountError::NotFound(account_id))
 }
 
-pub async fn list(pool: &PgPool) -> Result<Vec<Account>, AccountError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, account_id"
-    ))
-    .fetch_all(pool)
-    .await?)
+pub async fn list(db: &Db) -> Result<Vec<Account>, AccountError> {
+    let mut tx = db.begin().await?;
+    let all = query_as!(
+        &mut tx,
+        Account,
+        fetch_all,
+        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, account_id"),
+    )?;
+    tx.commit().await?;
+    Ok(all)
 }
 
 /// The newest `limit` ledger entries of an account, newest first.
 pub async fn ledger(
-    pool: &PgPool,
+    db: &Db,
     account_id: Uuid,
     limit: i64,
 ) -> Result<Vec<LedgerEntry>, AccountError> {
-    Ok(sqlx::query_as(
+    let mut tx = db.begin().await?;
+    let entries = query_as!(
+        &mut tx,
+        LedgerEntry,
+        fetch_all,
         "SELECT entry_id, account_id, transfer_id, kind, amount, currency, balance_after, reference, created_at
          FROM ledger WHERE account_id = $1 ORDER BY entry_id DESC LIMIT $2",
-    )
-    .bind(account_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
+        account_id,
+        limit,
+    )?;
+    tx.commit().await?;
+    Ok(entries)
 }
 
 /// Adds money from outside the system (a deposit) or takes it out (a withdrawal).
 pub async fn deposit(
-    pool: &PgPool,
+    db: &Db,
     account_id: Uuid,
     amount: &str,
     reference: Option<&str>,
 ) -> Result<Account, AccountError> {
-    move_external(pool, account_id, amount, reference, "deposit").await
+    move_external(db, account_id, amount, reference, "deposit").await
 }
 
 pub async fn withdraw(
-    pool: &PgPool,
+    db: &Db,
     account_id: Uuid,
     amount: &str,
     reference: Option<&str>,
 ) -> Result<Account, AccountError> {
-    move_external(pool, account_id, amount, reference, "withdrawal").await
+    move_external(db, account_id, amount, reference, "withdrawal").await
 }
 
 async fn move_external(
-    pool: &PgPool,
+    db: &Db,
     account_id: Uuid,
     amount: &str,
     reference: Option<&str>,
     kind: &str,
 ) -> Result<Account, AccountError> {
-    let mut tx = pool.begin().await?;
-    let account: Account = sqlx::query_as(&format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1 FOR UPDATE"
-    ))
-    .bind(account_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(AccountError::NotFound(account_id))?;
+    let mut tx = db.begin().await?;
+    let account = lock(&mut tx, account_id).await?;
     if account.status != "active" {
         return Err(AccountError::Inactive(account_id, account.status));
     }
     let amount = twophase_messages::validate_amount(amount, &account.currency)?;
-    let delta = if kind == "withdrawal" {
+    let balance = if kind == "withdrawal" {
         if account.available() < amount {
             return Err(AccountError::InsufficientFunds {
                 account: account_id,
@@ -171,30 +199,35 @@ async fn move_external(
                 amount,
             });
         }
-        -amount
+        account.balance - amount
     } else {
-        amount
+        account.balance + amount
     };
-    let updated: Account = sqlx::query_as(&format!(
-        "UPDATE accounts SET balance = balance + $2, updated_at = now() WHERE account_id = $1
-         RETURNING {ACCOUNT_COLUMNS}"
-    ))
-    .bind(account_id)
-    .bind(delta)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO ledger (account_id, kind, amount, currency, balance_after, reference)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(account_id)
-    .bind(kind)
-    .bind(amount)
-    .bind(&account.currency)
-    .bind(updated.balance)
-    .bind(reference)
-    .execute(&mut *tx)
-    .await?;
+    let now = Timestamp::now();
+    let updated = query_as!(
+        &mut tx,
+        Account,
+        fetch_one,
+        &format!(
+            "UPDATE accounts SET balance = $2, updated_at = $3 WHERE account_id = $1
+             RETURNING {ACCOUNT_COLUMNS}"
+        ),
+        account_id,
+        Amount(balance),
+        now,
+    )?;
+    execute!(
+        &mut tx,
+        "INSERT INTO ledger (account_id, kind, amount, currency, balance_after, reference, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        account_id,
+        kind,
+        Amount(amount),
+        &account.currency,
+        Amount(balance),
+        reference,
+        now,
+    )?;
     tx.commit().await?;
     Ok(updated)
 }
@@ -202,36 +235,35 @@ async fn move_external(
 /// Freezes, reactivates or closes an account. A frozen or closed account votes no to new
 /// transfers; credits already reserved on it still land. Closing needs an empty account.
 pub async fn set_status(
-    pool: &PgPool,
+    db: &Db,
     account_id: Uuid,
     status: AccountStatus,
 ) -> Result<Account, AccountError> {
-    let mut tx = pool.begin().await?;
-    let account: Account = sqlx::query_as(&format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1 FOR UPDATE"
-    ))
-    .bind(account_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(AccountError::NotFound(account_id))?;
+    let mut tx = db.begin().await?;
+    let account = lock(&mut tx, account_id).await?;
     if status == AccountStatus::Closed {
-        let (pending,): (i64,) = sqlx::query_as(
+        let (pending,) = query_as!(
+            &mut tx,
+            (i64,),
+            fetch_one,
             "SELECT count(*) FROM credits WHERE account_id = $1 AND status = 'reserved'",
-        )
-        .bind(account_id)
-        .fetch_one(&mut *tx)
-        .await?;
+            account_id,
+        )?;
         if !account.balance.is_zero() || !account.held.is_zero() || pending > 0 {
             return Err(AccountError::NotEmpty(account_id));
         }
     }
-    let updated = sqlx::query_as(&format!(
-        "UPDATE accounts SET status = $2, updated_at = now() WHERE account_id = $1 RETURNING {ACCOUNT_COLUMNS}"
-    ))
-    .bind(account_id)
-    .bind(status.as_str())
-    .fetch_one(&mut *tx)
-    .await?;
+    let updated = query_as!(
+        &mut tx,
+        Account,
+        fetch_one,
+        &format!(
+            "UPDATE accounts SET status = $2, updated_at = $3 WHERE account_id = $1 RETURNING {ACCOUNT_COLUMNS}"
+        ),
+        account_id,
+        status.as_str(),
+        Timestamp::now(),
+    )?;
     tx.commit().await?;
     Ok(updated)
 }

@@ -15,15 +15,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use twophase_messages::{
     reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, CommitStuck, Envelope,
     EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
     TransferRejected, TransferRequested, Vote,
 };
+use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{CancellationToken, Handler, HandlerError, Outgoing, Publisher};
 use uuid::Uuid;
@@ -31,10 +31,10 @@ use uuid::Uuid;
 use saga::{Applied, Emit, Saga, Status};
 use store::Stored;
 
-/// The current time as the database stores it (microseconds), so that an outcome published
-/// again from a stored row is identical to the first.
+/// The current time as the database stores it, so that an outcome published again from a
+/// stored row is identical to the first.
 fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(6)
+    Timestamp::now().0
 }
 
 /// The database schema this worker owns.
@@ -79,7 +79,7 @@ impl Default for CoordinatorConfig {
 
 #[derive(Debug)]
 pub struct Coordinator {
-    pool: PgPool,
+    db: Db,
     config: CoordinatorConfig,
     topics: Topics,
     source: String,
@@ -105,14 +105,14 @@ impl Coordinator {
 
     /// Runs the consume loop and the timers until `shutdown`.
     pub async fn run(
-        pool: PgPool,
+        db: Db,
         config: CoordinatorConfig,
         settings: WorkerSettings,
         publisher: Publisher,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let coordinator = Arc::new(Coordinator {
-            pool,
+            db,
             config,
             topics: Topics::new(&settings.kafka.topic_prefix),
             source: settings.source(),
@@ -148,7 +148,7 @@ impl Coordinator {
             )]);
         };
         let hash = validate::fingerprint(request);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         if let Some(existing) = store::lock(&mut tx, transfer_id).await? {
             tx.commit().await?;
             if existing.request_hash != hash {
@@ -188,14 +188,17 @@ impl Coordinator {
             traceparent: envelope.traceparent.clone(),
             tracestate: envelope.tracestate.clone(),
             request_message_id: Some(envelope.id),
-            commit_attempts: 0,
+            resend_attempts: 0,
             decided_at: None,
         };
-        let deadline = now()
-            + chrono::TimeDelta::from_std(self.config.prepare_timeout)
-                .unwrap_or(chrono::TimeDelta::MAX);
+        let now = Timestamp::now();
+        let deadline = Timestamp::from(
+            now.0
+                + chrono::TimeDelta::from_std(self.config.prepare_timeout)
+                    .unwrap_or(chrono::TimeDelta::MAX),
+        );
         let raw = serde_json::to_value(request).expect("requests serialize");
-        store::insert(&mut tx, &stored, &raw, deadline).await?;
+        store::insert(&mut tx, &stored, &raw, deadline, now).await?;
         tx.commit().await?;
         Ok(self.emit(envelope, &stored))
     }
@@ -207,7 +210,7 @@ impl Coordinator {
         transfer_id: Uuid,
         apply: impl FnOnce(&mut Saga) -> Result<Applied, saga::Contradiction>,
     ) -> Result<Vec<Outgoing>, HandlerError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.db.begin().await?;
         let Some(mut stored) = store::lock(&mut tx, transfer_id).await? else {
             return Err(HandlerError::permanent(format!(
                 "reply for transfer {transfer_id}, which this coordinator never started"
@@ -215,7 +218,8 @@ impl Coordinator {
         };
         let applied = apply(&mut stored.saga).map_err(|e| HandlerError::Permanent(e.into()))?;
         if applied != Applied::Unchanged {
-            store::update(&mut tx, &stored).await?;
+            let now = Timestamp::now();
+            store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
         }
         tx.commit().await?;
         if applied == Applied::Advanced {
@@ -338,31 +342,37 @@ impl Coordinator {
         }
     }
 
-    async fn fire_timers(&self) -> Result<Vec<Outgoing>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+    /// When a saga's commit or abort commands are first due again, if it is waiting on any.
+    fn first_resend(&self, stored: &Stored, now: Timestamp) -> Option<Timestamp> {
+        matches!(stored.saga.status, Status::Committing | Status::Aborting).then(|| {
+            store::next_resend(
+                now,
+                self.config.resend_after,
+                self.config.resend_max_backoff,
+                stored.resend_attempts,
+            )
+        })
+    }
+
+    async fn fire_timers(&self) -> Result<Vec<Outgoing>, twophase_runtime::db::sqlx::Error> {
+        let now = Timestamp::now();
+        let mut tx = self.db.begin().await?;
         let mut out = Vec::new();
-        for mut stored in store::lock_expired(&mut tx, 100).await? {
+        for mut stored in store::lock_expired(&mut tx, now, 100).await? {
             stored.saga.on_timeout();
-            store::update(&mut tx, &stored).await?;
+            store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
             tracing::warn!(transfer_id = %stored.saga.transfer_id, "prepare timed out: aborting");
             out.extend(self.emit(&self.timer_cause(&stored), &stored));
         }
-        let stalled = store::lock_stalled(
-            &mut tx,
-            self.config.resend_after,
-            self.config.resend_max_backoff,
-            100,
-        )
-        .await?;
-        for mut stored in stalled {
-            stored.commit_attempts += 1;
-            store::update(&mut tx, &stored).await?;
+        for mut stored in store::lock_due(&mut tx, now, 100).await? {
+            stored.resend_attempts += 1;
+            store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
             let cause = self.timer_cause(&stored);
             let saga = &stored.saga;
-            tracing::warn!(transfer_id = %saga.transfer_id, status = saga.status.as_str(), attempt = stored.commit_attempts, "re-sending unanswered commands");
+            tracing::warn!(transfer_id = %saga.transfer_id, status = saga.status.as_str(), attempt = stored.resend_attempts, "re-sending unanswered commands");
             out.extend(self.emit(&cause, &stored));
             if saga.status == Status::Committing
-                && stored.commit_attempts == self.config.commit_stuck_after_attempts
+                && stored.resend_attempts == self.config.commit_stuck_after_attempts
             {
                 tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
                 let pending = saga
@@ -376,7 +386,7 @@ impl Coordinator {
                 let stuck = Message::CommitStuck(CommitStuck {
                     transfer_id: saga.transfer_id,
                     pending,
-                    attempts: stored.commit_attempts as u32,
+                    attempts: stored.resend_attempts as u32,
                     decided_at: stored.decided_at.unwrap_or_else(Utc::now),
                 });
                 out.push(Outgoing::caused_by(

@@ -1,10 +1,13 @@
 //! Reading and writing saga rows. Every read of a row that will change locks it, so two
 //! coordinator copies (during a rebalance) or a handler and the timer never race.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
-use sqlx::PgConnection;
 use twophase_messages::{Decision, Participant, RiskAssessment};
+use twophase_runtime::db::sqlx::{self, types::Json};
+use twophase_runtime::db::{Amount, Timestamp, Tx};
+use twophase_runtime::{execute, query_as};
 use uuid::Uuid;
 
 use crate::saga::{Saga, Status, Terms};
@@ -17,7 +20,8 @@ pub struct Stored {
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
     pub request_message_id: Option<Uuid>,
-    pub commit_attempts: i32,
+    /// Commit or abort commands re-sent so far.
+    pub resend_attempts: i32,
     pub decided_at: Option<DateTime<Utc>>,
 }
 
@@ -27,13 +31,13 @@ struct Row {
     request_hash: String,
     from_account: Option<Uuid>,
     to_account: Option<Uuid>,
-    amount: Option<Decimal>,
+    amount: Option<Amount>,
     currency: Option<String>,
     status: String,
     risk_vote: Option<String>,
     source_vote: Option<String>,
     destination_vote: Option<String>,
-    risk_assessment: Option<serde_json::Value>,
+    risk_assessment: Option<Json<serde_json::Value>>,
     reason: Option<String>,
     reason_detail: Option<String>,
     failed_participant: Option<String>,
@@ -44,9 +48,9 @@ struct Row {
     traceparent: Option<String>,
     tracestate: Option<String>,
     request_message_id: Option<Uuid>,
-    commit_attempts: i32,
-    decided_at: Option<DateTime<Utc>>,
-    finished_at: Option<DateTime<Utc>>,
+    resend_attempts: i32,
+    decided_at: Option<Timestamp>,
+    finished_at: Option<Timestamp>,
 }
 
 fn decision(v: Option<String>) -> Option<Decision> {
@@ -75,14 +79,14 @@ impl TryFrom<Row> for Stored {
             (Some(from_account), Some(to_account), Some(amount), Some(currency)) => Some(Terms {
                 from_account,
                 to_account,
-                amount,
+                amount: amount.0,
                 currency,
             }),
             _ => None,
         };
         let risk: Option<RiskAssessment> = r
             .risk_assessment
-            .map(serde_json::from_value)
+            .map(|Json(v)| serde_json::from_value(v))
             .transpose()
             .map_err(|e| sqlx::Error::Decode(e.into()))?;
         let failed_participant = r.failed_participant.as_deref().and_then(|p| {
@@ -110,130 +114,139 @@ impl TryFrom<Row> for Stored {
                 credited: r.credited,
                 released: r.released,
                 credit_cancelled: r.credit_cancelled,
-                finished_at: r.finished_at,
+                finished_at: r.finished_at.map(Into::into),
             },
             request_hash: r.request_hash,
             traceparent: r.traceparent,
             tracestate: r.tracestate,
             request_message_id: r.request_message_id,
-            commit_attempts: r.commit_attempts,
-            decided_at: r.decided_at,
+            resend_attempts: r.resend_attempts,
+            decided_at: r.decided_at.map(Into::into),
         })
     }
 }
 
+const COLUMNS: &str =
+    "transfer_id, request_hash, from_account, to_account, amount, currency, status,
+     risk_vote, source_vote, destination_vote, risk_assessment, reason, reason_detail,
+     failed_participant, captured, credited, released, credit_cancelled, traceparent, tracestate,
+     request_message_id, resend_attempts, decided_at, finished_at";
+
 /// Reads and locks a transfer's row.
-pub async fn lock(tx: &mut PgConnection, transfer_id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
-    let row: Option<Row> =
-        sqlx::query_as("SELECT * FROM transfers WHERE transfer_id = $1 FOR UPDATE")
-            .bind(transfer_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+pub async fn lock(tx: &mut Tx, transfer_id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM transfers WHERE transfer_id = $1 FOR UPDATE");
+    let row = query_as!(tx, Row, fetch_optional, &sql, transfer_id)?;
     row.map(Stored::try_from).transpose()
 }
 
 /// Inserts a new transfer.
 pub async fn insert(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     stored: &Stored,
     request: &serde_json::Value,
-    prepare_deadline: DateTime<Utc>,
+    prepare_deadline: Timestamp,
+    now: Timestamp,
 ) -> Result<(), sqlx::Error> {
     let s = &stored.saga;
     let terms = s.terms.as_ref();
-    sqlx::query(
+    execute!(
+        tx,
         "INSERT INTO transfers (transfer_id, request_hash, request, from_account, to_account, amount,
                                 currency, status, reason, reason_detail, traceparent, tracestate,
-                                request_message_id, prepare_deadline, finished_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-    )
-    .bind(s.transfer_id)
-    .bind(&stored.request_hash)
-    .bind(request)
-    .bind(terms.map(|t| t.from_account))
-    .bind(terms.map(|t| t.to_account))
-    .bind(terms.map(|t| t.amount))
-    .bind(terms.map(|t| t.currency.as_str()))
-    .bind(s.status.as_str())
-    .bind(&s.reason)
-    .bind(&s.reason_detail)
-    .bind(&stored.traceparent)
-    .bind(&stored.tracestate)
-    .bind(stored.request_message_id)
-    .bind(prepare_deadline)
-    .bind(s.finished_at)
-    .execute(&mut *tx)
-    .await?;
+                                request_message_id, prepare_deadline, finished_at, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
+        s.transfer_id,
+        &stored.request_hash,
+        Json(request),
+        terms.map(|t| t.from_account),
+        terms.map(|t| t.to_account),
+        terms.map(|t| Amount(t.amount)),
+        terms.map(|t| t.currency.as_str()),
+        s.status.as_str(),
+        &s.reason,
+        &s.reason_detail,
+        &stored.traceparent,
+        &stored.tracestate,
+        stored.request_message_id,
+        prepare_deadline,
+        s.finished_at.map(Timestamp::from),
+        now,
+    )?;
     Ok(())
 }
 
-/// Writes back a saga's state. `decided_at` is set when the saga leaves `preparing`.
-pub async fn update(tx: &mut PgConnection, stored: &Stored) -> Result<(), sqlx::Error> {
+/// Writes back a saga's state. `next_resend_at` is when unanswered commit or abort commands
+/// are next due (none while preparing or once terminal).
+pub async fn update(
+    tx: &mut Tx,
+    stored: &Stored,
+    now: Timestamp,
+    next_resend_at: Option<Timestamp>,
+) -> Result<(), sqlx::Error> {
     let s = &stored.saga;
-    sqlx::query(
+    let decided_at = match (stored.decided_at, s.status) {
+        (Some(at), _) => Some(Timestamp::from(at)),
+        (None, Status::Preparing) => None,
+        (None, _) => Some(now),
+    };
+    execute!(
+        tx,
         "UPDATE transfers SET status = $2, risk_vote = $3, source_vote = $4, destination_vote = $5,
                 risk_assessment = $6, reason = $7, failed_participant = $8, captured = $9,
                 credited = $10, released = $11, credit_cancelled = $12, finished_at = $13,
-                commit_attempts = $14,
-                decided_at = CASE WHEN $2 <> 'preparing' THEN coalesce(decided_at, now()) END,
-                updated_at = now()
+                resend_attempts = $14, decided_at = $15, next_resend_at = $16, updated_at = $17
          WHERE transfer_id = $1",
-    )
-    .bind(s.transfer_id)
-    .bind(s.status.as_str())
-    .bind(decision_str(s.risk_vote))
-    .bind(decision_str(s.source_vote))
-    .bind(decision_str(s.destination_vote))
-    .bind(
+        s.transfer_id,
+        s.status.as_str(),
+        decision_str(s.risk_vote),
+        decision_str(s.source_vote),
+        decision_str(s.destination_vote),
         s.risk
             .as_ref()
-            .map(|r| serde_json::to_value(r).expect("assessments serialize")),
-    )
-    .bind(&s.reason)
-    .bind(s.failed_participant.map(Participant::as_str))
-    .bind(s.captured)
-    .bind(s.credited)
-    .bind(s.released)
-    .bind(s.credit_cancelled)
-    .bind(s.finished_at)
-    .bind(stored.commit_attempts)
-    .execute(&mut *tx)
-    .await?;
+            .map(|r| Json(serde_json::to_value(r).expect("assessments serialize"))),
+        &s.reason,
+        s.failed_participant.map(Participant::as_str),
+        s.captured,
+        s.credited,
+        s.released,
+        s.credit_cancelled,
+        s.finished_at.map(Timestamp::from),
+        stored.resend_attempts,
+        decided_at,
+        next_resend_at,
+        now,
+    )?;
     Ok(())
 }
 
 /// Transfers still preparing past their deadline, locked; others' locked rows are skipped.
-pub async fn lock_expired(tx: &mut PgConnection, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT * FROM transfers WHERE status = 'preparing' AND prepare_deadline < now()
-         ORDER BY prepare_deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
+pub async fn lock_expired(
+    tx: &mut Tx,
+    now: Timestamp,
+    limit: i64,
+) -> Result<Vec<Stored>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM transfers WHERE status = 'preparing' AND prepare_deadline < $1
+         ORDER BY prepare_deadline LIMIT $2 FOR UPDATE SKIP LOCKED"
+    );
+    let rows = query_as!(tx, Row, fetch_all, &sql, now, limit)?;
     rows.into_iter().map(Stored::try_from).collect()
 }
 
-/// Decided transfers whose commands have gone unanswered for longer than their backoff:
-/// `resend_after` doubled per attempt, capped at `max_backoff`.
-pub async fn lock_stalled(
-    tx: &mut PgConnection,
-    resend_after: std::time::Duration,
-    max_backoff: std::time::Duration,
-    limit: i64,
-) -> Result<Vec<Stored>, sqlx::Error> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT * FROM transfers
-         WHERE status IN ('committing', 'aborting')
-           AND updated_at < now() - least(
-                 make_interval(secs => $1 * power(2, least(commit_attempts, 16))),
-                 make_interval(secs => $2))
-         ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(resend_after.as_secs_f64())
-    .bind(max_backoff.as_secs_f64())
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
+/// Decided transfers whose commit or abort commands are due to be sent again, locked.
+pub async fn lock_due(tx: &mut Tx, now: Timestamp, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM transfers
+         WHERE status IN ('committing', 'aborting') AND next_resend_at < $1
+         ORDER BY next_resend_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    );
+    let rows = query_as!(tx, Row, fetch_all, &sql, now, limit)?;
     rows.into_iter().map(Stored::try_from).collect()
+}
+
+/// When commands re-sent for the `attempts`-th time are next due: `first` doubled per attempt,
+/// capped at `max`.
+pub fn next_resend(now: Timestamp, first: Duration, max: Duration, attempts: i32) -> Timestamp {
+    let wait = first.saturating_mul(1u32 << attempts.clamp(0, 16)).min(max);
+    Timestamp::from(now.0 + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX))
 }

@@ -10,10 +10,11 @@ pub mod rules;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use rust_decimal::Decimal;
-use sqlx::PgPool;
 use twophase_messages::{reasons, Decision, EvaluateRisk, Message, Participant, Topics, Vote};
+use twophase_runtime::db::sqlx::types::Json;
+use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
+use twophase_runtime::{execute, query_as};
 use twophase_runtime::{CancellationToken, Handler, HandlerError, Outgoing, Publisher};
 
 pub use rules::{Assessment, RiskConfig};
@@ -23,7 +24,7 @@ pub const SCHEMA: &str = "risk";
 
 #[derive(Debug)]
 pub struct RiskWorker {
-    pool: PgPool,
+    db: Db,
     config: RiskConfig,
     replies: String,
     source: String,
@@ -45,7 +46,7 @@ impl RiskWorker {
     }
 
     pub async fn run(
-        pool: PgPool,
+        db: Db,
         config: RiskConfig,
         settings: WorkerSettings,
         publisher: Publisher,
@@ -53,7 +54,7 @@ impl RiskWorker {
     ) -> anyhow::Result<()> {
         let topics = Topics::new(&settings.kafka.topic_prefix);
         let handler = Arc::new(RiskWorker {
-            pool,
+            db,
             config,
             replies: topics.replies(),
             source: settings.source(),
@@ -66,20 +67,20 @@ impl RiskWorker {
         request: &EvaluateRisk,
         message_id: uuid::Uuid,
     ) -> Result<Message, HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        let stored: Option<(serde_json::Value,)> =
-            sqlx::query_as("SELECT reply FROM evaluations WHERE transfer_id = $1")
-                .bind(request.transfer_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some((reply,)) = stored {
-            let vote: Vote =
-                serde_json::from_value(reply).map_err(|e| HandlerError::Permanent(e.into()))?;
+        let mut tx = self.db.begin().await?;
+        let stored = query_as!(
+            &mut tx,
+            (Json<Vote>,),
+            fetch_optional,
+            "SELECT reply FROM evaluations WHERE transfer_id = $1",
+            request.transfer_id,
+        )?;
+        if let Some((Json(vote),)) = stored {
             return Ok(Message::Vote(vote));
         }
 
-        let now = Utc::now();
-        let history = self.history(&mut tx, request, now).await?;
+        let now = Timestamp::now();
+        let history = self.history(&mut tx, request, now.0).await?;
         let assessment = self.config.assess(request, &history);
         let approved = assessment.score <= self.config.max_score;
         let vote = Vote {
@@ -93,25 +94,24 @@ impl RiskWorker {
             reason: (!approved).then(|| reasons::RISK_REJECTED.to_owned()),
             risk: Some(assessment.to_message()),
         };
-        sqlx::query(
+        execute!(
+            &mut tx,
             "INSERT INTO evaluations (transfer_id, from_account, to_account, amount, currency, score,
                                       level, rules, decision, message_id, reply, evaluated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(request.transfer_id)
-        .bind(request.from_account)
-        .bind(request.to_account)
-        .bind(request.amount)
-        .bind(&request.currency)
-        .bind(i16::from(assessment.score))
-        .bind(assessment.level.as_str())
-        .bind(serde_json::to_value(&assessment.rules).expect("rule names serialize"))
-        .bind(if approved { "yes" } else { "no" })
-        .bind(message_id)
-        .bind(serde_json::to_value(&vote).expect("votes serialize"))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+            request.transfer_id,
+            request.from_account,
+            request.to_account,
+            Amount(request.amount),
+            &request.currency,
+            i16::from(assessment.score),
+            assessment.level.as_str(),
+            Json(&assessment.rules),
+            if approved { "yes" } else { "no" },
+            message_id,
+            Json(&vote),
+            now,
+        )?;
         tx.commit().await?;
         tracing::info!(
             score = assessment.score,
@@ -122,13 +122,14 @@ impl RiskWorker {
         Ok(Message::Vote(vote))
     }
 
-    /// What the rules need to know about the source account's recent transfers.
+    /// What the rules need to know about the source account's recent transfers. Sums are taken
+    /// here, in exact decimals, not by the database.
     async fn history(
         &self,
-        tx: &mut sqlx::PgConnection,
+        tx: &mut Tx,
         request: &EvaluateRisk,
         now: DateTime<Utc>,
-    ) -> Result<rules::History, sqlx::Error> {
+    ) -> Result<rules::History, twophase_runtime::db::sqlx::Error> {
         let window_start = now
             - chrono::TimeDelta::from_std(self.config.velocity_window)
                 .unwrap_or(chrono::TimeDelta::MAX);
@@ -137,21 +138,25 @@ impl RiskWorker {
             .and_hms_opt(0, 0, 0)
             .expect("midnight exists")
             .and_utc();
-        let (recent, approved_today): (i64, Option<Decimal>) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE evaluated_at > $2),
-                    sum(amount) FILTER (WHERE evaluated_at >= $3 AND decision = 'yes' AND currency = $4)
-             FROM evaluations WHERE from_account = $1 AND evaluated_at >= LEAST($2, $3)",
-        )
-        .bind(request.from_account)
-        .bind(window_start)
-        .bind(day_start)
-        .bind(&request.currency)
-        .fetch_one(&mut *tx)
-        .await?;
-        Ok(rules::History {
-            transfers_in_window: u32::try_from(recent).unwrap_or(u32::MAX),
-            approved_today: approved_today.unwrap_or_default(),
-        })
+        let rows = query_as!(
+            tx,
+            (Timestamp, Amount, String, String),
+            fetch_all,
+            "SELECT evaluated_at, amount, currency, decision FROM evaluations
+             WHERE from_account = $1 AND evaluated_at >= $2",
+            request.from_account,
+            Timestamp::from(window_start.min(day_start)),
+        )?;
+        let mut history = rules::History::default();
+        for (at, amount, currency, decision) in rows {
+            if at.0 > window_start {
+                history.transfers_in_window += 1;
+            }
+            if at.0 >= day_start && decision == "yes" && currency == request.currency {
+                history.approved_today += amount.0;
+            }
+        }
+        Ok(history)
     }
 }
 

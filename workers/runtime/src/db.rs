@@ -1,37 +1,393 @@
-//! Database pools and migrations.
+//! Databases: PostgreSQL in production, SQLite for the embedded default, chosen by the URL.
 //!
-//! Each worker owns one PostgreSQL schema and touches no other worker's tables: its pool sets
-//! `search_path` to that schema, so queries name tables without a schema.
+//! Every query is written once and runs on both: the [`query_as!`](crate::query_as) and
+//! [`execute!`](crate::execute) macros expand the same text and binds for each backend. To keep
+//! the text portable, queries do no arithmetic on amounts (SQLite has no exact decimal type;
+//! the sums and differences are computed in Rust with `rust_decimal` while the rows are locked),
+//! take the time as a bound [`Timestamp`] rather than `now()`, and mark row locks with
+//! `FOR UPDATE`, which SQLite does without: a write transaction there holds the whole database
+//! (`BEGIN IMMEDIATE`).
+//!
+//! Each worker owns one schema and touches no other worker's tables. On PostgreSQL its pool
+//! sets `search_path` to that schema; on SQLite each schema is a file of its own
+//! (`sqlite:DIR` → `DIR/<schema>.db`). Either way queries name tables without a schema.
 
+use std::borrow::Cow;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use chrono::{DateTime, SubsecRound, Utc};
+use rust_decimal::Decimal;
+pub use sqlx;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
+use sqlx::sqlite::{
+    Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Decode, Encode, Type};
 
-/// The migrations of every worker's schema, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+/// The schemas, one per worker that keeps state. Do not change: they name PostgreSQL schemas
+/// and SQLite files.
+pub const SCHEMAS: [&str; 3] = ["coordinator", "account", "risk"];
 
-/// A pool whose connections see only `schema`.
-pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
+/// The PostgreSQL migrations of every schema, embedded in the binary.
+pub static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// The SQLite migrations, one migrator per schema file.
+fn sqlite_migrator(schema: &str) -> Option<&'static sqlx::migrate::Migrator> {
+    static COORDINATOR: sqlx::migrate::Migrator =
+        sqlx::migrate!("../../migrations/sqlite/coordinator");
+    static ACCOUNT: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite/account");
+    static RISK: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite/risk");
+    match schema {
+        "coordinator" => Some(&COORDINATOR),
+        "account" => Some(&ACCOUNT),
+        "risk" => Some(&RISK),
+        _ => None,
+    }
 }
 
-/// Applies every pending migration.
+/// A connection pool on either backend.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// A transaction on either backend.
+#[derive(Debug)]
+pub enum Tx {
+    Postgres(sqlx::Transaction<'static, Postgres>),
+    Sqlite(sqlx::Transaction<'static, Sqlite>),
+}
+
+fn sqlite_dir(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    Some(PathBuf::from(rest.strip_prefix("//").unwrap_or(rest)))
+}
+
+fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(dir.join(format!("{schema}.db")))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(30))
+        .foreign_keys(true)
+}
+
+impl Db {
+    /// A pool whose connections see only `schema`.
+    pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Db, sqlx::Error> {
+        if let Some(dir) = sqlite_dir(url) {
+            std::fs::create_dir_all(&dir)?;
+            // SQLite has one writer at a time; more connections would only wait on its lock.
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(sqlite_options(&dir, schema))
+                .await?;
+            return Ok(Db::Sqlite(pool));
+        }
+        let options = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Db::Postgres(pool))
+    }
+
+    /// A pool that sees every schema by name (`account.ledger`, `coordinator.transfers`), for
+    /// checks that span workers: reconciliation reads, tests. On SQLite every schema file is
+    /// attached under its name.
+    pub async fn connect_all(url: &str) -> Result<Db, sqlx::Error> {
+        if let Some(dir) = sqlite_dir(url) {
+            std::fs::create_dir_all(&dir)?;
+            let attach: Vec<String> = SCHEMAS
+                .iter()
+                .map(|s| {
+                    let file = dir.join(format!("{s}.db"));
+                    format!(
+                        "ATTACH DATABASE '{}' AS {s}",
+                        file.display().to_string().replace('\'', "''")
+                    )
+                })
+                .collect();
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .after_connect(move |conn, _| {
+                    let attach = attach.clone();
+                    Box::pin(async move {
+                        for statement in &attach {
+                            sqlx::query(statement).execute(&mut *conn).await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect_with(
+                    SqliteConnectOptions::new()
+                        .filename(dir.join("overview.db"))
+                        .create_if_missing(true)
+                        .busy_timeout(Duration::from_secs(30)),
+                )
+                .await?;
+            return Ok(Db::Sqlite(pool));
+        }
+        let pool = PgPoolOptions::new().max_connections(5).connect(url).await?;
+        Ok(Db::Postgres(pool))
+    }
+
+    /// Starts a transaction. On SQLite it takes the write lock at once, so two transactions
+    /// never both read and then both try to write.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+        })
+    }
+
+    /// Whether the database answers, for health checks.
+    pub async fn ping(&self) -> bool {
+        let result = match self {
+            Db::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            Db::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+        };
+        result.is_ok()
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Postgres(pool) => pool.close().await,
+            Db::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await,
+            Tx::Sqlite(tx) => tx.commit().await,
+        }
+    }
+}
+
+/// Applies every pending migration of every schema.
 pub async fn migrate(url: &str) -> Result<(), sqlx::migrate::MigrateError> {
+    if let Some(dir) = sqlite_dir(url) {
+        std::fs::create_dir_all(&dir).map_err(sqlx::Error::Io)?;
+        for schema in SCHEMAS {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(sqlite_options(&dir, schema))
+                .await?;
+            sqlite_migrator(schema)
+                .expect("every schema has SQLite migrations")
+                .run(&pool)
+                .await?;
+            pool.close().await;
+        }
+        return Ok(());
+    }
     let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
-    MIGRATOR.run(&pool).await?;
+    POSTGRES.run(&pool).await?;
     pool.close().await;
     Ok(())
 }
 
+/// The query text for SQLite: row locks dropped (its write transaction locks the database).
+pub fn sqlite_text(sql: &str) -> Cow<'_, str> {
+    if sql.contains(" FOR UPDATE") {
+        Cow::Owned(
+            sql.replace(" FOR UPDATE SKIP LOCKED", "")
+                .replace(" FOR UPDATE", ""),
+        )
+    } else {
+        Cow::Borrowed(sql)
+    }
+}
+
+/// Runs `sqlx::query_as::<_, T>(sql).bind(..)...` with `$method` (`fetch_one`,
+/// `fetch_optional`, `fetch_all`) on a [`Tx`].
+#[macro_export]
+macro_rules! query_as {
+    ($tx:expr, $t:ty, $method:ident, $sql:expr $(, $bind:expr)* $(,)?) => {{
+        // Bound here so that a `&format!(…)` text lives to the end of the query.
+        let sql: &str = $sql;
+        match $tx {
+            $crate::db::Tx::Postgres(tx) => {
+                $crate::db::sqlx::query_as::<_, $t>(sql)
+                    $(.bind($bind))*
+                    .$method(&mut **tx)
+                    .await
+            }
+            $crate::db::Tx::Sqlite(tx) => {
+                let sql = $crate::db::sqlite_text(sql);
+                $crate::db::sqlx::query_as::<_, $t>(&sql)
+                    $(.bind($bind))*
+                    .$method(&mut **tx)
+                    .await
+            }
+        }
+    }};
+}
+
+/// Runs a statement on a [`Tx`]; returns the number of rows it affected.
+#[macro_export]
+macro_rules! execute {
+    ($tx:expr, $sql:expr $(, $bind:expr)* $(,)?) => {{
+        let sql: &str = $sql;
+        match $tx {
+            $crate::db::Tx::Postgres(tx) => $crate::db::sqlx::query(sql)
+                $(.bind($bind))*
+                .execute(&mut **tx)
+                .await
+                .map(|r| r.rows_affected()),
+            $crate::db::Tx::Sqlite(tx) => {
+                let sql = $crate::db::sqlite_text(sql);
+                $crate::db::sqlx::query(&sql)
+                    $(.bind($bind))*
+                    .execute(&mut **tx)
+                    .await
+                    .map(|r| r.rows_affected())
+            }
+        }
+    }};
+}
+
+/// An exact amount as stored: `NUMERIC` on PostgreSQL, decimal text on SQLite (whose own
+/// numbers are floats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Amount(pub Decimal);
+
+impl From<Amount> for Decimal {
+    fn from(a: Amount) -> Decimal {
+        a.0
+    }
+}
+
+impl Type<Postgres> for Amount {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <Decimal as Type<Postgres>>::type_info()
+    }
+}
+
+impl Encode<'_, Postgres> for Amount {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<IsNull, BoxDynError> {
+        Encode::<Postgres>::encode_by_ref(&self.0, buf)
+    }
+}
+
+impl Decode<'_, Postgres> for Amount {
+    fn decode(value: sqlx::postgres::PgValueRef<'_>) -> Result<Amount, BoxDynError> {
+        Ok(Amount(<Decimal as Decode<Postgres>>::decode(value)?))
+    }
+}
+
+impl Type<Sqlite> for Amount {
+    fn type_info() -> sqlx::sqlite::SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+}
+
+impl<'q> Encode<'q, Sqlite> for Amount {
+    fn encode_by_ref(
+        &self,
+        buf: &mut Vec<sqlx::sqlite::SqliteArgumentValue<'q>>,
+    ) -> Result<IsNull, BoxDynError> {
+        Encode::<Sqlite>::encode(self.0.to_string(), buf)
+    }
+}
+
+impl Decode<'_, Sqlite> for Amount {
+    fn decode(value: sqlx::sqlite::SqliteValueRef<'_>) -> Result<Amount, BoxDynError> {
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        Ok(Amount(text.parse()?))
+    }
+}
+
+/// A point in time as stored: `timestamptz` on PostgreSQL, fixed-width RFC 3339 text on SQLite
+/// (so that text order is time order). Kept to the millisecond on both, so a value read back
+/// equals the value written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp::from(Utc::now())
+    }
+}
+
+impl From<DateTime<Utc>> for Timestamp {
+    fn from(t: DateTime<Utc>) -> Timestamp {
+        Timestamp(t.trunc_subsecs(3))
+    }
+}
+
+impl From<Timestamp> for DateTime<Utc> {
+    fn from(t: Timestamp) -> DateTime<Utc> {
+        t.0
+    }
+}
+
+impl Type<Postgres> for Timestamp {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <DateTime<Utc> as Type<Postgres>>::type_info()
+    }
+}
+
+impl Encode<'_, Postgres> for Timestamp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<IsNull, BoxDynError> {
+        Encode::<Postgres>::encode_by_ref(&self.0, buf)
+    }
+}
+
+impl Decode<'_, Postgres> for Timestamp {
+    fn decode(value: sqlx::postgres::PgValueRef<'_>) -> Result<Timestamp, BoxDynError> {
+        Ok(Timestamp(<DateTime<Utc> as Decode<Postgres>>::decode(
+            value,
+        )?))
+    }
+}
+
+impl Type<Sqlite> for Timestamp {
+    fn type_info() -> sqlx::sqlite::SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+}
+
+impl<'q> Encode<'q, Sqlite> for Timestamp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut Vec<sqlx::sqlite::SqliteArgumentValue<'q>>,
+    ) -> Result<IsNull, BoxDynError> {
+        // The same format as the migrations' `strftime('%Y-%m-%dT%H:%M:%fZ')` defaults.
+        Encode::<Sqlite>::encode(self.0.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(), buf)
+    }
+}
+
+impl Decode<'_, Sqlite> for Timestamp {
+    fn decode(value: sqlx::sqlite::SqliteValueRef<'_>) -> Result<Timestamp, BoxDynError> {
+        let text = <&str as Decode<Sqlite>>::decode(value)?;
+        Ok(Timestamp(
+            DateTime::parse_from_rfc3339(text)?.with_timezone(&Utc),
+        ))
+    }
+}
+
 /// Whether a database error may go away on retry: the server or network is unavailable, the
 /// pool is exhausted, or a concurrent transaction won a race (serialization failure, deadlock,
-/// unique violation on a dedupe key — the retry then finds the winner's row).
+/// a busy SQLite file, a unique violation on a dedupe key — the retry then finds the winner's
+/// row).
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
@@ -42,14 +398,63 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // 08: connection exception; 40: transaction rollback (serialization, deadlock);
-            // 53: insufficient resources; 57P0x: the server is shutting down or starting.
+            // PostgreSQL: 08 connection exception; 40 transaction rollback (serialization,
+            // deadlock); 53 insufficient resources; 57P0x shutting down or starting.
+            // SQLite: 5 busy, 6 locked (and their extended codes), 2067/1555 unique.
             code.starts_with("08")
                 || code.starts_with("40")
                 || code.starts_with("53")
                 || code.starts_with("57P")
                 || code == "23505"
+                || db.is_unique_violation()
+                || matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5) | Ok(6))
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_text_drops_row_locks_only() {
+        assert_eq!(
+            sqlite_text("SELECT a FROM t WHERE id = $1 FOR UPDATE"),
+            "SELECT a FROM t WHERE id = $1"
+        );
+        assert_eq!(
+            sqlite_text("SELECT * FROM t LIMIT $1 FOR UPDATE SKIP LOCKED"),
+            "SELECT * FROM t LIMIT $1"
+        );
+        assert!(matches!(sqlite_text("SELECT 1"), Cow::Borrowed(_)));
+    }
+
+    #[tokio::test]
+    async fn amounts_and_times_round_trip_exactly_on_sqlite() {
+        let dir = std::env::temp_dir().join(format!("twophase-db-{}", uuid::Uuid::new_v4()));
+        let db = Db::connect(&format!("sqlite:{}", dir.display()), "scratch", 1)
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        execute!(
+            &mut tx,
+            "CREATE TABLE t (a TEXT NOT NULL, at TEXT NOT NULL)"
+        )
+        .unwrap();
+        let amount = Amount("12345678901234567890.123456".parse().unwrap());
+        let at = Timestamp::now();
+        execute!(&mut tx, "INSERT INTO t (a, at) VALUES ($1, $2)", amount, at).unwrap();
+        let (back, back_at): (Amount, Timestamp) = query_as!(
+            &mut tx,
+            (Amount, Timestamp),
+            fetch_one,
+            "SELECT a, at FROM t"
+        )
+        .unwrap();
+        assert_eq!((back, back_at), (amount, at));
+        tx.commit().await.unwrap();
+        db.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -160,11 +160,22 @@ impl Publisher {
     }
 }
 
-/// Creates the topics that do not exist yet. Existing topics are left as they are.
+/// Creates the topics that do not exist yet. Existing topics are left as they are, and when
+/// every topic exists no admin request is made (the embedded broker serves none).
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))?;
+    let existing: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
     let new: Vec<NewTopic> = topics
         .iter()
+        .filter(|t| !existing.contains(&t.as_str()))
         .map(|t| {
             NewTopic::new(
                 t,
@@ -173,14 +184,16 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
             )
         })
         .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&new, &options).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(topic, ?code, "could not create topic");
-                })
+                tracing::error!(topic, ?code, "could not create topic");
+                return Err(KafkaError::AdminOp(code));
             }
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod db;
+pub mod embedded;
 pub mod error;
 pub mod kafka;
 pub mod shutdown;

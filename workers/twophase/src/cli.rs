@@ -268,8 +268,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-async fn pool(config: &Config, schema: &str) -> anyhow::Result<sqlx::PgPool> {
-    db::connect(
+async fn pool(config: &Config, schema: &str) -> anyhow::Result<db::Db> {
+    db::Db::connect(
         &config.database_url,
         schema,
         config.database_max_connections,

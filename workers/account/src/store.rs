@@ -267,3 +267,68 @@ pub async fn set_status(
     tx.commit().await?;
     Ok(updated)
 }
+
+/// An account whose stored figure differs from what its records say it should be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mismatch {
+    pub account_id: Uuid,
+    /// `balance` (against the replay of its ledger) or `held` (against its open holds).
+    pub field: &'static str,
+    pub expected: Decimal,
+    pub actual: Decimal,
+}
+
+/// Replays every account's ledger and open holds and reports each account whose balance or
+/// held amount differs. Returns the number of accounts checked with the mismatches.
+pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountError> {
+    let mut tx = db.begin().await?;
+    let accounts = query_as!(
+        &mut tx,
+        (Uuid, Amount, Amount),
+        fetch_all,
+        "SELECT account_id, balance, held FROM accounts"
+    )?;
+    let ledger = query_as!(
+        &mut tx,
+        (Uuid, String, Amount),
+        fetch_all,
+        "SELECT account_id, kind, amount FROM ledger"
+    )?;
+    let holds = query_as!(
+        &mut tx,
+        (Uuid, Amount),
+        fetch_all,
+        "SELECT account_id, amount FROM holds WHERE status = 'held'"
+    )?;
+    tx.commit().await?;
+    let mut replayed: std::collections::HashMap<Uuid, (Decimal, Decimal)> = Default::default();
+    for (account, kind, amount) in ledger {
+        let entry = replayed.entry(account).or_default();
+        match kind.as_str() {
+            "deposit" | "credit" => entry.0 += amount.0,
+            _ => entry.0 -= amount.0,
+        }
+    }
+    for (account, amount) in holds {
+        replayed.entry(account).or_default().1 += amount.0;
+    }
+    let mut mismatches = Vec::new();
+    for (account_id, balance, held) in &accounts {
+        let (expected_balance, expected_held) =
+            replayed.get(account_id).copied().unwrap_or_default();
+        for (field, expected, actual) in [
+            ("balance", expected_balance, balance.0),
+            ("held", expected_held, held.0),
+        ] {
+            if expected != actual {
+                mismatches.push(Mismatch {
+                    account_id: *account_id,
+                    field,
+                    expected,
+                    actual,
+                });
+            }
+        }
+    }
+    Ok((accounts.len(), mismatches))
+}

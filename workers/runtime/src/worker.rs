@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -133,8 +134,13 @@ pub async fn run<H: Handler>(
         }
     }
     // Stored offsets are committed before leaving, so the next owner does not redo work.
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::warn!(error = %e, "final offset commit failed; the next owner will redo some messages");
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        // Nothing was stored since the last commit: nothing to do.
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "final offset commit failed; the next owner will redo some messages"
+        ),
     }
     tracing::info!(worker = loop_.settings.name, "stopped");
     Ok(())

@@ -47,6 +47,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run everything in one process on the embedded default: an in-memory Kafka cluster and
+    /// SQLite files, with demo accounts. Nothing to install.
+    Dev(crate::dev::DevArgs),
     /// Run the coordinator: drives transfers through prepare and commit or abort.
     Coordinator,
     /// Run the account worker: holds, captures, credits and the ledger.
@@ -189,6 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     telemetry::init(config.log_json);
     let topics = Topics::new(&config.kafka.topic_prefix);
     match cli.command {
+        Command::Dev(args) => return crate::dev::run(config, args).await,
         Command::Coordinator => {
             let pool = pool(&config, twophase_coordinator::SCHEMA).await?;
             let (publisher, token) = start_worker(&config).await?;

@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dev;
 
 pub use config::Config;

@@ -1,0 +1,335 @@
+//! `twophase dev`: the whole system in one process with nothing installed.
+//!
+//! It starts librdkafka's mock cluster in process, keeps every worker's state in SQLite files
+//! under a data directory, runs the coordinator, account and risk workers on them (the same
+//! code as in production; only the connection strings differ), and opens demo accounts on
+//! first start. With `--demo N` it also publishes N random transfers, shows their progress and
+//! ends with a summary.
+//!
+//! The mock cluster keeps messages in memory only, so a restart begins with an empty broker
+//! while SQLite keeps balances and history. Transfers caught in flight by a restart heal on
+//! their own: the coordinator's timers abort those still preparing and re-send the commit or
+//! abort commands of those already decided.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use twophase_account::{store, AccountStatus};
+use twophase_messages::{Topics, TransferRequested};
+use twophase_runtime::db::{self, Db};
+use twophase_runtime::embedded::EmbeddedBroker;
+use twophase_runtime::{shutdown, CancellationToken, Publisher};
+use uuid::Uuid;
+
+use crate::client::{self, Outcome, OutcomeWatcher};
+use crate::config::Config;
+
+/// Balance of each demo account when it is opened.
+const DEMO_BALANCE: &str = "10000.00";
+const DEMO_ACCOUNTS: usize = 20;
+
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Where the SQLite files live; kept across restarts.
+    #[arg(long, default_value = ".twophase")]
+    data_dir: PathBuf,
+    /// Publish this many random transfers (a few invalid, a few refused), print a summary of
+    /// their outcomes and a balance check, and exit.
+    #[arg(long, value_name = "N")]
+    demo: Option<usize>,
+    /// Print the demo summary as JSON.
+    #[arg(long, requires = "demo")]
+    json: bool,
+}
+
+/// What `--demo` reports.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub transfers: usize,
+    /// Transfers that reached an outcome.
+    pub terminal: usize,
+    /// Outcomes by `status` or `status/reason`.
+    pub outcomes: BTreeMap<String, usize>,
+    pub latency_p50_ms: u64,
+    pub latency_p99_ms: u64,
+    pub latency_max_ms: u64,
+    pub seconds: f64,
+    pub transfers_per_second: f64,
+    /// Accounts whose balance was replayed from the ledger and held amount from open holds.
+    pub accounts_checked: usize,
+    pub discrepancies: Vec<store::Mismatch>,
+}
+
+pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
+    let topics = Topics::new(&config.kafka.topic_prefix);
+    let broker = EmbeddedBroker::start(&topics.all(), config.kafka.partitions)
+        .context("starting the embedded Kafka cluster")?;
+    config.kafka.brokers = broker.bootstrap_servers().to_owned();
+    config.database_url = format!("sqlite:{}", args.data_dir.display());
+    db::migrate(&config.database_url)
+        .await
+        .with_context(|| format!("preparing the data directory {}", args.data_dir.display()))?;
+    let accounts_db = Db::connect(&config.database_url, twophase_account::SCHEMA, 1).await?;
+    let (active, frozen) = demo_accounts(&accounts_db).await?;
+
+    let shutdown = shutdown::on_signal();
+    let publisher = Publisher::new(&config.kafka)?;
+    let mut workers = start_workers(&config, &publisher, &shutdown).await?;
+
+    eprintln!("twophase dev: every worker running in this process");
+    eprintln!("  broker     {}", config.kafka.brokers);
+    eprintln!("  data       {}", config.database_url);
+    eprintln!(
+        "  accounts   {} demo accounts with {DEMO_BALANCE} USD each, and {frozen} (frozen)",
+        active.len()
+    );
+    eprintln!(
+        "  try        twophase --brokers {} transfer --from {} --to {} --amount 12.34 --currency USD --wait",
+        config.kafka.brokers, active[0], active[1]
+    );
+
+    let code = match args.demo {
+        Some(n) => {
+            let summary = demo(&config, &publisher, &accounts_db, &active, frozen, n).await;
+            shutdown.cancel();
+            let summary = summary?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print_summary(&summary);
+            }
+            u8::from(summary.terminal != summary.transfers || !summary.discrepancies.is_empty())
+        }
+        None => {
+            eprintln!("  Ctrl-C stops");
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                // A worker that stops on its own is an error: take everything down.
+                Some(result) = workers.join_next() => {
+                    shutdown.cancel();
+                    result??;
+                }
+            }
+            0
+        }
+    };
+    while let Some(result) = workers.join_next().await {
+        result??;
+    }
+    accounts_db.close().await;
+    drop(broker);
+    Ok(code)
+}
+
+async fn start_workers(
+    config: &Config,
+    publisher: &Publisher,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
+    use twophase_account::AccountWorker;
+    use twophase_coordinator::Coordinator;
+    use twophase_risk::RiskWorker;
+
+    let connect = |schema: &'static str| Db::connect(&config.database_url, schema, 1);
+    let (kafka, retry) = (&config.kafka, &config.retry);
+    let mut set = JoinSet::new();
+    set.spawn(Coordinator::run(
+        connect(twophase_coordinator::SCHEMA).await?,
+        config.coordinator.clone(),
+        Coordinator::settings(kafka.clone(), retry.clone()),
+        publisher.clone(),
+        shutdown.clone(),
+    ));
+    set.spawn(AccountWorker::run(
+        connect(twophase_account::SCHEMA).await?,
+        AccountWorker::settings(kafka.clone(), retry.clone()),
+        publisher.clone(),
+        shutdown.clone(),
+    ));
+    set.spawn(RiskWorker::run(
+        connect(twophase_risk::SCHEMA).await?,
+        config.risk.clone(),
+        RiskWorker::settings(kafka.clone(), retry.clone()),
+        publisher.clone(),
+        shutdown.clone(),
+    ));
+    Ok(set)
+}
+
+/// The demo accounts: opened on first start, found again afterwards. Returns the active ones
+/// and one frozen account, which refuses credits (so some demo transfers fail their votes).
+async fn demo_accounts(db: &Db) -> anyhow::Result<(Vec<Uuid>, Uuid)> {
+    let mut accounts = store::list(db).await?;
+    if accounts.is_empty() {
+        for _ in 0..DEMO_ACCOUNTS {
+            let account = store::open(db, "USD").await?;
+            store::deposit(db, account.account_id, DEMO_BALANCE, Some("demo")).await?;
+        }
+        let frozen = store::open(db, "USD").await?;
+        store::set_status(db, frozen.account_id, AccountStatus::Frozen).await?;
+        accounts = store::list(db).await?;
+    }
+    let active: Vec<Uuid> = accounts
+        .iter()
+        .filter(|a| a.status == "active")
+        .map(|a| a.account_id)
+        .collect();
+    let frozen = accounts
+        .iter()
+        .find(|a| a.status == "frozen")
+        .map(|a| a.account_id);
+    match (active.len(), frozen) {
+        (2.., Some(frozen)) => Ok((active, frozen)),
+        _ => anyhow::bail!(
+            "the data directory holds accounts that are not the demo's; use another --data-dir"
+        ),
+    }
+}
+
+/// A random transfer request: mostly valid, one in fifty invalid, one in thirty to the frozen
+/// account.
+fn random_request(
+    rng: &mut impl Rng,
+    i: usize,
+    active: &[Uuid],
+    frozen: Uuid,
+) -> TransferRequested {
+    let from = active[rng.random_range(0..active.len())];
+    let mut to = active[rng.random_range(0..active.len())];
+    while to == from {
+        to = active[rng.random_range(0..active.len())];
+    }
+    let cents: i64 = rng.random_range(100..30_000);
+    let mut amount = Decimal::new(cents, 2).to_string();
+    if i % 50 == 7 {
+        amount = "0.001".into();
+    } else if i % 30 == 3 {
+        to = frozen;
+    }
+    TransferRequested {
+        transfer_id: Uuid::new_v4().to_string(),
+        from_account: from.to_string(),
+        to_account: to.to_string(),
+        amount,
+        currency: "USD".into(),
+        reference: Some(format!("demo {i}")),
+    }
+}
+
+async fn demo(
+    config: &Config,
+    publisher: &Publisher,
+    accounts_db: &Db,
+    active: &[Uuid],
+    frozen: Uuid,
+    n: usize,
+) -> anyhow::Result<Summary> {
+    let mut rng = rand::rng();
+    let requests: Vec<TransferRequested> = (0..n)
+        .map(|i| random_request(&mut rng, i, active, frozen))
+        .collect();
+    let watcher = OutcomeWatcher::start(&config.kafka).await?;
+    let bar = ProgressBar::new(n as u64).with_style(
+        ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} transfers settled ({per_sec})",
+        )
+        .expect("the template is valid"),
+    );
+    let started = Instant::now();
+    let mut sent: HashMap<String, Instant> = HashMap::with_capacity(n);
+    for request in &requests {
+        sent.insert(request.transfer_id.clone(), Instant::now());
+    }
+    let publishes = requests
+        .iter()
+        .map(|r| client::request_transfer(publisher, &config.kafka, r));
+    let publishing = futures::future::try_join_all(publishes);
+    tokio::pin!(publishing);
+    let mut published = false;
+
+    // Milliseconds, from 1 ms to an hour, to three significant figures.
+    let mut latencies = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)
+        .expect("the bounds are valid");
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(60)
+        + Duration::from_millis(50) * n as u32;
+    let mut terminal = 0;
+    while terminal < n {
+        let outcome = tokio::select! {
+            result = &mut publishing, if !published => {
+                result?;
+                published = true;
+                continue;
+            }
+            outcome = tokio::time::timeout_at(deadline, watcher.next()) => match outcome {
+                Ok(outcome) => outcome?,
+                Err(_) => break,
+            },
+        };
+        let id = match &outcome {
+            Outcome::Completed(m) => m.transfer_id.to_string(),
+            Outcome::Failed(m) => m.transfer_id.to_string(),
+            Outcome::Rejected(m) => m.transfer_id.clone(),
+        };
+        let Some(at) = sent.remove(&id) else { continue };
+        latencies.saturating_record(at.elapsed().as_millis() as u64);
+        let key = match outcome.reason() {
+            Some(reason) => format!("{}/{reason}", outcome.status()),
+            None => outcome.status().to_owned(),
+        };
+        *outcomes.entry(key).or_default() += 1;
+        terminal += 1;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let (accounts_checked, discrepancies) = store::check_balances(accounts_db).await?;
+    Ok(Summary {
+        transfers: n,
+        terminal,
+        outcomes,
+        latency_p50_ms: latencies.value_at_quantile(0.5),
+        latency_p99_ms: latencies.value_at_quantile(0.99),
+        latency_max_ms: latencies.max(),
+        seconds,
+        transfers_per_second: terminal as f64 / seconds,
+        accounts_checked,
+        discrepancies,
+    })
+}
+
+fn print_summary(s: &Summary) {
+    println!(
+        "{} of {} transfers settled in {:.1} s ({:.0} transfers/s)",
+        s.terminal, s.transfers, s.seconds, s.transfers_per_second
+    );
+    for (outcome, count) in &s.outcomes {
+        println!("  {count:>6}  {outcome}");
+    }
+    println!(
+        "latency from request to outcome: p50 {} ms, p99 {} ms, max {} ms",
+        s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
+    );
+    if s.discrepancies.is_empty() {
+        println!(
+            "balance check: {} accounts replayed from their ledgers, no discrepancies",
+            s.accounts_checked
+        );
+    } else {
+        println!("balance check: {} discrepancies", s.discrepancies.len());
+        for d in &s.discrepancies {
+            println!(
+                "  account {} {}: expected {}, found {}",
+                d.account_id, d.field, d.expected, d.actual
+            );
+        }
+    }
+}

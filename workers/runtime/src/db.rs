@@ -31,7 +31,7 @@ use sqlx::{Decode, Encode, Type};
 
 /// The schemas, one per worker that keeps state. Do not change: they name PostgreSQL schemas
 /// and SQLite files.
-pub const SCHEMAS: [&str; 3] = ["coordinator", "account", "risk"];
+pub const SCHEMAS: [&str; 5] = ["coordinator", "account", "risk", "audit", "reconciler"];
 
 /// The PostgreSQL migrations of every schema, embedded in the binary.
 pub static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -42,10 +42,15 @@ fn sqlite_migrator(schema: &str) -> Option<&'static sqlx::migrate::Migrator> {
         sqlx::migrate!("../../migrations/sqlite/coordinator");
     static ACCOUNT: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite/account");
     static RISK: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite/risk");
+    static AUDIT: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite/audit");
+    static RECONCILER: sqlx::migrate::Migrator =
+        sqlx::migrate!("../../migrations/sqlite/reconciler");
     match schema {
         "coordinator" => Some(&COORDINATOR),
         "account" => Some(&ACCOUNT),
         "risk" => Some(&RISK),
+        "audit" => Some(&AUDIT),
+        "reconciler" => Some(&RECONCILER),
         _ => None,
     }
 }

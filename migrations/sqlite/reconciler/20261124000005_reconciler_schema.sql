@@ -1,0 +1,2 @@
+-- The reconciler's file; its tables come in the migrations that follow.
+SELECT 1;

@@ -153,6 +153,8 @@ impl TestEnv {
             .env("TWOPHASE_KAFKA__TOPIC_PREFIX", &self.kafka.topic_prefix)
             .env("TWOPHASE_KAFKA__GROUP_PREFIX", &self.kafka.group_prefix)
             .env("TWOPHASE_COORDINATOR__RESEND_AFTER", "2s")
+            // Any free port: several workers of one kind run side by side.
+            .env("TWOPHASE_METRICS_LISTEN", "127.0.0.1:0")
             .env_remove("TWOPHASE_CONFIG")
             .env("RUST_LOG", "info,twophase=debug");
         if let Some(file) = &self.config_file {
@@ -163,11 +165,17 @@ impl TestEnv {
 
     /// Starts a worker process (`coordinator`, `account`, `risk`).
     pub fn start(&mut self, worker: &str) {
+        self.start_with(worker, &[]);
+    }
+
+    /// Starts a worker process with extra environment variables.
+    pub fn start_with(&mut self, worker: &str, env: &[(&str, &str)]) {
         let n = self.workers.iter().filter(|w| w.name == worker).count();
         let log = std::fs::File::create(self.log_dir.join(format!("{worker}-{n}.log"))).unwrap();
         let child = self
             .command()
             .arg(worker)
+            .envs(env.iter().copied())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -176,6 +184,56 @@ impl TestEnv {
             name: worker.to_owned(),
             child,
         });
+    }
+
+    /// Waits until the newest `worker` process exits by itself; its exit code.
+    pub async fn wait_exit(&mut self, worker: &str, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        let w = self
+            .workers
+            .iter_mut()
+            .rev()
+            .find(|w| w.name == worker)
+            .expect("the worker was started");
+        loop {
+            if let Some(status) = w.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{worker} did not exit within {timeout:?} (logs in {})",
+                self.log_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs the newest `worker` process.
+    pub fn kill(&mut self, worker: &str) {
+        let at = self
+            .workers
+            .iter()
+            .rposition(|w| w.name == worker)
+            .expect("the worker was started");
+        // Dropping a worker kills it with SIGKILL and reaps it.
+        self.workers.remove(at);
+    }
+
+    /// Waits until a counting query returns `n`.
+    pub async fn wait_count(&self, sql: &str, n: i64, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let found = self.count(sql).await;
+            if found == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{sql} is {found}, not {n}, after {timeout:?} (logs in {})",
+                self.log_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Starts one coordinator, `accounts` account workers and one risk worker.
@@ -265,131 +323,14 @@ impl TestEnv {
         (balance.0, held.0)
     }
 
-    /// Checks invariants 1–4 of DESIGN §4 against the database; panics naming the first broken.
-    /// Sums are taken here in exact decimals, the same on both backends.
+    /// Checks invariants 1–4 of DESIGN §4 against the database; panics listing what is broken.
     pub async fn check_invariants(&self) {
-        let mut tx = self.db.begin().await.unwrap();
-        let accounts = query_as!(
-            &mut tx,
-            (Uuid, Amount, Amount),
-            fetch_all,
-            "SELECT account_id, balance, held FROM account.accounts"
-        )
-        .unwrap();
-        let ledger = query_as!(
-            &mut tx,
-            (Uuid, Option<Uuid>, String, Amount),
-            fetch_all,
-            "SELECT account_id, transfer_id, kind, amount FROM account.ledger"
-        )
-        .unwrap();
-        let holds = query_as!(
-            &mut tx,
-            (Uuid, Uuid, Amount),
-            fetch_all,
-            "SELECT transfer_id, account_id, amount FROM account.holds WHERE status = 'held'"
-        )
-        .unwrap();
-        let credits = query_as!(
-            &mut tx,
-            (Uuid,),
-            fetch_all,
-            "SELECT transfer_id FROM account.credits WHERE status = 'reserved'"
-        )
-        .unwrap();
-        let transfers = query_as!(
-            &mut tx,
-            (Uuid, String, Option<Uuid>, Option<Uuid>, Option<Amount>),
-            fetch_all,
-            "SELECT transfer_id, status, from_account, to_account, amount FROM coordinator.transfers"
-        )
-        .unwrap();
-        tx.commit().await.unwrap();
-
-        // 1. Conservation: balances sum to deposits minus withdrawals.
-        let total: Decimal = accounts.iter().map(|a| a.1 .0).sum();
-        let external: Decimal = ledger
-            .iter()
-            .map(|(_, _, kind, amount)| match kind.as_str() {
-                "deposit" => amount.0,
-                "withdrawal" => -amount.0,
-                _ => Decimal::ZERO,
-            })
-            .sum();
-        assert_eq!(total, external, "invariant 1 (conservation) broken");
-
-        // 2. No overdraft; each balance replays from its ledger, each hold from the open holds.
-        for (id, balance, held) in &accounts {
-            let (balance, held) = (balance.0, held.0);
-            assert!(
-                balance - held >= Decimal::ZERO,
-                "invariant 2 (no overdraft) broken on {id}"
-            );
-            let replayed: Decimal = ledger
-                .iter()
-                .filter(|e| e.0 == *id)
-                .map(|(_, _, kind, amount)| match kind.as_str() {
-                    "deposit" | "credit" => amount.0,
-                    _ => -amount.0,
-                })
-                .sum();
-            assert_eq!(
-                balance, replayed,
-                "balance of {id} does not replay from its ledger"
-            );
-            let open: Decimal = holds.iter().filter(|h| h.1 == *id).map(|h| h.2 .0).sum();
-            assert_eq!(held, open, "held of {id} is not the sum of its open holds");
-        }
-
-        // 3. Atomic outcome: terminal; completed ⇒ one debit and one credit of the amount;
-        //    failed/rejected ⇒ no ledger entry.
-        let mut by_transfer: HashMap<Uuid, Vec<(Uuid, String, Decimal)>> = HashMap::new();
-        for (account, transfer, kind, amount) in ledger {
-            if let Some(t) = transfer {
-                by_transfer
-                    .entry(t)
-                    .or_default()
-                    .push((account, kind, amount.0));
-            }
-        }
-        for (id, status, from, to, amount) in &transfers {
-            let mut entries = by_transfer.remove(id).unwrap_or_default();
-            match status.as_str() {
-                "completed" => {
-                    entries.sort_by(|a, b| a.1.cmp(&b.1));
-                    let amount = amount.unwrap().0;
-                    let expected = vec![
-                        (to.unwrap(), "credit".to_owned(), amount),
-                        (from.unwrap(), "debit".to_owned(), amount),
-                    ];
-                    assert_eq!(
-                        entries, expected,
-                        "invariant 3: completed transfer {id} has the wrong ledger entries"
-                    );
-                }
-                "failed" | "rejected" => {
-                    assert!(
-                        entries.is_empty(),
-                        "invariant 3: {status} transfer {id} moved money: {entries:?}"
-                    )
-                }
-                other => panic!("invariant 3: transfer {id} is not terminal: {other}"),
-            }
-        }
-        // 4. Exactly once: no ledger entry without a transfer the coordinator knows, and
-        //    nothing left held or reserved once every transfer has ended.
+        let report = twophase::invariants::check(&self.db).await.unwrap();
         assert!(
-            by_transfer.is_empty(),
-            "ledger entries of unknown transfers: {by_transfer:?}"
-        );
-        let open: Vec<Uuid> = holds
-            .iter()
-            .map(|h| h.0)
-            .chain(credits.iter().map(|c| c.0))
-            .collect();
-        assert!(
-            open.is_empty(),
-            "holds or credits left open after every transfer ended: {open:?}"
+            report.holds(),
+            "invariants broken (logs in {}):\n{}",
+            self.log_dir.display(),
+            report.violations.join("\n")
         );
     }
 }

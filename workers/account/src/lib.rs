@@ -49,6 +49,7 @@ impl AccountWorker {
             retry,
             topics: vec![topics.account_commands()],
             default_types: Vec::new(),
+            health: twophase_runtime::http::Health::new(),
         }
     }
 
@@ -60,8 +61,44 @@ impl AccountWorker {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let topics = Topics::new(&settings.kafka.topic_prefix);
+        let gauges = tokio::spawn(refresh_gauges(db.clone(), shutdown.clone()));
         let handler = Arc::new(AccountWorker::new(db, &topics, settings.source()));
-        worker::run(handler, settings, publisher, shutdown).await
+        let result = worker::run(handler, settings, publisher, shutdown.clone()).await;
+        shutdown.cancel();
+        gauges.await?;
+        result
+    }
+}
+
+/// How often the balance gauges are recomputed.
+const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Keeps the balance gauges (total per currency, accounts below zero) current until `shutdown`.
+async fn refresh_gauges(db: Db, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store::list(&db).await {
+            Ok(accounts) => {
+                let mut totals: std::collections::BTreeMap<&str, rust_decimal::Decimal> =
+                    Default::default();
+                for a in &accounts {
+                    *totals.entry(a.currency.as_str()).or_default() += a.balance;
+                }
+                for (currency, total) in totals {
+                    twophase_runtime::metrics::set_balance_total(currency, total);
+                }
+                let negative = accounts
+                    .iter()
+                    .filter(|a| a.available().is_sign_negative())
+                    .count();
+                twophase_runtime::metrics::set_negative_balance_accounts(negative as i64);
+            }
+            Err(e) => tracing::warn!(error = %e, "balance gauges not refreshed"),
+        }
     }
 }
 

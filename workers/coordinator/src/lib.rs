@@ -25,7 +25,9 @@ use twophase_messages::{
 };
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
-use twophase_runtime::{CancellationToken, Handler, HandlerError, Outgoing, Publisher};
+use twophase_runtime::{
+    failpoint, metrics, CancellationToken, Handler, HandlerError, Outgoing, Publisher,
+};
 use uuid::Uuid;
 
 use saga::{Applied, Emit, Saga, Status};
@@ -35,6 +37,15 @@ use store::Stored;
 /// stored row is identical to the first.
 fn now() -> DateTime<Utc> {
     Timestamp::now().0
+}
+
+/// Counts a transfer that just reached its outcome, with the time from request to outcome.
+fn record_if_finished(stored: &Stored) {
+    let saga = &stored.saga;
+    if let (true, Some(finished)) = (saga.status.is_terminal(), saga.finished_at) {
+        let seconds = (finished - stored.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::transfer_finished(saga.status.as_str(), saga.reason.as_deref(), seconds);
+    }
 }
 
 /// The database schema this worker owns.
@@ -100,6 +111,7 @@ impl Coordinator {
                 topics.requests(),
                 twophase_messages::types::TRANSFER_REQUESTED,
             )],
+            health: twophase_runtime::http::Health::new(),
         }
     }
 
@@ -189,6 +201,7 @@ impl Coordinator {
             tracestate: envelope.tracestate.clone(),
             request_message_id: Some(envelope.id),
             resend_attempts: 0,
+            created_at: now(),
             decided_at: None,
         };
         let now = Timestamp::now();
@@ -200,6 +213,7 @@ impl Coordinator {
         let raw = serde_json::to_value(request).expect("requests serialize");
         store::insert(&mut tx, &stored, &raw, deadline, now).await?;
         tx.commit().await?;
+        record_if_finished(&stored);
         Ok(self.emit(envelope, &stored))
     }
 
@@ -222,7 +236,11 @@ impl Coordinator {
             store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
         }
         tx.commit().await?;
+        if applied == Applied::Advanced && stored.saga.status == Status::Committing {
+            failpoint::hit("coordinator.after_decision");
+        }
         if applied == Applied::Advanced {
+            record_if_finished(&stored);
             tracing::info!(%transfer_id, status = stored.saga.status.as_str(), reason = ?stored.saga.reason, "transfer advanced");
         }
         Ok(match applied {
@@ -371,9 +389,13 @@ impl Coordinator {
             let saga = &stored.saga;
             tracing::warn!(transfer_id = %saga.transfer_id, status = saga.status.as_str(), attempt = stored.resend_attempts, "re-sending unanswered commands");
             out.extend(self.emit(&cause, &stored));
+            if saga.status == Status::Committing {
+                metrics::commit_retry();
+            }
             if saga.status == Status::Committing
                 && stored.resend_attempts == self.config.commit_stuck_after_attempts
             {
+                metrics::commit_stuck();
                 tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
                 let pending = saga
                     .outstanding()
@@ -398,7 +420,20 @@ impl Coordinator {
                 ));
             }
         }
+        let (by_status, stuck) =
+            store::in_flight(&mut tx, self.config.commit_stuck_after_attempts).await?;
         tx.commit().await?;
+        for status in [Status::Preparing, Status::Committing, Status::Aborting] {
+            let n = by_status
+                .iter()
+                .find(|(s, _)| s == status.as_str())
+                .map_or(0, |(_, n)| *n);
+            metrics::set_sagas_in_flight(status.as_str(), n);
+        }
+        metrics::set_sagas_stuck(stuck);
+        if !out.is_empty() {
+            failpoint::hit("coordinator.timer_after_commit");
+        }
         Ok(out)
     }
 

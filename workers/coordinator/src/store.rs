@@ -22,6 +22,7 @@ pub struct Stored {
     pub request_message_id: Option<Uuid>,
     /// Commit or abort commands re-sent so far.
     pub resend_attempts: i32,
+    pub created_at: DateTime<Utc>,
     pub decided_at: Option<DateTime<Utc>>,
 }
 
@@ -49,6 +50,7 @@ struct Row {
     tracestate: Option<String>,
     request_message_id: Option<Uuid>,
     resend_attempts: i32,
+    created_at: Timestamp,
     decided_at: Option<Timestamp>,
     finished_at: Option<Timestamp>,
 }
@@ -121,6 +123,7 @@ impl TryFrom<Row> for Stored {
             tracestate: r.tracestate,
             request_message_id: r.request_message_id,
             resend_attempts: r.resend_attempts,
+            created_at: r.created_at.into(),
             decided_at: r.decided_at.map(Into::into),
         })
     }
@@ -130,7 +133,7 @@ const COLUMNS: &str =
     "transfer_id, request_hash, from_account, to_account, amount, currency, status,
      risk_vote, source_vote, destination_vote, risk_assessment, reason, reason_detail,
      failed_participant, captured, credited, released, credit_cancelled, traceparent, tracestate,
-     request_message_id, resend_attempts, decided_at, finished_at";
+     request_message_id, resend_attempts, created_at, decided_at, finished_at";
 
 /// Reads and locks a transfer's row.
 pub async fn lock(tx: &mut Tx, transfer_id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
@@ -242,6 +245,29 @@ pub async fn lock_due(tx: &mut Tx, now: Timestamp, limit: i64) -> Result<Vec<Sto
     );
     let rows = query_as!(tx, Row, fetch_all, &sql, now, limit)?;
     rows.into_iter().map(Stored::try_from).collect()
+}
+
+/// How many transfers are in flight per status, and how many of those committing have been
+/// re-sent at least `stuck_after` times.
+pub async fn in_flight(
+    tx: &mut Tx,
+    stuck_after: i32,
+) -> Result<(Vec<(String, i64)>, i64), sqlx::Error> {
+    let by_status = query_as!(
+        tx,
+        (String, i64),
+        fetch_all,
+        "SELECT status, count(*) FROM transfers
+         WHERE status IN ('preparing', 'committing', 'aborting') GROUP BY status",
+    )?;
+    let (stuck,) = query_as!(
+        tx,
+        (i64,),
+        fetch_one,
+        "SELECT count(*) FROM transfers WHERE status = 'committing' AND resend_attempts >= $1",
+        stuck_after,
+    )?;
+    Ok((by_status, stuck))
 }
 
 /// When commands re-sent for the `attempts`-th time are next due: `first` doubled per attempt,

@@ -42,6 +42,7 @@ impl RiskWorker {
             retry,
             topics: vec![topics.risk_commands()],
             default_types: Vec::new(),
+            health: twophase_runtime::http::Health::new(),
         }
     }
 
@@ -113,6 +114,7 @@ impl RiskWorker {
             now,
         )?;
         tx.commit().await?;
+        twophase_runtime::metrics::risk_decision(vote.decision, assessment.score);
         tracing::info!(
             score = assessment.score,
             rules = ?assessment.rules,

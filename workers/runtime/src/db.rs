@@ -411,6 +411,9 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
                 || code.starts_with("53")
                 || code.starts_with("57P")
                 || code == "23505"
+                // Statement timeout or cancellation, lock not available: load, not the message.
+                || code == "57014"
+                || code == "55P03"
                 || db.is_unique_violation()
                 || matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5) | Ok(6))
         }

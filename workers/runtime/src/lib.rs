@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod embedded;
 pub mod error;
+pub mod failpoint;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,9 @@ use uuid::Uuid;
 
 use crate::config::{KafkaConfig, RetryConfig};
 use crate::error::HandlerError;
+use crate::http::Health;
 use crate::kafka::{client_config, Outgoing, Publisher};
+use crate::metrics;
 
 /// A decoded message handed to a handler.
 #[derive(Debug)]
@@ -56,6 +59,8 @@ pub struct WorkerSettings {
     /// For topics written by producers outside the project, the message type a record without
     /// a `ce_type` header has.
     pub default_types: Vec<(String, &'static str)>,
+    /// Told whether the consumer holds partitions; served on `/healthz`.
+    pub health: Health,
 }
 
 impl WorkerSettings {
@@ -81,6 +86,32 @@ pub mod dlq_headers {
     pub const FIRST_FAILURE: &str = "dlq-first-failure-time";
 }
 
+/// What librdkafka tells the consumer beyond messages: rebalances (for `/healthz`) and
+/// statistics (for the consumer-lag metric).
+struct WorkerContext {
+    group: String,
+    health: Health,
+}
+
+impl ClientContext for WorkerContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        metrics::record_consumer_lag(&self.group, &statistics);
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                tracing::info!(partitions = partitions.count(), "partitions assigned");
+                self.health.set_assigned(partitions.count() > 0);
+            }
+            Rebalance::Revoke(_) => self.health.set_assigned(false),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
 /// Runs the consume loop until `shutdown` is cancelled, then commits the stored offsets.
 pub async fn run<H: Handler>(
     handler: Arc<H>,
@@ -88,7 +119,11 @@ pub async fn run<H: Handler>(
     publisher: Publisher,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = client_config(&settings.kafka)
+    let context = WorkerContext {
+        group: settings.group_id(),
+        health: settings.health.clone(),
+    };
+    let consumer: StreamConsumer<WorkerContext> = client_config(&settings.kafka)
         .set("group.id", settings.group_id())
         .set(
             "client.id",
@@ -103,11 +138,23 @@ pub async fn run<H: Handler>(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
         // A message may wait this long for a recovering database before it is set aside.
+        // (librdkafka's ceiling is a day.)
         .set(
             "max.poll.interval.ms",
-            (settings.retry.give_up_after.as_millis() as u64 + 60_000).to_string(),
+            (settings.retry.give_up_after.as_millis() as u64 + 60_000)
+                .min(86_400_000)
+                .to_string(),
         )
-        .create()?;
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(context)?;
+    metrics::init_worker(settings.name, &settings.topics);
+    // A poison message waits for its dead-letter topic to take it: make sure each exists.
+    let dead_letters: Vec<String> = settings
+        .topics
+        .iter()
+        .map(|t| twophase_messages::Topics::dead_letters(t))
+        .collect();
+    crate::kafka::ensure_topics(&settings.kafka, &dead_letters).await?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(worker = settings.name, group = %settings.group_id(), ?topics, "consuming");
@@ -128,7 +175,11 @@ pub async fn run<H: Handler>(
                 if !loop_.process(&message).await {
                     break;
                 }
-                consumer.store_offset_from_message(&message)?;
+                // Refused only for a partition no longer ours; its next owner redoes the
+                // message, and handlers are idempotent.
+                if let Err(e) = consumer.store_offset_from_message(&message) {
+                    tracing::warn!(error = %e, "offset not stored");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "consumer error"),
         }
@@ -221,8 +272,17 @@ impl<H: Handler> ConsumeLoop<H> {
         loop {
             attempt += 1;
             let error = match self.handler.handle(incoming).await {
-                Ok(outgoing) => match self.publisher.publish_all(&outgoing).await {
-                    Ok(()) => return true,
+                Ok(outgoing) => match self.publish(&outgoing).await {
+                    Ok(()) => {
+                        let seconds = started.elapsed().as_secs_f64();
+                        metrics::message_handled(
+                            self.settings.name,
+                            &incoming.topic,
+                            metrics::outcome::OK,
+                            seconds,
+                        );
+                        return true;
+                    }
                     Err(e) => {
                         HandlerError::Transient(anyhow::Error::new(e).context("publishing replies"))
                     }
@@ -251,6 +311,15 @@ impl<H: Handler> ConsumeLoop<H> {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Publishes a handler's replies, between the failpoints that let tests crash the worker
+    /// on either side of it.
+    async fn publish(&self, outgoing: &[Outgoing]) -> Result<(), rdkafka::error::KafkaError> {
+        crate::failpoint::hit_at(self.settings.name, "after_commit");
+        self.publisher.publish_all(outgoing).await?;
+        crate::failpoint::hit_at(self.settings.name, "after_publish");
+        Ok(())
     }
 
     /// Publishes the record to its dead-letter topic, retrying until the broker takes it.

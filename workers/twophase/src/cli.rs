@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use twophase_account::AccountStatus;
 use twophase_messages::{Topics, TransferRequested};
-use twophase_runtime::{db, kafka, shutdown, telemetry, Publisher};
+use twophase_runtime::{db, http, kafka, shutdown, telemetry, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, Outcome, OutcomeWatcher};
@@ -73,6 +73,9 @@ enum Command {
         /// A message type, e.g. twophase.transfer.requested.
         message_type: Option<String>,
     },
+    /// Dead letters: list them, or replay chosen ones to their original topic.
+    #[command(subcommand)]
+    Dlq(crate::dlq::DlqCommand),
     /// Print the effective configuration (the database password masked).
     Config,
 }
@@ -194,14 +197,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Dev(args) => return crate::dev::run(config, args).await,
         Command::Coordinator => {
-            let pool = pool(&config, twophase_coordinator::SCHEMA).await?;
-            let (publisher, token) = start_worker(&config).await?;
-            let settings = twophase_coordinator::Coordinator::settings(
+            let db = pool(&config, twophase_coordinator::SCHEMA).await?;
+            let mut settings = twophase_coordinator::Coordinator::settings(
                 config.kafka.clone(),
                 config.retry.clone(),
             );
+            let (publisher, token) = start_worker(&config, &mut settings, &db, 9101).await?;
             twophase_coordinator::Coordinator::run(
-                pool,
+                db,
                 config.coordinator.clone(),
                 settings,
                 publisher,
@@ -210,20 +213,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             .await?;
         }
         Command::Account => {
-            let pool = pool(&config, twophase_account::SCHEMA).await?;
-            let (publisher, token) = start_worker(&config).await?;
-            let settings = twophase_account::AccountWorker::settings(
+            let db = pool(&config, twophase_account::SCHEMA).await?;
+            let mut settings = twophase_account::AccountWorker::settings(
                 config.kafka.clone(),
                 config.retry.clone(),
             );
-            twophase_account::AccountWorker::run(pool, settings, publisher, token).await?;
+            let (publisher, token) = start_worker(&config, &mut settings, &db, 9102).await?;
+            twophase_account::AccountWorker::run(db, settings, publisher, token).await?;
         }
         Command::Risk => {
-            let pool = pool(&config, twophase_risk::SCHEMA).await?;
-            let (publisher, token) = start_worker(&config).await?;
-            let settings =
+            let db = pool(&config, twophase_risk::SCHEMA).await?;
+            let mut settings =
                 twophase_risk::RiskWorker::settings(config.kafka.clone(), config.retry.clone());
-            twophase_risk::RiskWorker::run(pool, config.risk.clone(), settings, publisher, token)
+            let (publisher, token) = start_worker(&config, &mut settings, &db, 9104).await?;
+            twophase_risk::RiskWorker::run(db, config.risk.clone(), settings, publisher, token)
                 .await?;
         }
         Command::Migrate => {
@@ -267,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .collect();
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        Command::Dlq(command) => return crate::dlq::run(&config.kafka, command).await,
         Command::Config => print!("{}", config.redacted_toml()),
     }
     Ok(0)
@@ -287,16 +291,44 @@ async fn pool(config: &Config, schema: &str) -> anyhow::Result<db::Db> {
     })
 }
 
-/// What every worker needs before it consumes: its topics, a producer, a shutdown signal.
+/// What every worker needs before it consumes: its topics, a producer, a shutdown signal, and
+/// `/metrics` and `/healthz` on `metrics_listen` (by default loopback, `default_port`).
 async fn start_worker(
     config: &Config,
+    settings: &mut twophase_runtime::worker::WorkerSettings,
+    db: &db::Db,
+    default_port: u16,
 ) -> anyhow::Result<(Publisher, twophase_runtime::CancellationToken)> {
     let topics = Topics::new(&config.kafka.topic_prefix);
     kafka::ensure_topics(&config.kafka, &topics.all())
         .await
         .context("creating topics")?;
     let publisher = Publisher::new(&config.kafka)?;
-    Ok((publisher, shutdown::on_signal()))
+    let token = shutdown::on_signal();
+    settings.health = health_of(db);
+    let listen = config
+        .metrics_listen
+        .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], default_port)));
+    let bound = http::serve(listen, settings.health.clone(), token.clone())
+        .await
+        .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
+    tracing::info!(%bound, worker = settings.name, "serving /metrics and /healthz");
+    Ok((publisher, token))
+}
+
+/// A health handle whose database check pings `db`.
+pub(crate) fn health_of(db: &db::Db) -> http::Health {
+    let db = db.clone();
+    http::Health::with_database(move || {
+        let db = db.clone();
+        async move {
+            if db.ping().await {
+                Ok(())
+            } else {
+                Err("the database does not answer")
+            }
+        }
+    })
 }
 
 async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u8> {

@@ -15,6 +15,9 @@ pub struct Config {
     pub database_max_connections: u32,
     /// Log lines as JSON (for log shippers) rather than text.
     pub log_json: bool,
+    /// Where a worker serves `/metrics` and `/healthz`. Unset: loopback on the worker's own port
+    /// (coordinator 9101, account 9102, risk 9104, audit 9105, reconciler 9106).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub kafka: KafkaConfig,
     pub retry: RetryConfig,
     pub coordinator: CoordinatorConfig,
@@ -27,6 +30,7 @@ impl Default for Config {
             database_url: "postgres://twophase:twophase@127.0.0.1:5432/twophase".into(),
             database_max_connections: 10,
             log_json: false,
+            metrics_listen: None,
             kafka: KafkaConfig::default(),
             retry: RetryConfig::default(),
             coordinator: CoordinatorConfig::default(),

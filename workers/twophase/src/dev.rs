@@ -25,7 +25,7 @@ use twophase_account::{store, AccountStatus};
 use twophase_messages::{Topics, TransferRequested};
 use twophase_runtime::db::{self, Db};
 use twophase_runtime::embedded::EmbeddedBroker;
-use twophase_runtime::{shutdown, CancellationToken, Publisher};
+use twophase_runtime::{http, shutdown, CancellationToken, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, Outcome, OutcomeWatcher};
@@ -81,11 +81,18 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
 
     let shutdown = shutdown::on_signal();
     let publisher = Publisher::new(&config.kafka)?;
-    let mut workers = start_workers(&config, &publisher, &shutdown).await?;
+    let (mut workers, health) = start_workers(&config, &publisher, &shutdown).await?;
+    let listen = config
+        .metrics_listen
+        .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 9100)));
+    let http = http::serve(listen, health, shutdown.clone())
+        .await
+        .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
 
     eprintln!("twophase dev: every worker running in this process");
     eprintln!("  broker     {}", config.kafka.brokers);
     eprintln!("  data       {}", config.database_url);
+    eprintln!("  metrics    http://{http}/metrics   health http://{http}/healthz");
     eprintln!(
         "  accounts   {} demo accounts with {DEMO_BALANCE} USD each, and {frozen} (frozen)",
         active.len()
@@ -128,11 +135,13 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// Starts every worker on its own pool; returns them with the coordinator's health handle,
+/// which `/healthz` serves.
 async fn start_workers(
     config: &Config,
     publisher: &Publisher,
     shutdown: &CancellationToken,
-) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
+) -> anyhow::Result<(JoinSet<anyhow::Result<()>>, http::Health)> {
     use twophase_account::AccountWorker;
     use twophase_coordinator::Coordinator;
     use twophase_risk::RiskWorker;
@@ -140,10 +149,14 @@ async fn start_workers(
     let connect = |schema: &'static str| Db::connect(&config.database_url, schema, 1);
     let (kafka, retry) = (&config.kafka, &config.retry);
     let mut set = JoinSet::new();
+    let coordinator_db = connect(twophase_coordinator::SCHEMA).await?;
+    let mut coordinator = Coordinator::settings(kafka.clone(), retry.clone());
+    coordinator.health = crate::cli::health_of(&coordinator_db);
+    let health = coordinator.health.clone();
     set.spawn(Coordinator::run(
-        connect(twophase_coordinator::SCHEMA).await?,
+        coordinator_db,
         config.coordinator.clone(),
-        Coordinator::settings(kafka.clone(), retry.clone()),
+        coordinator,
         publisher.clone(),
         shutdown.clone(),
     ));
@@ -160,7 +173,7 @@ async fn start_workers(
         publisher.clone(),
         shutdown.clone(),
     ));
-    Ok(set)
+    Ok((set, health))
 }
 
 /// The demo accounts: opened on first start, found again afterwards. Returns the active ones

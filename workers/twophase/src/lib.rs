@@ -5,5 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod dlq;
+pub mod invariants;
 
 pub use config::Config;

@@ -1,0 +1,213 @@
+//! Crash safety: a worker dying at the worst moment loses no money and no transfer. Each test
+//! arms a failpoint (`TWOPHASE_FAILPOINTS`) that makes a worker process exit abruptly at a named
+//! point, restarts it, and ends with the invariants checked and every transfer terminal.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_outcome, request, TestEnv};
+use rust_decimal::Decimal;
+use twophase::client::TopicTail;
+use twophase_messages::Message;
+use twophase_runtime::failpoint;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn dec(s: &str) -> Decimal {
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_between_decision_and_commit_finishes_the_commit_on_restart() {
+    let mut env = TestEnv::new("crash-decision").await;
+    env.start_with(
+        "coordinator",
+        &[(failpoint::ENV, "coordinator.after_decision")],
+    );
+    env.start("account");
+    env.start("risk");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "25", "USD");
+    let watcher = env.watcher().await;
+
+    env.request(&req).await;
+    assert_eq!(
+        env.wait_exit("coordinator", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    // The decision is durable; nothing was captured yet and the funds are still held.
+    let committing = "SELECT count(*) FROM coordinator.transfers WHERE status = 'committing'";
+    assert_eq!(env.count(committing).await, 1);
+    assert_eq!(env.balance(a).await, (dec("100"), dec("25")));
+
+    env.start("coordinator");
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], WAIT)
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    assert_eq!(env.balance(a).await, (dec("75"), Decimal::ZERO));
+    assert_eq!(env.balance(b).await, (dec("25"), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_participant_killed_between_its_commit_and_its_reply_answers_from_its_record() {
+    let mut env = TestEnv::new("crash-reply").await;
+    env.start("coordinator");
+    env.start("risk");
+    env.start_with("account", &[(failpoint::ENV, "account.after_commit")]);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "40", "USD");
+    let watcher = env.watcher().await;
+
+    env.request(&req).await;
+    assert_eq!(
+        env.wait_exit("account", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    // Its first command was applied and recorded, but its vote never left.
+    assert_eq!(
+        env.count("SELECT count(*) FROM account.processed_commands")
+            .await,
+        1
+    );
+
+    env.start("account");
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], WAIT)
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    // Every command applied exactly once: hold, reserve, capture, credit.
+    assert_eq!(
+        env.count("SELECT count(*) FROM account.processed_commands")
+            .await,
+        4
+    );
+    assert_eq!(env.balance(a).await, (dec("60"), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_after_publishing_but_before_its_offset_sends_duplicates_that_change_nothing(
+) {
+    let mut env = TestEnv::new("crash-offset").await;
+    // Dies after its second publish: the prepare commands of the second request went out, and
+    // the request will be delivered again.
+    env.start_with(
+        "coordinator",
+        &[(failpoint::ENV, "coordinator.after_publish@2")],
+    );
+    env.start("account");
+    env.start("risk");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let reqs = [request(a, b, "10", "USD"), request(a, b, "20", "USD")];
+    let watcher = env.watcher().await;
+
+    for r in &reqs {
+        env.request(r).await;
+    }
+    assert_eq!(
+        env.wait_exit("coordinator", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    env.start("coordinator");
+    let ids = reqs.iter().map(|r| r.transfer_id.clone());
+    let outcomes = watcher.wait_for(ids, WAIT).await.unwrap();
+    for r in &reqs {
+        assert_outcome(&outcomes[&r.transfer_id], "completed", None);
+    }
+    assert_eq!(env.balance(a).await, (dec("70"), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vote_that_never_comes_times_out_even_across_a_coordinator_restart() {
+    let mut env = TestEnv::new("crash-timeout").await;
+    env.with_config("[coordinator]\nprepare_timeout = \"3s\"\n");
+    // No risk worker: its vote never comes.
+    env.start("coordinator");
+    env.start("account");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "30", "USD");
+    let watcher = env.watcher().await;
+
+    env.request(&req).await;
+    // Once the source is held, kill the coordinator: its timer must survive the restart.
+    env.wait_count(
+        "SELECT count(*) FROM account.holds WHERE status = 'held'",
+        1,
+        WAIT,
+    )
+    .await;
+    env.kill("coordinator");
+    env.start("coordinator");
+
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], WAIT)
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&req.transfer_id], "failed", Some("timeout"));
+    assert_eq!(env.balance(a).await, (dec("100"), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_is_never_abandoned_and_a_stuck_one_raises_a_critical_event() {
+    let mut env = TestEnv::new("crash-stuck").await;
+    env.with_config("[coordinator]\ncommit_stuck_after_attempts = 2\nresend_after = \"500ms\"\n");
+    env.start("coordinator");
+    env.start("risk");
+    // The account worker dies on its third command: both prepares answered, the capture not.
+    env.start_with("account", &[(failpoint::ENV, "account.after_commit@3")]);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "15", "USD");
+    let events = TopicTail::start(&env.kafka, env.topics.events())
+        .await
+        .unwrap();
+    let watcher = env.watcher().await;
+
+    env.request(&req).await;
+    assert_eq!(
+        env.wait_exit("account", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    // The coordinator keeps re-sending and says so loudly.
+    loop {
+        let (envelope, message) = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("a commit_stuck event")
+            .unwrap();
+        if let Message::CommitStuck(stuck) = message {
+            assert_eq!(stuck.transfer_id.to_string(), req.transfer_id);
+            assert!(!stuck.pending.is_empty());
+            assert_eq!(
+                envelope.correlation_id.as_deref(),
+                Some(req.transfer_id.as_str())
+            );
+            break;
+        }
+    }
+    let status = "SELECT count(*) FROM coordinator.transfers WHERE status = 'committing'";
+    assert_eq!(
+        env.count(status).await,
+        1,
+        "never aborted after the decision"
+    );
+
+    env.start("account");
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], WAIT)
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    assert_eq!(env.balance(b).await, (dec("15"), Decimal::ZERO));
+    env.check_invariants().await;
+}

@@ -1,0 +1,168 @@
+//! Every metric the shipped alert rules and dashboard use is exported by a running worker, with
+//! the labels they select on, and `/healthz` says ready once a worker consumes.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{request, TestEnv};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over plain HTTP/1.0: (status code, body).
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// Every `twophase_*` series name in a text, histogram suffixes folded into their base name.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("twophase_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The series a scrape exports: name → the label sets seen.
+fn exported(scrape: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let series = line.split_whitespace().next().unwrap_or_default();
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        for base in metric_names(name) {
+            out.entry(base)
+                .or_default()
+                .push(labels.trim_end_matches('}').to_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
+    let mut env = TestEnv::new("metrics").await;
+    let ports: Vec<(&str, u16)> = ["coordinator", "account", "risk"]
+        .into_iter()
+        .map(|w| (w, free_port()))
+        .collect();
+    for (worker, port) in &ports {
+        env.start_with(
+            worker,
+            &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
+        );
+    }
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let outcomes = env
+        .run_transfers(
+            &[
+                request(a, b, "10", "USD"),
+                request(a, b, "1000", "USD"),
+                request(a, a, "1", "USD"),
+            ],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(outcomes.len(), 3);
+
+    // Ready once consuming: every worker has partitions and a database that answers.
+    for (worker, port) in &ports {
+        let started = Instant::now();
+        loop {
+            match get(*port, "/healthz").await {
+                Some((200, body)) => {
+                    assert!(body.contains("ready"), "{worker}: {body}");
+                    break;
+                }
+                other => assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "{worker} never became ready: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+    let alerts = std::fs::read_to_string(format!("{root}/prometheus/alerts.yml")).unwrap();
+    let dashboard =
+        std::fs::read_to_string(format!("{root}/grafana/dashboards/twophase.json")).unwrap();
+    let used: BTreeSet<String> = metric_names(&alerts)
+        .into_iter()
+        .chain(metric_names(&dashboard))
+        .collect();
+    assert!(!used.is_empty());
+    // The reconciler exports its own; the saga workers export the rest.
+    let elsewhere = ["twophase_reconciliation_discrepancies"];
+
+    // Consumer lag comes with librdkafka's periodic statistics: scrape until it has arrived.
+    let started = Instant::now();
+    let scraped = loop {
+        let mut scraped: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (worker, port) in &ports {
+            let (status, body) = get(*port, "/metrics").await.expect("/metrics answers");
+            assert_eq!(status, 200, "{worker}");
+            for (name, labels) in exported(&body) {
+                scraped.entry(name).or_default().extend(labels);
+            }
+        }
+        let missing: Vec<&String> = used
+            .iter()
+            .filter(|name| !scraped.contains_key(*name) && !elsewhere.contains(&name.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break scraped;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "used by alerts or dashboard but not exported: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    // The labels the alert ratios select on carry this run's outcomes.
+    let transfers = &scraped["twophase_transfers_total"];
+    for status in ["completed", "failed", "rejected"] {
+        assert!(
+            transfers
+                .iter()
+                .any(|l| l.contains(&format!("status=\"{status}\""))),
+            "no status {status} in {transfers:?}"
+        );
+    }
+    assert!(scraped["twophase_risk_decisions_total"]
+        .iter()
+        .any(|l| l.contains("decision=\"approved\"")));
+}

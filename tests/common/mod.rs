@@ -219,6 +219,15 @@ impl TestEnv {
         self.workers.remove(at);
     }
 
+    /// SIGKILLs the `pick`-th (modulo how many run) `worker` process.
+    pub fn kill_one(&mut self, worker: &str, pick: usize) {
+        let running: Vec<usize> = (0..self.workers.len())
+            .filter(|i| self.workers[*i].name == worker)
+            .collect();
+        assert!(!running.is_empty(), "no {worker} is running");
+        self.workers.remove(running[pick % running.len()]);
+    }
+
     /// Waits until a counting query returns `n`.
     pub async fn wait_count(&self, sql: &str, n: i64, timeout: Duration) {
         let deadline = std::time::Instant::now() + timeout;

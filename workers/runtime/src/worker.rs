@@ -19,6 +19,7 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, Stream
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
+use futures::FutureExt;
 use tracing::Instrument;
 use twophase_messages::{Envelope, Message};
 use uuid::Uuid;
@@ -166,22 +167,48 @@ pub async fn run<H: Handler>(
         shutdown: shutdown.clone(),
     };
     loop {
-        let message = tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             m = consumer.recv() => m,
         };
-        match message {
-            Ok(message) => {
-                if !loop_.process(&message).await {
+        let mut batch = match first {
+            Ok(message) => vec![message],
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                continue;
+            }
+        };
+        // Whatever else has already arrived joins the batch, without waiting for more.
+        while batch.len() < MAX_BATCH {
+            match consumer.recv().now_or_never() {
+                Some(Ok(message)) => batch.push(message),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
                     break;
                 }
-                // Refused only for a partition no longer ours; its next owner redoes the
-                // message, and handlers are idempotent.
-                if let Err(e) = consumer.store_offset_from_message(&message) {
-                    tracing::warn!(error = %e, "offset not stored");
-                }
+                None => break,
             }
-            Err(e) => tracing::warn!(error = %e, "consumer error"),
+        }
+        // Partitions are independent: each is worked through in order, all at once.
+        let partitions = by_partition(&batch);
+        let done = futures::future::join_all(
+            partitions.iter().map(|messages| loop_.process_in_order(messages)),
+        )
+        .await;
+        let mut interrupted = false;
+        for (messages, (handled, complete)) in partitions.iter().zip(done) {
+            interrupted |= !complete;
+            let Some(last) = handled.checked_sub(1).map(|i| messages[i]) else {
+                continue;
+            };
+            // Refused only for a partition no longer ours; its next owner redoes the
+            // messages, and handlers are idempotent.
+            if let Err(e) = consumer.store_offset_from_message(last) {
+                tracing::warn!(error = %e, "offset not stored");
+            }
+        }
+        if interrupted {
+            break;
         }
     }
     // Stored offsets are committed before leaving, so the next owner does not redo work.
@@ -197,6 +224,24 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
+/// The most messages taken into one batch.
+const MAX_BATCH: usize = 512;
+
+/// The batch's messages grouped by topic and partition, each group in offset order.
+fn by_partition<'a, 'm>(batch: &'a [BorrowedMessage<'m>]) -> Vec<Vec<&'a BorrowedMessage<'m>>> {
+    let mut groups: Vec<Vec<&BorrowedMessage<'m>>> = Vec::new();
+    for message in batch {
+        let same = |g: &&mut Vec<&BorrowedMessage<'m>>| {
+            g[0].partition() == message.partition() && g[0].topic() == message.topic()
+        };
+        match groups.iter_mut().find(same) {
+            Some(group) => group.push(message),
+            None => groups.push(vec![message]),
+        }
+    }
+    groups
+}
+
 struct ConsumeLoop<H> {
     handler: Arc<H>,
     settings: WorkerSettings,
@@ -205,6 +250,17 @@ struct ConsumeLoop<H> {
 }
 
 impl<H: Handler> ConsumeLoop<H> {
+    /// Processes one partition's messages in order. Returns how many were handled to their end
+    /// and whether all were (false: shutdown interrupted).
+    async fn process_in_order(&self, messages: &[&BorrowedMessage<'_>]) -> (usize, bool) {
+        for (i, message) in messages.iter().enumerate() {
+            if !self.process(message).await {
+                return (i, false);
+            }
+        }
+        (messages.len(), true)
+    }
+
     /// Handles one message to its end: applied and replied, or dead-lettered. Returns false if
     /// shutdown interrupted it (its offset must then not be stored).
     async fn process(&self, raw: &BorrowedMessage<'_>) -> bool {

@@ -76,6 +76,8 @@ enum Command {
     /// Dead letters: list them, or replay chosen ones to their original topic.
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
+    /// Measure throughput and latency against a running system, then check the invariants.
+    Bench(crate::bench::BenchArgs),
     /// Print the effective configuration (the database password masked).
     Config,
 }
@@ -271,6 +273,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::Dlq(command) => return crate::dlq::run(&config.kafka, command).await,
+        Command::Bench(args) => return crate::bench::run(&config, args).await,
         Command::Config => print!("{}", config.redacted_toml()),
     }
     Ok(0)

@@ -91,7 +91,14 @@ impl TopicTail {
 
     /// The next message, decoded.
     pub async fn next(&self) -> anyhow::Result<(Envelope, Message)> {
-        let record = self.consumer.recv().await?;
+        let record = loop {
+            match self.consumer.recv().await {
+                Ok(record) => break record,
+                // The broker restarting or a connection dropping: librdkafka reconnects and
+                // resumes from where this reader was.
+                Err(e) => tracing::debug!(error = %e, "reading a topic: retrying"),
+            }
+        };
         let headers: Vec<(&str, Option<&[u8]>)> = record
             .headers()
             .map(|h| h.iter().map(|h| (h.key, h.value)).collect())

@@ -1,0 +1,522 @@
+//! `twophase bench`: a load generator and meter to point at a running system.
+//!
+//! It opens its own accounts, then publishes transfers among them either in a closed loop
+//! (`--concurrency C` producers, each waiting for its outcome before the next request: the
+//! maximum sustained throughput) or an open loop (`--rate R` requests per second for the
+//! duration: the latency a producer sees at that rate, measured from each request's *scheduled*
+//! send time so that a stall is not hidden by sending less). Latency is request produced →
+//! outcome consumed. At the end it checks the invariants of the whole store and fails loudly if
+//! any is broken: a fast run that loses money is not a result.
+//!
+//! `--ceiling` measures, in the same run, what the same machine allows with no logic at all: the
+//! saga's twelve messages per transfer pushed through the same broker in the same produce →
+//! consume → produce pattern, and the database's commit rate for the same number of
+//! transactions per transfer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::Rng;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use twophase_account::store;
+use twophase_messages::TransferRequested;
+use twophase_runtime::db::{Db, Timestamp};
+use twophase_runtime::kafka::client_config;
+use twophase_runtime::{execute, KafkaConfig, Publisher};
+use uuid::Uuid;
+
+use crate::client::{self, Outcome, OutcomeWatcher};
+use crate::config::Config;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Closed loop: this many producers, each sending its next request when the last one's
+    /// outcome arrives.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: requests per second, sent on schedule whatever the outcomes do.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to send for.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Accounts the transfers move between (opened for this run).
+    #[arg(long, default_value_t = 100)]
+    accounts: usize,
+    /// Share of transfers that touch the first account (a hot account), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    hot: f64,
+    /// Share of transfers larger than any balance (they fail: insufficient funds), 0 to 1.
+    #[arg(long, default_value_t = 0.02)]
+    insufficient: f64,
+    /// Share of invalid requests (they are rejected), 0 to 1.
+    #[arg(long, default_value_t = 0.01)]
+    invalid: f64,
+    /// Also measure the broker's and the database's ceiling for this workload.
+    #[arg(long)]
+    ceiling: bool,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// Latency figures in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub mode: String,
+    pub seconds: f64,
+    pub transfers: usize,
+    pub transfers_per_second: f64,
+    pub completed_per_second: f64,
+    pub latency_ms: Latency,
+    pub outcomes: BTreeMap<String, usize>,
+    pub invariants: crate::invariants::Report,
+    pub ceiling: Option<Ceiling>,
+}
+
+/// What the machine allows with no logic: transfers per second if the broker or the database
+/// were the only cost.
+#[derive(Debug, Serialize)]
+pub struct Ceiling {
+    pub broker_transfers_per_second: f64,
+    pub database_commits_per_second: f64,
+    pub database_transfers_per_second: f64,
+    pub share_of_broker: f64,
+    pub share_of_database: f64,
+}
+
+/// Kafka messages per transfer: request, 3 prepare commands, 3 votes, 2 commit commands,
+/// 2 acks, 1 outcome.
+const MESSAGES_PER_TRANSFER: usize = 12;
+/// Database transactions per transfer: the coordinator's insert and five updates (three votes,
+/// two acks), the account worker's four commands, the risk worker's evaluation.
+const COMMITS_PER_TRANSFER: usize = 11;
+
+pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    for (name, share) in [("hot", args.hot), ("insufficient", args.insufficient), ("invalid", args.invalid)] {
+        anyhow::ensure!((0.0..=1.0).contains(&share), "--{name} must be between 0 and 1");
+    }
+    let accounts_db = Db::connect(&config.database_url, twophase_account::SCHEMA, 4)
+        .await
+        .context("connecting to the account store")?;
+    eprintln!("opening {} accounts…", args.accounts);
+    let mut accounts = Vec::with_capacity(args.accounts);
+    for _ in 0..args.accounts {
+        let a = store::open(&accounts_db, "USD").await?;
+        store::deposit(&accounts_db, a.account_id, "100000.00", Some("bench")).await?;
+        accounts.push(a.account_id);
+    }
+    let publisher = Publisher::new(&config.kafka)?;
+    let outcomes = Dispatcher::start(&config.kafka).await?;
+    let workload = Workload {
+        accounts,
+        hot: args.hot,
+        insufficient: args.insufficient,
+        invalid: args.invalid,
+    };
+
+    let (mode, samples, seconds) = match (args.concurrency, args.rate) {
+        (_, Some(rate)) => {
+            anyhow::ensure!(rate > 0.0, "--rate must be positive");
+            let (s, secs) = open_loop(config, &publisher, &outcomes, &workload, rate, args.duration).await?;
+            (format!("open loop, {rate}/s"), s, secs)
+        }
+        (concurrency, None) => {
+            let c = concurrency.unwrap_or(32).max(1);
+            let (s, secs) = closed_loop(config, &publisher, &outcomes, &workload, c, args.duration).await?;
+            (format!("closed loop, concurrency {c}"), s, secs)
+        }
+    };
+
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+        .expect("the bounds are valid");
+    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
+    let mut completed = 0;
+    for (micros, outcome) in &samples {
+        histogram.saturating_record(*micros);
+        let key = match outcome.reason() {
+            Some(reason) => format!("{}/{reason}", outcome.status()),
+            None => outcome.status().to_owned(),
+        };
+        if matches!(outcome, Outcome::Completed(_)) {
+            completed += 1;
+        }
+        *by_outcome.entry(key).or_default() += 1;
+    }
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let all = Db::connect_all(&config.database_url).await?;
+    let invariants = crate::invariants::check(&all).await?;
+    let ceiling = if args.ceiling {
+        Some(measure_ceiling(config, samples.len() as f64 / seconds).await?)
+    } else {
+        None
+    };
+    let results = Results {
+        mode,
+        seconds,
+        transfers: samples.len(),
+        transfers_per_second: samples.len() as f64 / seconds,
+        completed_per_second: completed as f64 / seconds,
+        latency_ms: Latency {
+            p50: ms(0.5),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: histogram.max() as f64 / 1000.0,
+        },
+        outcomes: by_outcome,
+        invariants,
+        ceiling,
+    };
+    print_results(&results);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !results.invariants.holds() {
+        eprintln!("INVARIANTS BROKEN: these figures are not a result");
+        for v in &results.invariants.violations {
+            eprintln!("  {v}");
+        }
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+struct Workload {
+    accounts: Vec<Uuid>,
+    hot: f64,
+    insufficient: f64,
+    invalid: f64,
+}
+
+impl Workload {
+    fn request(&self, rng: &mut impl Rng) -> TransferRequested {
+        let n = self.accounts.len();
+        let pick = |rng: &mut _| {
+            if rand::Rng::random_bool(rng, self.hot) {
+                0
+            } else {
+                rand::Rng::random_range(rng, 0..n)
+            }
+        };
+        let from = pick(rng);
+        let mut to = pick(rng);
+        while to == from {
+            to = rng.random_range(0..n);
+        }
+        let amount = if rng.random_bool(self.invalid) {
+            "0".to_owned()
+        } else if rng.random_bool(self.insufficient) {
+            // More than any account holds, within the request limit: refused by the source.
+            "900000.00".to_owned()
+        } else {
+            rust_decimal::Decimal::new(rng.random_range(100..10_000), 2).to_string()
+        };
+        TransferRequested {
+            transfer_id: Uuid::new_v4().to_string(),
+            from_account: self.accounts[from].to_string(),
+            to_account: self.accounts[to].to_string(),
+            amount,
+            currency: "USD".into(),
+            reference: None,
+        }
+    }
+}
+
+/// Hands each outcome to whoever waits for its transfer.
+struct Dispatcher {
+    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Outcome>>>>,
+}
+
+impl Dispatcher {
+    async fn start(kafka: &KafkaConfig) -> anyhow::Result<Dispatcher> {
+        let watcher = OutcomeWatcher::start(kafka).await?;
+        let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Outcome>>>> = Default::default();
+        let map = Arc::clone(&waiting);
+        tokio::spawn(async move {
+            while let Ok(outcome) = watcher.next().await {
+                let id = match &outcome {
+                    Outcome::Completed(m) => m.transfer_id.to_string(),
+                    Outcome::Failed(m) => m.transfer_id.to_string(),
+                    Outcome::Rejected(m) => m.transfer_id.clone(),
+                };
+                if let Some(tx) = map.lock().expect("not poisoned").remove(&id) {
+                    let _ = tx.send(outcome);
+                }
+            }
+        });
+        Ok(Dispatcher { waiting })
+    }
+
+    fn expect(&self, transfer_id: &str) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("not poisoned")
+            .insert(transfer_id.to_owned(), tx);
+        rx
+    }
+}
+
+/// How long one transfer may take before the run gives up on it.
+const OUTCOME_TIMEOUT: Duration = Duration::from_secs(120);
+
+type Sample = (u64, Outcome);
+
+/// Sends `request` (at `scheduled`, or now) and waits for its outcome; the latency is counted
+/// from `scheduled`.
+async fn one(
+    config: &Config,
+    publisher: &Publisher,
+    outcomes: &Dispatcher,
+    request: TransferRequested,
+    scheduled: Instant,
+) -> anyhow::Result<Sample> {
+    let rx = outcomes.expect(&request.transfer_id);
+    client::request_transfer(publisher, &config.kafka, &request).await?;
+    let outcome = tokio::time::timeout(OUTCOME_TIMEOUT, rx)
+        .await
+        .with_context(|| format!("no outcome for {} within {OUTCOME_TIMEOUT:?}", request.transfer_id))??;
+    Ok((scheduled.elapsed().as_micros() as u64, outcome))
+}
+
+async fn closed_loop(
+    config: &Config,
+    publisher: &Publisher,
+    outcomes: &Dispatcher,
+    workload: &Workload,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<(Vec<Sample>, f64)> {
+    let started = Instant::now();
+    let producers = (0..concurrency).map(|_| async {
+        let mut samples = Vec::new();
+        while started.elapsed() < duration {
+            let request = workload.request(&mut rand::rng());
+            samples.push(one(config, publisher, outcomes, request, Instant::now()).await?);
+        }
+        anyhow::Ok(samples)
+    });
+    let all = futures::future::try_join_all(producers).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok((all.into_iter().flatten().collect(), seconds))
+}
+
+async fn open_loop(
+    config: &Config,
+    publisher: &Publisher,
+    outcomes: &Dispatcher,
+    workload: &Workload,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<(Vec<Sample>, f64)> {
+    let started = Instant::now();
+    let total = (rate * duration.as_secs_f64()).round() as usize;
+    let sends = (0..total).map(|i| {
+        let scheduled = started + Duration::from_secs_f64(i as f64 / rate);
+        let request = workload.request(&mut rand::rng());
+        async move {
+            tokio::time::sleep_until(scheduled.into()).await;
+            one(config, publisher, outcomes, request, scheduled).await
+        }
+    });
+    let samples = futures::future::try_join_all(sends).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok((samples, seconds))
+}
+
+/// The broker's and the database's ceiling for this workload, measured for a few seconds each.
+async fn measure_ceiling(config: &Config, achieved: f64) -> anyhow::Result<Ceiling> {
+    eprintln!("measuring the ceiling reference…");
+    let broker = broker_ceiling(&config.kafka, Duration::from_secs(10)).await?;
+    let commits = database_ceiling(&config.database_url, 16, Duration::from_secs(10)).await?;
+    let database = commits / COMMITS_PER_TRANSFER as f64;
+    Ok(Ceiling {
+        broker_transfers_per_second: broker,
+        database_commits_per_second: commits,
+        database_transfers_per_second: database,
+        share_of_broker: achieved / broker,
+        share_of_database: achieved / database,
+    })
+}
+
+/// Transfers per second when each is only its twelve messages: a relay standing in for the
+/// coordinator turns a request into three commands, three replies into two commands, two
+/// replies into an outcome; one standing in for the participants answers each command.
+async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Result<f64> {
+    let run = Uuid::new_v4().simple().to_string();
+    let topic = |name: &str| format!("bench-ceiling-{run}.{name}");
+    let (requests, commands, replies, events) =
+        (topic("requests"), topic("commands"), topic("replies"), topic("events"));
+    twophase_runtime::kafka::ensure_topics(
+        kafka,
+        &[requests.clone(), commands.clone(), replies.clone(), events.clone()],
+    )
+    .await?;
+    let producer: FutureProducer = client_config(kafka)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()?;
+    let consumer = |group: &str, topics: &[&str]| -> anyhow::Result<StreamConsumer> {
+        let c: StreamConsumer = client_config(kafka)
+            .set("group.id", format!("bench-ceiling-{run}-{group}"))
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        c.subscribe(topics)?;
+        Ok(c)
+    };
+    let coordinator = consumer("coordinator", &[&requests, &replies])?;
+    let participant = consumer("participant", &[&commands])?;
+    let outcomes = consumer("outcomes", &[&events])?;
+    let send = |producer: FutureProducer, topic: String, key: Vec<u8>, n: usize| async move {
+        for _ in 0..n {
+            let record = FutureRecord::to(&topic).key(&key).payload(&key);
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        anyhow::Ok(())
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let relay_coordinator = {
+        let (producer, stop) = (producer.clone(), stop.clone());
+        let (commands, events, replies) = (commands.clone(), events.clone(), replies.clone());
+        tokio::spawn(async move {
+            let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+            loop {
+                let m = tokio::select! { _ = stop.cancelled() => return anyhow::Ok(()), m = coordinator.recv() => m? };
+                let key = m.key().unwrap_or_default().to_vec();
+                if m.topic() != replies {
+                    send(producer.clone(), commands.clone(), key, 3).await?;
+                    continue;
+                }
+                let n = seen.entry(key.clone()).or_default();
+                *n += 1;
+                match *n {
+                    3 => send(producer.clone(), commands.clone(), key, 2).await?,
+                    5 => {
+                        seen.remove(&key);
+                        send(producer.clone(), events.clone(), key, 1).await?
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    let relay_participant = {
+        let (producer, stop, replies) = (producer.clone(), stop.clone(), replies.clone());
+        tokio::spawn(async move {
+            loop {
+                let m = tokio::select! { _ = stop.cancelled() => return anyhow::Ok(()), m = participant.recv() => m? };
+                send(producer.clone(), replies.clone(), m.key().unwrap_or_default().to_vec(), 1).await?;
+            }
+        })
+    };
+    // Keep 64 transfers in flight; count those whose outcome arrives within the duration.
+    let started = Instant::now();
+    let mut in_flight = 0usize;
+    let mut done = 0usize;
+    let mut next = 0u64;
+    while started.elapsed() < duration {
+        while in_flight < 64 {
+            next += 1;
+            send(producer.clone(), requests.clone(), next.to_be_bytes().to_vec(), 1).await?;
+            in_flight += 1;
+        }
+        if tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await.is_ok() {
+            in_flight -= 1;
+            done += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.cancel();
+    relay_coordinator.await??;
+    relay_participant.await??;
+    let _ = MESSAGES_PER_TRANSFER;
+    Ok(done as f64 / seconds)
+}
+
+/// Single-row transactions per second from `connections` concurrent sessions: the database's
+/// commit rate, which bounds a design that commits once per message.
+async fn database_ceiling(url: &str, connections: usize, duration: Duration) -> anyhow::Result<f64> {
+    let db = Db::connect(url, twophase_account::SCHEMA, connections as u32).await?;
+    let mut tx = db.begin().await?;
+    // A scratch table beside the account worker's, dropped at the end.
+    execute!(&mut tx, "CREATE TABLE IF NOT EXISTS bench_commits (id TEXT PRIMARY KEY, at TEXT)")?;
+    tx.commit().await?;
+    let started = Instant::now();
+    let workers = (0..connections).map(|_| {
+        let db = db.clone();
+        async move {
+            let mut n = 0u64;
+            while started.elapsed() < duration {
+                let mut tx = db.begin().await?;
+                execute!(
+                    &mut tx,
+                    "INSERT INTO bench_commits (id, at) VALUES ($1, $2)",
+                    Uuid::new_v4().to_string(),
+                    Timestamp::now().0.to_rfc3339()
+                )?;
+                tx.commit().await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }
+    });
+    let counts = futures::future::try_join_all(workers).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut tx = db.begin().await?;
+    execute!(&mut tx, "DROP TABLE bench_commits")?;
+    tx.commit().await?;
+    Ok(counts.iter().sum::<u64>() as f64 / seconds)
+}
+
+fn print_results(r: &Results) {
+    println!("{}: {} transfers in {:.1} s", r.mode, r.transfers, r.seconds);
+    println!(
+        "  throughput   {:.0} transfers/s ({:.0} completed/s)",
+        r.transfers_per_second, r.completed_per_second
+    );
+    let l = &r.latency_ms;
+    println!(
+        "  latency ms   p50 {:.1}  p95 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+        l.p50, l.p95, l.p99, l.p999, l.max
+    );
+    for (outcome, n) in &r.outcomes {
+        println!("  {n:>8}  {outcome}");
+    }
+    if let Some(c) = &r.ceiling {
+        println!(
+            "  ceiling      broker {:.0} transfers/s ({:.0}% reached), database {:.0} commits/s = {:.0} transfers/s ({:.0}% reached)",
+            c.broker_transfers_per_second,
+            100.0 * c.share_of_broker,
+            c.database_commits_per_second,
+            c.database_transfers_per_second,
+            100.0 * c.share_of_database
+        );
+    }
+    println!(
+        "  invariants   {} ({} accounts, {} transfers checked)",
+        if r.invariants.holds() { "hold" } else { "BROKEN" },
+        r.invariants.accounts,
+        r.invariants.transfers
+    );
+}

@@ -68,7 +68,11 @@ async fn kills_and_a_broker_restart_lose_no_money_and_no_transfer() {
             let mut attempts = 0;
             while let Err(e) = client::request_transfer(publisher, kafka, r).await {
                 attempts += 1;
-                assert!(attempts < 10, "the broker never took {}: {e}", r.transfer_id);
+                assert!(
+                    attempts < 10,
+                    "the broker never took {}: {e}",
+                    r.transfer_id
+                );
             }
         }
     }));
@@ -102,14 +106,21 @@ async fn kills_and_a_broker_restart_lose_no_money_and_no_transfer() {
     let load_done = Instant::now();
 
     let ids = requests.iter().map(|r| r.transfer_id.clone());
-    let outcomes = watcher.wait_for(ids, Duration::from_secs(600)).await.unwrap();
+    let outcomes = watcher
+        .wait_for(ids, Duration::from_secs(600))
+        .await
+        .unwrap();
     let settle = load_done.elapsed();
     println!(
         "chaos: {TRANSFERS} transfers at {RATE}/s, {kills} workers killed, broker restarted: {}, \
          settled {settle:.1?} after the load",
         !env.embedded()
     );
-    assert_eq!(outcomes.len(), TRANSFERS, "every transfer reached an outcome");
+    assert_eq!(
+        outcomes.len(),
+        TRANSFERS,
+        "every transfer reached an outcome"
+    );
     env.wait_count(
         "SELECT count(*) FROM coordinator.transfers WHERE status IN ('preparing', 'committing', 'aborting')",
         0,

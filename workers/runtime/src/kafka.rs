@@ -7,7 +7,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use twophase_messages::{Envelope, Message};
 use uuid::Uuid;
 
@@ -107,7 +107,9 @@ impl Publisher {
         let producer = client_config(kafka)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "1")
+            // Replies of a whole polled batch go out together; a few milliseconds of linger
+            // fill the produce requests without adding much to a lone message's latency.
+            .set("linger.ms", "2")
             .set("message.timeout.ms", "30000")
             .create()?;
         Ok(Publisher { producer })
@@ -115,15 +117,7 @@ impl Publisher {
 
     /// Publishes one message and waits until the broker has it.
     pub async fn publish(&self, message: &Outgoing) -> Result<(), KafkaError> {
-        let headers = message.envelope.to_headers().into_iter().fold(
-            OwnedHeaders::new(),
-            |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                })
-            },
-        );
+        let headers = envelope_headers(&message.envelope);
         self.send_raw(
             &message.topic,
             Some(message.key.as_bytes()),
@@ -131,6 +125,18 @@ impl Publisher {
             headers,
         )
         .await
+    }
+
+    /// Hands one message to the producer without waiting: the returned future resolves with
+    /// the broker's acknowledgement. Messages enqueued one after another keep their order per
+    /// partition (idempotent producer). Fails at once when the local queue is full.
+    pub fn enqueue(&self, message: &Outgoing) -> Result<DeliveryFuture, KafkaError> {
+        let headers = envelope_headers(&message.envelope);
+        let record = FutureRecord::to(&message.topic)
+            .key(message.key.as_bytes())
+            .payload(&message.payload)
+            .headers(headers);
+        self.producer.send_result(record).map_err(|(e, _)| e)
     }
 
     /// Publishes all messages concurrently and waits for every acknowledgement. Per key,
@@ -158,6 +164,19 @@ impl Publisher {
             .map(|_| ())
             .map_err(|(e, _)| e)
     }
+}
+
+/// The Kafka headers of an envelope.
+fn envelope_headers(envelope: &Envelope) -> OwnedHeaders {
+    envelope
+        .to_headers()
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        })
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as they are, and when

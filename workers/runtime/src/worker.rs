@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
+use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::DeliveryFuture;
 use tokio_util::sync::CancellationToken;
-use futures::FutureExt;
 use tracing::Instrument;
 use twophase_messages::{Envelope, Message};
 use uuid::Uuid;
@@ -192,7 +193,9 @@ pub async fn run<H: Handler>(
         // Partitions are independent: each is worked through in order, all at once.
         let partitions = by_partition(&batch);
         let done = futures::future::join_all(
-            partitions.iter().map(|messages| loop_.process_in_order(messages)),
+            partitions
+                .iter()
+                .map(|messages| loop_.process_in_order(messages)),
         )
         .await;
         let mut interrupted = false;
@@ -242,6 +245,23 @@ fn by_partition<'a, 'm>(batch: &'a [BorrowedMessage<'m>]) -> Vec<Vec<&'a Borrowe
     groups
 }
 
+/// Whether a message's replies are only handed to the producer or also acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Pipelined,
+    Careful,
+}
+
+/// Where a message stands after [`ConsumeLoop::process`].
+enum Processed {
+    /// Applied; its replies are with the producer, acknowledged when these resolve.
+    Queued(Vec<DeliveryFuture>),
+    /// Applied and acknowledged, or dead-lettered.
+    Done,
+    /// Shutdown came first; its offset must not be stored.
+    Interrupted,
+}
+
 struct ConsumeLoop<H> {
     handler: Arc<H>,
     settings: WorkerSettings,
@@ -252,18 +272,50 @@ struct ConsumeLoop<H> {
 impl<H: Handler> ConsumeLoop<H> {
     /// Processes one partition's messages in order. Returns how many were handled to their end
     /// and whether all were (false: shutdown interrupted).
+    ///
+    /// Each message's effects are committed before the next one is handled, but its replies
+    /// are only handed to the producer; the acknowledgements are awaited together at the end,
+    /// before any offset is stored. If one was refused, the messages from that one on are
+    /// handled again, one at a time, each waiting for its acknowledgements (handlers are
+    /// idempotent: the stored replies go out again).
     async fn process_in_order(&self, messages: &[&BorrowedMessage<'_>]) -> (usize, bool) {
-        for (i, message) in messages.iter().enumerate() {
-            if !self.process(message).await {
+        let mut queued: Vec<Vec<DeliveryFuture>> = Vec::with_capacity(messages.len());
+        let mut interrupted = false;
+        for message in messages {
+            match self.process(message, Mode::Pipelined).await {
+                Processed::Queued(deliveries) => queued.push(deliveries),
+                Processed::Done => queued.push(Vec::new()),
+                Processed::Interrupted => {
+                    interrupted = true;
+                    break;
+                }
+            }
+        }
+        let mut acknowledged = 0;
+        'messages: for deliveries in queued {
+            for delivery in deliveries {
+                if !matches!(delivery.await, Ok(Ok(_))) {
+                    break 'messages;
+                }
+            }
+            acknowledged += 1;
+        }
+        crate::failpoint::hit_at(self.settings.name, "after_publish");
+        if interrupted {
+            return (acknowledged, false);
+        }
+        for (i, message) in messages.iter().enumerate().skip(acknowledged) {
+            tracing::warn!("replies not acknowledged: handling the message again");
+            if !matches!(self.process(message, Mode::Careful).await, Processed::Done) {
                 return (i, false);
             }
         }
         (messages.len(), true)
     }
 
-    /// Handles one message to its end: applied and replied, or dead-lettered. Returns false if
-    /// shutdown interrupted it (its offset must then not be stored).
-    async fn process(&self, raw: &BorrowedMessage<'_>) -> bool {
+    /// Handles one message: applied and replied (in `Careful` mode, acknowledged too), or
+    /// dead-lettered.
+    async fn process(&self, raw: &BorrowedMessage<'_>, mode: Mode) -> Processed {
         let span = tracing::info_span!(
             "consume",
             messaging.system = "kafka",
@@ -287,7 +339,7 @@ impl<H: Handler> ConsumeLoop<H> {
             span.record("message.id", tracing::field::display(incoming.envelope.id));
             span.record("message.type", incoming.envelope.message_type.as_str());
             span.record("transfer.id", incoming.message.transfer_id());
-            self.handle(raw, &incoming).await
+            self.handle(raw, &incoming, mode).await
         }
         .instrument(span)
         .await
@@ -321,15 +373,20 @@ impl<H: Handler> ConsumeLoop<H> {
         })
     }
 
-    async fn handle(&self, raw: &BorrowedMessage<'_>, incoming: &Incoming) -> bool {
+    async fn handle(
+        &self,
+        raw: &BorrowedMessage<'_>,
+        incoming: &Incoming,
+        mode: Mode,
+    ) -> Processed {
         let started = Instant::now();
         let first_failure = Utc::now();
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
             let error = match self.handler.handle(incoming).await {
-                Ok(outgoing) => match self.publish(&outgoing).await {
-                    Ok(()) => {
+                Ok(outgoing) => match self.publish(&outgoing, mode).await {
+                    Ok(processed) => {
                         let seconds = started.elapsed().as_secs_f64();
                         metrics::message_handled(
                             self.settings.name,
@@ -337,7 +394,7 @@ impl<H: Handler> ConsumeLoop<H> {
                             metrics::outcome::OK,
                             seconds,
                         );
-                        return true;
+                        return processed;
                     }
                     Err(e) => {
                         HandlerError::Transient(anyhow::Error::new(e).context("publishing replies"))
@@ -363,19 +420,27 @@ impl<H: Handler> ConsumeLoop<H> {
             let wait = self.settings.retry.backoff(attempt);
             tracing::warn!(attempt, ?wait, error = %error, "handler failed; retrying");
             tokio::select! {
-                _ = self.shutdown.cancelled() => return false,
+                _ = self.shutdown.cancelled() => return Processed::Interrupted,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    /// Publishes a handler's replies, between the failpoints that let tests crash the worker
-    /// on either side of it.
-    async fn publish(&self, outgoing: &[Outgoing]) -> Result<(), rdkafka::error::KafkaError> {
+    /// Publishes a handler's replies: hands them to the producer (`Pipelined`), or waits for
+    /// the broker to acknowledge them (`Careful`, and whenever the producer's queue is full).
+    async fn publish(&self, outgoing: &[Outgoing], mode: Mode) -> Result<Processed, KafkaError> {
         crate::failpoint::hit_at(self.settings.name, "after_commit");
+        if mode == Mode::Pipelined {
+            let queued: Result<Vec<DeliveryFuture>, KafkaError> =
+                outgoing.iter().map(|m| self.publisher.enqueue(m)).collect();
+            match queued {
+                Ok(deliveries) => return Ok(Processed::Queued(deliveries)),
+                // Whatever was queued stays queued (a repeat is harmless); wait this time.
+                Err(e) => tracing::debug!(error = %e, "producer queue full: waiting"),
+            }
+        }
         self.publisher.publish_all(outgoing).await?;
-        crate::failpoint::hit_at(self.settings.name, "after_publish");
-        Ok(())
+        Ok(Processed::Done)
     }
 
     /// Publishes the record to its dead-letter topic, retrying until the broker takes it.
@@ -386,7 +451,7 @@ impl<H: Handler> ConsumeLoop<H> {
         error: &anyhow::Error,
         attempts: u32,
         first_failure: chrono::DateTime<Utc>,
-    ) -> bool {
+    ) -> Processed {
         tracing::error!(
             class,
             error = format!("{error:#}"),
@@ -428,12 +493,12 @@ impl<H: Handler> ConsumeLoop<H> {
                 )
                 .await
             {
-                Ok(()) => return true,
+                Ok(()) => return Processed::Done,
                 Err(e) => {
                     let wait = self.settings.retry.backoff(attempt);
                     tracing::warn!(error = %e, ?wait, "dead letter not accepted; retrying");
                     tokio::select! {
-                        _ = self.shutdown.cancelled() => return false,
+                        _ = self.shutdown.cancelled() => return Processed::Interrupted,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }

@@ -109,8 +109,15 @@ const COMMITS_PER_TRANSFER: usize = 11;
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
-    for (name, share) in [("hot", args.hot), ("insufficient", args.insufficient), ("invalid", args.invalid)] {
-        anyhow::ensure!((0.0..=1.0).contains(&share), "--{name} must be between 0 and 1");
+    for (name, share) in [
+        ("hot", args.hot),
+        ("insufficient", args.insufficient),
+        ("invalid", args.invalid),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&share),
+            "--{name} must be between 0 and 1"
+        );
     }
     let accounts_db = Db::connect(&config.database_url, twophase_account::SCHEMA, 4)
         .await
@@ -134,12 +141,21 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
     let (mode, samples, seconds) = match (args.concurrency, args.rate) {
         (_, Some(rate)) => {
             anyhow::ensure!(rate > 0.0, "--rate must be positive");
-            let (s, secs) = open_loop(config, &publisher, &outcomes, &workload, rate, args.duration).await?;
+            let (s, secs) = open_loop(
+                config,
+                &publisher,
+                &outcomes,
+                &workload,
+                rate,
+                args.duration,
+            )
+            .await?;
             (format!("open loop, {rate}/s"), s, secs)
         }
         (concurrency, None) => {
             let c = concurrency.unwrap_or(32).max(1);
-            let (s, secs) = closed_loop(config, &publisher, &outcomes, &workload, c, args.duration).await?;
+            let (s, secs) =
+                closed_loop(config, &publisher, &outcomes, &workload, c, args.duration).await?;
             (format!("closed loop, concurrency {c}"), s, secs)
         }
     };
@@ -293,7 +309,12 @@ async fn one(
     client::request_transfer(publisher, &config.kafka, &request).await?;
     let outcome = tokio::time::timeout(OUTCOME_TIMEOUT, rx)
         .await
-        .with_context(|| format!("no outcome for {} within {OUTCOME_TIMEOUT:?}", request.transfer_id))??;
+        .with_context(|| {
+            format!(
+                "no outcome for {} within {OUTCOME_TIMEOUT:?}",
+                request.transfer_id
+            )
+        })??;
     Ok((scheduled.elapsed().as_micros() as u64, outcome))
 }
 
@@ -363,11 +384,20 @@ async fn measure_ceiling(config: &Config, achieved: f64) -> anyhow::Result<Ceili
 async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Result<f64> {
     let run = Uuid::new_v4().simple().to_string();
     let topic = |name: &str| format!("bench-ceiling-{run}.{name}");
-    let (requests, commands, replies, events) =
-        (topic("requests"), topic("commands"), topic("replies"), topic("events"));
+    let (requests, commands, replies, events) = (
+        topic("requests"),
+        topic("commands"),
+        topic("replies"),
+        topic("events"),
+    );
     twophase_runtime::kafka::ensure_topics(
         kafka,
-        &[requests.clone(), commands.clone(), replies.clone(), events.clone()],
+        &[
+            requests.clone(),
+            commands.clone(),
+            replies.clone(),
+            events.clone(),
+        ],
     )
     .await?;
     let producer: FutureProducer = client_config(kafka)
@@ -426,7 +456,13 @@ async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Resu
         tokio::spawn(async move {
             loop {
                 let m = tokio::select! { _ = stop.cancelled() => return anyhow::Ok(()), m = participant.recv() => m? };
-                send(producer.clone(), replies.clone(), m.key().unwrap_or_default().to_vec(), 1).await?;
+                send(
+                    producer.clone(),
+                    replies.clone(),
+                    m.key().unwrap_or_default().to_vec(),
+                    1,
+                )
+                .await?;
             }
         })
     };
@@ -438,10 +474,19 @@ async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Resu
     while started.elapsed() < duration {
         while in_flight < 64 {
             next += 1;
-            send(producer.clone(), requests.clone(), next.to_be_bytes().to_vec(), 1).await?;
+            send(
+                producer.clone(),
+                requests.clone(),
+                next.to_be_bytes().to_vec(),
+                1,
+            )
+            .await?;
             in_flight += 1;
         }
-        if tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await.is_ok() {
+        if tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
+            .await
+            .is_ok()
+        {
             in_flight -= 1;
             done += 1;
         }
@@ -456,11 +501,18 @@ async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Resu
 
 /// Single-row transactions per second from `connections` concurrent sessions: the database's
 /// commit rate, which bounds a design that commits once per message.
-async fn database_ceiling(url: &str, connections: usize, duration: Duration) -> anyhow::Result<f64> {
+async fn database_ceiling(
+    url: &str,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     let db = Db::connect(url, twophase_account::SCHEMA, connections as u32).await?;
     let mut tx = db.begin().await?;
     // A scratch table beside the account worker's, dropped at the end.
-    execute!(&mut tx, "CREATE TABLE IF NOT EXISTS bench_commits (id TEXT PRIMARY KEY, at TEXT)")?;
+    execute!(
+        &mut tx,
+        "CREATE TABLE IF NOT EXISTS bench_commits (id TEXT PRIMARY KEY, at TEXT)"
+    )?;
     tx.commit().await?;
     let started = Instant::now();
     let workers = (0..connections).map(|_| {
@@ -490,7 +542,10 @@ async fn database_ceiling(url: &str, connections: usize, duration: Duration) -> 
 }
 
 fn print_results(r: &Results) {
-    println!("{}: {} transfers in {:.1} s", r.mode, r.transfers, r.seconds);
+    println!(
+        "{}: {} transfers in {:.1} s",
+        r.mode, r.transfers, r.seconds
+    );
     println!(
         "  throughput   {:.0} transfers/s ({:.0} completed/s)",
         r.transfers_per_second, r.completed_per_second
@@ -515,7 +570,11 @@ fn print_results(r: &Results) {
     }
     println!(
         "  invariants   {} ({} accounts, {} transfers checked)",
-        if r.invariants.holds() { "hold" } else { "BROKEN" },
+        if r.invariants.holds() {
+            "hold"
+        } else {
+            "BROKEN"
+        },
         r.invariants.accounts,
         r.invariants.transfers
     );

@@ -76,6 +76,23 @@ enum Command {
     /// Dead letters: list them, or replay chosen ones to their original topic.
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
+    /// Run the audit worker: stores every message once in the tamper-evident audit log and
+    /// serves the query API (GET /audit/logs, GET /transfers/{id}/timeline) on audit.listen.
+    /// `audit verify` checks the hash chains; `audit query` looks rows up.
+    Audit(twophase_audit::cli::AuditArgs),
+    /// Transfers as the audit log saw them.
+    #[command(subcommand)]
+    Transfers(twophase_audit::cli::TransfersCommand),
+    /// Reconcile one day once: balances against the ledger, transfer outcomes against debits
+    /// and credits, totals, stale holds and stuck transfers. Prints the report (a table, or
+    /// --json), stores it (replacing an earlier one of the day) and publishes it to
+    /// reconciliation.reports.
+    ///
+    /// Exit code: 0 no discrepancies, 1 discrepancies found, 3 the run could not finish.
+    Reconcile(twophase_reconciler::ReconcileArgs),
+    /// Run the reconciler: every day at reconciler.run_at (02:00 by default, in
+    /// reconciler.time_zone) it reconciles the day before. Serves /metrics and /healthz.
+    Reconciler(twophase_reconciler::ReconcilerArgs),
     /// Measure throughput and latency against a running system, then check the invariants.
     Bench(crate::bench::BenchArgs),
     /// Print the effective configuration (the database password masked).
@@ -273,10 +290,40 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::Dlq(command) => return crate::dlq::run(&config.kafka, command).await,
+        Command::Audit(args) => {
+            let services = twophase_audit::cli::Services {
+                database_url: &config.database_url,
+                max_connections: config.database_max_connections,
+                kafka: &config.kafka,
+                retry: &config.retry,
+                audit: &config.audit,
+                metrics_listen: config.metrics_listen,
+            };
+            return twophase_audit::cli::audit(services, args).await;
+        }
+        Command::Transfers(command) => {
+            return twophase_audit::cli::transfers(&config.database_url, command).await
+        }
+        Command::Reconcile(args) => {
+            return twophase_reconciler::reconcile_command(reconciler_settings(&config), args).await
+        }
+        Command::Reconciler(args) => {
+            return twophase_reconciler::reconciler_command(reconciler_settings(&config), args)
+                .await
+        }
         Command::Bench(args) => return crate::bench::run(&config, args).await,
         Command::Config => print!("{}", config.redacted_toml()),
     }
     Ok(0)
+}
+
+fn reconciler_settings(config: &Config) -> twophase_reconciler::Settings {
+    twophase_reconciler::Settings {
+        database_url: config.database_url.clone(),
+        kafka: config.kafka.clone(),
+        config: config.reconciler.clone(),
+        metrics_listen: config.metrics_listen,
+    }
 }
 
 async fn pool(config: &Config, schema: &str) -> anyhow::Result<db::Db> {

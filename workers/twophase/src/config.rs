@@ -22,6 +22,8 @@ pub struct Config {
     pub retry: RetryConfig,
     pub coordinator: CoordinatorConfig,
     pub risk: RiskConfig,
+    pub reconciler: twophase_reconciler::ReconcilerConfig,
+    pub audit: twophase_audit::AuditConfig,
 }
 
 impl Default for Config {
@@ -35,6 +37,8 @@ impl Default for Config {
             retry: RetryConfig::default(),
             coordinator: CoordinatorConfig::default(),
             risk: RiskConfig::default(),
+            reconciler: twophase_reconciler::ReconcilerConfig::default(),
+            audit: twophase_audit::AuditConfig::default(),
         }
     }
 }

@@ -1,9 +1,9 @@
 //! `twophase dev`: the whole system in one process with nothing installed.
 //!
 //! It starts librdkafka's mock cluster in process, keeps every worker's state in SQLite files
-//! under a data directory, runs the coordinator, account and risk workers on them (the same
-//! code as in production; only the connection strings differ), and opens demo accounts on
-//! first start. With `--demo N` it also publishes N random transfers, shows their progress and
+//! under a data directory, runs the coordinator, account, risk and audit workers on them (the
+//! same code as in production; only the connection strings differ), serves the audit API with
+//! `/metrics` and `/healthz`, and opens demo accounts on first start. With `--demo N` it also publishes N random transfers, shows their progress and
 //! ends with a summary.
 //!
 //! The mock cluster keeps messages in memory only, so a restart begins with an empty broker
@@ -82,17 +82,33 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     let shutdown = shutdown::on_signal();
     let publisher = Publisher::new(&config.kafka)?;
     let (mut workers, health) = start_workers(&config, &publisher, &shutdown).await?;
+    // One address serves the audit API beside /metrics and /healthz.
     let listen = config
         .metrics_listen
         .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 9100)));
-    let http = http::serve(listen, health, shutdown.clone())
-        .await
-        .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
+    let audit_db = Db::connect(&config.database_url, twophase_audit::SCHEMA, 1).await?;
+    let http =
+        twophase_audit::api::serve(listen, audit_db.clone(), health.clone(), shutdown.clone())
+            .await
+            .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
+    workers.spawn(twophase_audit::consumer::run(
+        audit_db,
+        twophase_audit::consumer::Settings {
+            kafka: config.kafka.clone(),
+            retry: config.retry.clone(),
+            batch_size: config.audit.batch_size,
+            batch_timeout: config.audit.batch_timeout,
+            commit_interval: config.audit.commit_interval,
+            health,
+        },
+        shutdown.clone(),
+    ));
 
     eprintln!("twophase dev: every worker running in this process");
     eprintln!("  broker     {}", config.kafka.brokers);
     eprintln!("  data       {}", config.database_url);
     eprintln!("  metrics    http://{http}/metrics   health http://{http}/healthz");
+    eprintln!("  audit      http://{http}/audit/logs   http://{http}/transfers/ID/timeline");
     eprintln!(
         "  accounts   {} demo accounts with {DEMO_BALANCE} USD each, and {frozen} (frozen)",
         active.len()

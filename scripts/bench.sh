@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Reproduces the figures in BENCHMARKS.md: builds the release binary, starts PostgreSQL and
+# Kafka, and for each set-up (one copy of each worker; two account workers) runs the closed
+# loop (maximum sustained throughput, with the ceiling reference) and then the open loop at
+# half that maximum; last, the embedded default's demo. Results go to target/bench/*.json.
+#
+#   scripts/bench.sh                 everything
+#   BENCH_SECONDS=60 scripts/bench.sh
+#   TWOPHASE_BIN=path/to/twophase scripts/bench.sh   (skip the build)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+seconds="${BENCH_SECONDS:-30}"
+concurrency="${BENCH_CONCURRENCY:-64}"
+out=target/bench
+mkdir -p "$out"
+
+if [[ -n "${TWOPHASE_BIN:-}" ]]; then
+  T="$TWOPHASE_BIN"            # an already built binary
+else
+  cargo build --release --locked --quiet
+  T="$PWD/target/release/twophase"
+fi
+scripts/services.sh start >/dev/null
+admin_url="$(scripts/postgres.sh url)"
+brokers="$(scripts/kafka.sh bootstrap)"
+
+pids=()
+stop_workers() {
+  if ((${#pids[@]})); then
+    kill "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
+  fi
+  pids=()
+}
+trap stop_workers EXIT
+
+# One set-up: a fresh database and topic prefix, the workers, the closed then the open loop.
+run_setup() {
+  local name=$1 account_workers=$2
+  local id
+  id="bench_${name//-/_}_$(date +%s)"
+  psql -q "$admin_url" -c "CREATE DATABASE $id"
+  export TWOPHASE_DATABASE_URL="${admin_url%/*}/$id"
+  export TWOPHASE_KAFKA__BROKERS="$brokers"
+  export TWOPHASE_KAFKA__TOPIC_PREFIX="$id."
+  export TWOPHASE_KAFKA__GROUP_PREFIX="$id"
+  # The workload sends from each account far faster, and more in a day, than the risk rules
+  # allow a person.
+  cat >"$out/$id.toml" <<TOML
+[risk]
+velocity_max_transfers = 100000000
+[risk.daily_limit]
+USD = "1000000000"
+TOML
+  export TWOPHASE_CONFIG="$out/$id.toml"
+  export TWOPHASE_METRICS_LISTEN=127.0.0.1:0
+  "$T" migrate >/dev/null
+  "$T" topics create >/dev/null
+  local workers=(coordinator risk)
+  for ((i = 0; i < account_workers; i++)); do workers+=(account); done
+  for w in "${workers[@]}"; do
+    "$T" "$w" 2>>"$out/$id-$w.log" &
+    pids+=($!)
+  done
+  echo "== $name: closed loop, concurrency $concurrency, ${seconds}s"
+  "$T" bench --concurrency "$concurrency" --duration "${seconds}s" --ceiling --json "$out/$name-closed.json"
+  local rate
+  rate=$(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['completed_per_second'] / 2, 1))" "$out/$name-closed.json")
+  echo "== $name: open loop at half the maximum, ${rate}/s, ${seconds}s"
+  "$T" bench --rate "$rate" --duration "${seconds}s" --json "$out/$name-open.json"
+  stop_workers
+}
+
+run_setup one-copy-each 1
+run_setup two-account-workers 2
+
+echo "== embedded default: twophase dev --demo 5000"
+"$T" dev --data-dir "$(mktemp -d)" --demo 5000 --json >"$out/embedded.json"
+python3 -c "import json; s=json.load(open('$out/embedded.json')); print({k: s[k] for k in ('terminal', 'transfers_per_second', 'latency_p50_ms', 'latency_p99_ms')})"

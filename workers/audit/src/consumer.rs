@@ -1,0 +1,327 @@
+//! The audit consume loop: batches of raw records, one transaction per batch, offsets stored
+//! only once the batch is committed.
+//!
+//! Delivery is at least once: a crash between the commit and the offset commit redelivers the
+//! batch, and the unique keys of the table (topic/partition/offset, message id) turn the
+//! second delivery into nothing, so every record is in the table exactly once. A batch that
+//! cannot be written is retried with backoff for as long as it takes: the audit trail never
+//! skips a record, and it never dead-letters one either (it keeps undecodable bytes as they
+//! are).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message as _;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use twophase_messages::Topics;
+use twophase_runtime::db::{Db, Timestamp};
+use twophase_runtime::http::Health;
+use twophase_runtime::kafka::client_config;
+use twophase_runtime::{metrics, KafkaConfig, RetryConfig};
+
+use crate::record::{self, Source, REPLAYS_TOPIC};
+use crate::store;
+
+/// What the loop needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kafka: KafkaConfig,
+    pub retry: RetryConfig,
+    pub batch_size: usize,
+    pub batch_timeout: Duration,
+    pub commit_interval: Duration,
+    pub health: Health,
+}
+
+impl Settings {
+    pub fn group_id(&self) -> String {
+        format!("{}-{}", self.kafka.group_prefix, crate::WORKER)
+    }
+}
+
+/// Every topic the audit consumer reads by name: the saga topics, their dead-letter topics and
+/// `reconciliation.reports`. `ops.replays` is subscribed by pattern ([`replays_pattern`]), so
+/// that it is picked up whenever the first replay creates it.
+pub fn topics(kafka: &KafkaConfig) -> Vec<String> {
+    Topics::new(&kafka.topic_prefix).all()
+}
+
+/// A subscription pattern (librdkafka: a leading `^`) matching only `<prefix>ops.replays`.
+pub fn replays_pattern(prefix: &str) -> String {
+    let mut pattern = String::from("^");
+    for c in format!("{prefix}{REPLAYS_TOPIC}").chars() {
+        // Topic names hold letters, digits, `.`, `_` and `-`; of these only `.` means
+        // something in a pattern, and the rest is escaped in case.
+        if ".[]{}()*+?^$|\\".contains(c) {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('$');
+    pattern
+}
+
+struct AuditContext {
+    group: String,
+    health: Health,
+}
+
+impl ClientContext for AuditContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        metrics::record_consumer_lag(&self.group, &statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka reports a subscription pattern that matches no topic as an error; for the
+        // ops.replays pattern that is the normal state until the first replay.
+        // Right after topics are created the broker may not know them yet either.
+        if reason.contains(REPLAYS_TOPIC) {
+            tracing::debug!(%error, reason, "no ops.replays topic yet");
+        } else if reason.starts_with("Subscribed topic not available") {
+            tracing::warn!(%error, reason, "librdkafka error");
+        } else {
+            tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for AuditContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = rebalance {
+            // What is stored is durable in the table: hand it to the next owner so that it
+            // does not read it all again.
+            commit_stored(consumer);
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                tracing::info!(partitions = partitions.count(), "partitions assigned");
+                self.health.set_assigned(partitions.count() > 0);
+            }
+            Rebalance::Revoke(_) => self.health.set_assigned(false),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
+fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "offset commit failed; some records will be read again (and skipped as stored)"
+        ),
+    }
+}
+
+/// Runs the consume loop until `shutdown` is cancelled; the batch in hand is written before it
+/// returns.
+pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let group = settings.group_id();
+    let context = AuditContext {
+        group: group.clone(),
+        health: settings.health.clone(),
+    };
+    let consumer: StreamConsumer<AuditContext> = client_config(&settings.kafka)
+        .set("group.id", &group)
+        .set(
+            "client.id",
+            format!("twophase-audit-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "true")
+        .set(
+            "auto.commit.interval.ms",
+            settings.commit_interval.as_millis().max(1).to_string(),
+        )
+        // Offsets are stored by hand, only once the batch holding them is committed.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        // A batch may wait this long on a recovering database before the group moves on.
+        .set(
+            "max.poll.interval.ms",
+            (settings.retry.give_up_after.as_millis() as u64 + 60_000).to_string(),
+        )
+        // How soon a topic matching the ops.replays pattern is noticed once it is created.
+        .set("topic.metadata.refresh.interval.ms", "30000")
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(context)?;
+    let topics = topics(&settings.kafka);
+    let pattern = replays_pattern(&settings.kafka.topic_prefix);
+    let mut subscription: Vec<&str> = topics.iter().map(String::as_str).collect();
+    subscription.push(&pattern);
+    consumer.subscribe(&subscription)?;
+    let mut labelled = topics.clone();
+    labelled.push(format!("{}{REPLAYS_TOPIC}", settings.kafka.topic_prefix));
+    metrics::init_worker(crate::WORKER, &labelled);
+    tracing::info!(group = %group, ?subscription, "auditing");
+
+    let prefix = settings.kafka.topic_prefix.clone();
+    let saga = Topics::new(&prefix);
+    loop {
+        let batch = collect(&consumer, &settings, &shutdown).await;
+        if batch.is_empty() {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let now = Utc::now();
+        let entries: Vec<_> = batch
+            .iter()
+            .map(|m| record::entry(&Source::of(m), &saga, &prefix, now))
+            .collect();
+        let span = tracing::info_span!(
+            "audit_batch",
+            messaging.system = "kafka",
+            messaging.consumer.group.name = %group,
+            messaging.batch.message_count = batch.len(),
+        );
+        if !write(&db, &entries, &settings.retry, &shutdown)
+            .instrument(span)
+            .await
+        {
+            // Shut down before the batch could be written: its offsets stay unstored, and the
+            // next owner reads it again.
+            break;
+        }
+        store_offsets(&consumer, &batch);
+        let seconds = started.elapsed().as_secs_f64();
+        for m in &batch {
+            metrics::message_handled(crate::WORKER, m.topic(), metrics::outcome::OK, seconds);
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
+    commit_stored(&consumer);
+    tracing::info!("audit consumer stopped");
+    Ok(())
+}
+
+/// Up to `batch_size` records: waits for the first, then takes what comes within
+/// `batch_timeout` of it. Empty on shutdown.
+async fn collect(
+    consumer: &StreamConsumer<AuditContext>,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> Vec<OwnedMessage> {
+    let mut batch = Vec::new();
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return batch,
+        m = consumer.recv() => m,
+    };
+    match first {
+        Ok(m) => batch.push(m.detach()),
+        Err(e) => {
+            consumer_error(&e);
+            return batch;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + settings.batch_timeout;
+    while batch.len() < settings.batch_size.max(1) {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+            m = consumer.recv() => match m {
+                Ok(m) => batch.push(m.detach()),
+                Err(e) => consumer_error(&e),
+            },
+        }
+    }
+    batch
+}
+
+fn consumer_error(e: &KafkaError) {
+    match e {
+        // The ops.replays pattern matching no topic yet (see `AuditContext::error`): the saga
+        // topics are created before the consumer starts, so this is not one of them going away.
+        KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition) => {
+            tracing::debug!(error = %e, "consumer error")
+        }
+        _ => tracing::warn!(error = %e, "consumer error"),
+    }
+}
+
+/// Writes a batch, retrying until it is committed; false if shutdown came first.
+async fn write(
+    db: &Db,
+    entries: &[record::Entry],
+    retry: &RetryConfig,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match store::append(db, entries, Timestamp::now()).await {
+            Ok(appended) => {
+                tracing::debug!(
+                    inserted = appended.inserted,
+                    duplicates = appended.duplicates,
+                    "batch audited"
+                );
+                return true;
+            }
+            Err(e) => {
+                let first = &entries[0];
+                let wait = retry.backoff(attempt);
+                // Every failure is retried: skipping a record would leave a hole in the audit
+                // trail. A failure that does not go away shows as lag and in these lines.
+                let level_error = !e.is_transient() || attempt > 10;
+                if level_error {
+                    tracing::error!(error = format!("{:#}", anyhow::Error::new(e)), attempt, ?wait, topic = %first.topic, partition = first.kafka_partition, offset = first.kafka_offset, records = entries.len(), "audit batch not written; retrying");
+                } else {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::new(e)),
+                        attempt,
+                        ?wait,
+                        records = entries.len(),
+                        "audit batch not written; retrying"
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Stores, per partition, the offset after the batch's last record of it. A partition revoked
+/// meanwhile refuses; its next owner reads those records again and finds them stored.
+fn store_offsets(consumer: &StreamConsumer<AuditContext>, batch: &[OwnedMessage]) {
+    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for m in batch {
+        let offset = last.entry((m.topic(), m.partition())).or_insert(m.offset());
+        *offset = (*offset).max(m.offset());
+    }
+    for ((topic, partition), offset) in last {
+        if let Err(e) = consumer.store_offset(topic, partition, offset) {
+            tracing::debug!(error = %e, topic, partition, offset, "offset not stored (partition revoked?)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replays_pattern_matches_only_the_replays_topic() {
+        assert_eq!(replays_pattern("acme-1."), r"^acme-1\.ops\.replays$");
+        assert_eq!(replays_pattern(""), r"^ops\.replays$");
+    }
+}

@@ -1,0 +1,134 @@
+//! The subcommands: `twophase reconcile` reconciles one day and exits; `twophase reconciler`
+//! runs every day at `reconciler.run_at` and serves `/metrics` and `/healthz`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{Days, NaiveDate, Utc};
+use chrono_tz::Tz;
+use tokio_util::sync::CancellationToken;
+use twophase_runtime::db::Db;
+use twophase_runtime::{http, shutdown};
+
+use crate::report::Report;
+use crate::window::{next_run, today};
+use crate::{reconcile, Settings, DEFAULT_METRICS_PORT, SCHEMA};
+
+#[derive(Debug, clap::Args)]
+pub struct ReconcileArgs {
+    /// The day to reconcile, YYYY-MM-DD, as a day in the time zone (default: yesterday).
+    #[arg(long)]
+    pub date: Option<NaiveDate>,
+    /// The IANA time zone the day is cut in, e.g. Europe/Berlin (default: reconciler.time_zone).
+    #[arg(long)]
+    pub time_zone: Option<Tz>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReconcilerArgs {
+    /// Reconcile the last day (yesterday in reconciler.time_zone) now, print the report and
+    /// exit with its code, instead of running every day.
+    #[arg(long)]
+    pub once: bool,
+    /// With --once: print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `twophase reconcile`: exit code 0 no discrepancies, 1 discrepancies, 3 the run failed.
+pub async fn reconcile_command(mut settings: Settings, args: ReconcileArgs) -> anyhow::Result<u8> {
+    if let Some(tz) = args.time_zone {
+        settings.config.time_zone = tz;
+    }
+    let tz = settings.config.time_zone;
+    let today = today(tz, Utc::now());
+    let date = args.date.unwrap_or_else(|| yesterday(today));
+    anyhow::ensure!(
+        date <= today,
+        "{date} has not begun in {tz} yet (it is {today} there)"
+    );
+    let report = reconcile(&settings, date).await;
+    print(&report, args.json)?;
+    Ok(report.exit_code())
+}
+
+/// `twophase reconciler`: every day at `run_at`, the day before; with `--once`, the last day
+/// now.
+pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> anyhow::Result<u8> {
+    if args.once {
+        let date = yesterday(today(settings.config.time_zone, Utc::now()));
+        let report = reconcile(&settings, date).await;
+        print(&report, args.json)?;
+        return Ok(report.exit_code());
+    }
+    let token = shutdown::on_signal();
+    let db = Db::connect(&settings.database_url, SCHEMA, 2)
+        .await
+        .context("connecting to the reconciler schema")?;
+    let health = {
+        let db = db.clone();
+        http::Health::with_database(move || {
+            let db = db.clone();
+            async move {
+                if db.ping().await {
+                    Ok(())
+                } else {
+                    Err("the database does not answer")
+                }
+            }
+        })
+    };
+    // No consumer group to wait for: ready as soon as the database answers.
+    health.set_assigned(true);
+    let listen = settings
+        .metrics_listen
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT)));
+    http::serve(listen, health, token.clone())
+        .await
+        .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
+    run_daily(&settings, token).await;
+    db.close().await;
+    Ok(0)
+}
+
+/// Reconciles the day before at `run_at` every day until `shutdown`. A run that has begun is
+/// finished before stopping.
+pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
+    let config = &settings.config;
+    loop {
+        let (due, day) = next_run(Utc::now(), config.time_zone, config.run_at);
+        tracing::info!(%due, %day, "next reconciliation");
+        loop {
+            let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            if wait.is_zero() {
+                break;
+            }
+            // Wakes at least hourly, so that a clock change is noticed.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
+            }
+        }
+        reconcile(settings, day).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+fn yesterday(today: NaiveDate) -> NaiveDate {
+    today.checked_sub_days(Days::new(1)).unwrap_or(today)
+}
+
+fn print(report: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}

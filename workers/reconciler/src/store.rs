@@ -1,0 +1,121 @@
+//! The reports table: one report per day, replaced by a re-run, with its discrepancies.
+
+use chrono::NaiveDate;
+use twophase_runtime::db::sqlx::types::Json;
+use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
+use twophase_runtime::{execute, query_as};
+
+use crate::report::Report;
+
+/// What is kept of an earlier report of the same day.
+#[derive(Debug, Clone)]
+pub(crate) struct Previous {
+    /// Runs of the day so far.
+    pub runs: i32,
+    pub status: String,
+}
+
+/// Reads and locks the day's report, if there is one.
+pub(crate) async fn lock_day(
+    tx: &mut Tx,
+    date: NaiveDate,
+) -> Result<Option<Previous>, sqlx::Error> {
+    let row = query_as!(
+        tx,
+        (i32, String),
+        fetch_optional,
+        "SELECT runs, status FROM reports WHERE report_date = $1 FOR UPDATE",
+        date,
+    )?;
+    Ok(row.map(|(runs, status)| Previous { runs, status }))
+}
+
+/// Writes the day's report over the earlier one (if any), with its discrepancies.
+pub(crate) async fn write(
+    tx: &mut Tx,
+    report: &Report,
+    previous: Option<Previous>,
+) -> Result<(), sqlx::Error> {
+    let count = i32::try_from(report.discrepancies.len()).unwrap_or(i32::MAX);
+    let started = Timestamp::from(report.started_at);
+    let finished = Timestamp::from(report.finished_at);
+    execute!(
+        tx,
+        "DELETE FROM discrepancies WHERE report_date = $1",
+        report.date,
+    )?;
+    match previous {
+        Some(previous) => {
+            execute!(
+                tx,
+                "UPDATE reports SET report_id = $2, status = $3, time_zone = $4, window_start = $5,
+                        window_end = $6, discrepancies = $7, report = $8, runs = $9,
+                        started_at = $10, finished_at = $11
+                 WHERE report_date = $1",
+                report.date,
+                report.report_id,
+                report.status.as_str(),
+                &report.time_zone,
+                Timestamp::from(report.window.start),
+                Timestamp::from(report.window.end),
+                count,
+                Json(report),
+                previous.runs.saturating_add(1),
+                started,
+                finished,
+            )?;
+        }
+        None => {
+            execute!(
+                tx,
+                "INSERT INTO reports (report_date, report_id, status, time_zone, window_start,
+                                      window_end, discrepancies, report, runs, first_run_at,
+                                      started_at, finished_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9, $10)",
+                report.date,
+                report.report_id,
+                report.status.as_str(),
+                &report.time_zone,
+                Timestamp::from(report.window.start),
+                Timestamp::from(report.window.end),
+                count,
+                Json(report),
+                started,
+                finished,
+            )?;
+        }
+    }
+    for (seq, d) in report.discrepancies.iter().enumerate() {
+        execute!(
+            tx,
+            "INSERT INTO discrepancies (report_date, seq, kind, account_id, transfer_id, currency,
+                                        expected, actual, difference, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            report.date,
+            i32::try_from(seq).unwrap_or(i32::MAX),
+            d.kind.as_str(),
+            d.account_id,
+            d.transfer_id,
+            &d.currency,
+            d.expected.map(Amount),
+            d.actual.map(Amount),
+            d.difference.map(Amount),
+            &d.detail,
+        )?;
+    }
+    Ok(())
+}
+
+/// The stored report of a day.
+pub async fn load(db: &Db, date: NaiveDate) -> Result<Option<Report>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let row = query_as!(
+        &mut tx,
+        (Json<Report>,),
+        fetch_optional,
+        "SELECT report FROM reports WHERE report_date = $1",
+        date,
+    )?;
+    tx.commit().await?;
+    Ok(row.map(|(Json(report),)| report))
+}

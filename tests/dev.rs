@@ -64,6 +64,10 @@ fn the_demo_settles_every_transfer_and_a_restart_keeps_the_books() {
     assert_eq!(first["terminal"], 200, "{first:#}");
     assert_eq!(first["discrepancies"], Value::Array(vec![]), "{first:#}");
     assert_eq!(first["accounts_checked"], 21);
+    // The reconciler's report for the day: clean, with the demo's completed transfers counted.
+    let reconciliation = &first["reconciliation"];
+    assert_eq!(reconciliation["status"], "completed", "{reconciliation:#}");
+    assert_eq!(reconciliation["discrepancies"], Value::Array(vec![]));
     let outcomes = first["outcomes"].as_object().unwrap();
     for kind in [
         "completed",
@@ -87,6 +91,10 @@ fn the_demo_settles_every_transfer_and_a_restart_keeps_the_books() {
     let second = demo(&dir, 50);
     assert_eq!(second["terminal"], 50, "{second:#}");
     assert_eq!(second["discrepancies"], Value::Array(vec![]), "{second:#}");
+    assert_eq!(
+        second["reconciliation"]["status"], "completed",
+        "{second:#}"
+    );
     let total: Decimal = accounts(&dir).iter().map(|a| a.1).sum();
     assert_eq!(total, Decimal::from(200_000));
 }

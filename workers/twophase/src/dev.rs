@@ -65,6 +65,8 @@ pub struct Summary {
     /// Accounts whose balance was replayed from the ledger and held amount from open holds.
     pub accounts_checked: usize,
     pub discrepancies: Vec<store::Mismatch>,
+    /// The reconciler's report for today, run once the demo's transfers have settled.
+    pub reconciliation: twophase_reconciler::Report,
 }
 
 pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
@@ -91,6 +93,20 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
         twophase_audit::api::serve(listen, audit_db.clone(), health.clone(), shutdown.clone())
             .await
             .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
+    let reconciler = twophase_reconciler::Settings {
+        database_url: config.database_url.clone(),
+        kafka: config.kafka.clone(),
+        config: config.reconciler.clone(),
+        metrics_listen: None,
+    };
+    {
+        // The daily run, as `twophase reconciler` does it.
+        let (reconciler, shutdown) = (reconciler.clone(), shutdown.clone());
+        workers.spawn(async move {
+            twophase_reconciler::run_daily(&reconciler, shutdown).await;
+            Ok(())
+        });
+    }
     workers.spawn(twophase_audit::consumer::run(
         audit_db,
         twophase_audit::consumer::Settings {
@@ -120,7 +136,16 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
 
     let code = match args.demo {
         Some(n) => {
-            let summary = demo(&config, &publisher, &accounts_db, &active, frozen, n).await;
+            let summary = demo(
+                &config,
+                &reconciler,
+                &publisher,
+                &accounts_db,
+                &active,
+                frozen,
+                n,
+            )
+            .await;
             shutdown.cancel();
             let summary = summary?;
             if args.json {
@@ -128,7 +153,11 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
             } else {
                 print_summary(&summary);
             }
-            u8::from(summary.terminal != summary.transfers || !summary.discrepancies.is_empty())
+            u8::from(
+                summary.terminal != summary.transfers
+                    || !summary.discrepancies.is_empty()
+                    || summary.reconciliation.status != twophase_reconciler::RunStatus::Completed,
+            )
         }
         None => {
             eprintln!("  Ctrl-C stops");
@@ -254,6 +283,7 @@ fn random_request(
 
 async fn demo(
     config: &Config,
+    reconciler: &twophase_reconciler::Settings,
     publisher: &Publisher,
     accounts_db: &Db,
     active: &[Uuid],
@@ -321,6 +351,8 @@ async fn demo(
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let (accounts_checked, discrepancies) = store::check_balances(accounts_db).await?;
+    let today = twophase_reconciler::today(reconciler.config.time_zone, chrono::Utc::now());
+    let reconciliation = twophase_reconciler::reconcile(reconciler, today).await;
     Ok(Summary {
         transfers: n,
         terminal,
@@ -332,6 +364,7 @@ async fn demo(
         transfers_per_second: terminal as f64 / seconds,
         accounts_checked,
         discrepancies,
+        reconciliation,
     })
 }
 
@@ -346,6 +379,14 @@ fn print_summary(s: &Summary) {
     println!(
         "latency from request to outcome: p50 {} ms, p99 {} ms, max {} ms",
         s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
+    );
+    let r = &s.reconciliation;
+    println!(
+        "reconciliation of {}: {}, {} accounts, {} discrepancies",
+        r.date,
+        r.status.as_str(),
+        r.accounts,
+        r.discrepancies.len()
     );
     if s.discrepancies.is_empty() {
         println!(

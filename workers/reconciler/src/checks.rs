@@ -98,7 +98,6 @@ async fn check(
     // The outcomes first: every ledger entry that preceded an outcome read here is then
     // visible to the database reads below.
     let topic = Topics::new(&settings.kafka.topic_prefix).events();
-    let t0 = std::time::Instant::now();
     let scan = {
         let kafka = settings.kafka.clone();
         let (from, until) = (window.start - grace, window.end + grace);
@@ -109,7 +108,6 @@ async fn check(
         .await
         .map_err(|e| ReconcileError::Reader(e.to_string()))??
     };
-    eprintln!("TIMING events {:?}", t0.elapsed());
     report.events = EventsRead {
         records: scan.records,
         undecodable: scan.undecodable,
@@ -124,7 +122,6 @@ async fn check(
         .map_err(ReconcileError::db("connecting to the account schema"))?;
     let balances = twophase_account::store::check_balances(&accounts).await;
     accounts.close().await;
-    eprintln!("TIMING balances {:?}", t0.elapsed());
     let (checked, mismatches) = balances.map_err(ReconcileError::Balances)?;
     report.accounts = checked as u64;
     found.extend(mismatches.iter().map(balance_discrepancy));
@@ -135,7 +132,6 @@ async fn check(
         .map_err(ReconcileError::db("connecting to the database"))?;
     let result = cross_check(&db, window, &outcomes, now, config, report, &mut found).await;
     db.close().await;
-    eprintln!("TIMING cross {:?}", t0.elapsed());
     result?;
     Ok(found)
 }

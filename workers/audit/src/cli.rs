@@ -161,7 +161,7 @@ async fn worker(services: Services<'_>) -> anyhow::Result<u8> {
         .await
         .context("creating topics")?;
     let token = shutdown::on_signal();
-    let health = health_of(&db);
+    let health = Health::of_database(&db);
     let bound = api::serve(
         services.audit.listen,
         db.clone(),
@@ -190,21 +190,6 @@ async fn worker(services: Services<'_>) -> anyhow::Result<u8> {
     consumer::run(db.clone(), settings, token).await?;
     db.close().await;
     Ok(0)
-}
-
-/// A health handle whose database check pings `db`.
-pub fn health_of(db: &Db) -> Health {
-    let db = db.clone();
-    Health::with_database(move || {
-        let db = db.clone();
-        async move {
-            if db.ping().await {
-                Ok(())
-            } else {
-                Err("the database does not answer")
-            }
-        }
-    })
 }
 
 async fn verify(db: &Db, json: bool) -> anyhow::Result<u8> {

@@ -69,19 +69,7 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
     let db = Db::connect(&settings.database_url, SCHEMA, 2)
         .await
         .context("connecting to the reconciler schema")?;
-    let health = {
-        let db = db.clone();
-        http::Health::with_database(move || {
-            let db = db.clone();
-            async move {
-                if db.ping().await {
-                    Ok(())
-                } else {
-                    Err("the database does not answer")
-                }
-            }
-        })
-    };
+    let health = http::Health::of_database(&db);
     // No consumer group to wait for: ready as soon as the database answers.
     health.set_assigned(true);
     let listen = settings

@@ -86,6 +86,21 @@ impl Health {
 
     /// The same checks with another limit on the database's answer. A builder step: clones
     /// taken before it do not share the new handle's state.
+    /// A handle whose database check pings `db`.
+    pub fn of_database(db: &crate::db::Db) -> Health {
+        let db = db.clone();
+        Health::with_database(move || {
+            let db = db.clone();
+            async move {
+                if db.ping().await {
+                    Ok(())
+                } else {
+                    Err("the database does not answer")
+                }
+            }
+        })
+    }
+
     pub fn database_timeout(self, timeout: Duration) -> Health {
         let database = self.inner.database.clone();
         let health = Health::build(database, timeout);

@@ -355,7 +355,7 @@ async fn start_worker(
         .context("creating topics")?;
     let publisher = Publisher::new(&config.kafka)?;
     let token = shutdown::on_signal();
-    settings.health = health_of(db);
+    settings.health = http::Health::of_database(db);
     let listen = config
         .metrics_listen
         .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], default_port)));
@@ -364,21 +364,6 @@ async fn start_worker(
         .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
     tracing::info!(%bound, worker = settings.name, "serving /metrics and /healthz");
     Ok((publisher, token))
-}
-
-/// A health handle whose database check pings `db`.
-pub(crate) fn health_of(db: &db::Db) -> http::Health {
-    let db = db.clone();
-    http::Health::with_database(move || {
-        let db = db.clone();
-        async move {
-            if db.ping().await {
-                Ok(())
-            } else {
-                Err("the database does not answer")
-            }
-        }
-    })
 }
 
 async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u8> {

@@ -196,7 +196,7 @@ async fn start_workers(
     let mut set = JoinSet::new();
     let coordinator_db = connect(twophase_coordinator::SCHEMA).await?;
     let mut coordinator = Coordinator::settings(kafka.clone(), retry.clone());
-    coordinator.health = crate::cli::health_of(&coordinator_db);
+    coordinator.health = http::Health::of_database(&coordinator_db);
     let health = coordinator.health.clone();
     set.spawn(Coordinator::run(
         coordinator_db,

@@ -165,6 +165,8 @@ pub mod types {
     pub const TRANSFER_FAILED: &str = "twophase.transfer.failed";
     pub const TRANSFER_REJECTED: &str = "twophase.transfer.rejected";
     pub const COMMIT_STUCK: &str = "twophase.transfer.commit_stuck";
+    /// A record of a `twophase dlq replay` run, on `ops.replays` (not a saga message).
+    pub const OPS_REPLAY: &str = "twophase.ops.replay";
 }
 
 /// The JSON Schema of every message, by `ce_type`, for producer teams to validate against.

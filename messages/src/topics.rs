@@ -1,6 +1,10 @@
 //! Topic names. Every name takes a configurable prefix so that several installations (or
 //! tests) can share one cluster.
 
+/// The base name of the topic that records each dead-letter replay run, for the audit trail.
+/// Do not change: the audit consumer and ops tooling read it.
+pub const REPLAYS: &str = "ops.replays";
+
 /// The saga's topic names under one prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Topics {
@@ -41,13 +45,17 @@ impl Topics {
     pub fn reconciliation_reports(&self) -> String {
         self.name("reconciliation.reports")
     }
+    /// A record of each `twophase dlq replay` run.
+    pub fn replays(&self) -> String {
+        self.name(REPLAYS)
+    }
 
     /// The dead-letter topic of a topic.
     pub fn dead_letters(topic: &str) -> String {
         format!("{topic}.dlq")
     }
 
-    /// Every topic the saga uses, dead-letter topics included.
+    /// Every topic the saga and its ops tools use, dead-letter topics included.
     pub fn all(&self) -> Vec<String> {
         let main = [
             self.requests(),
@@ -58,6 +66,9 @@ impl Topics {
             self.reconciliation_reports(),
         ];
         let dlq: Vec<String> = main[..5].iter().map(|t| Topics::dead_letters(t)).collect();
-        main.into_iter().chain(dlq).collect()
+        main.into_iter()
+            .chain(dlq)
+            .chain([self.replays()])
+            .collect()
     }
 }

@@ -18,11 +18,8 @@ use twophase_runtime::db::Timestamp;
 use twophase_runtime::worker::dlq_headers;
 use uuid::Uuid;
 
-/// The topic `twophase dlq replay` records its runs on, under the configured prefix. The same
-/// name as `twophase::dlq::REPLAYS_TOPIC`, which this crate cannot depend on.
-pub const REPLAYS_TOPIC: &str = "ops.replays";
-/// The `ce_type` of a replay run record (`twophase::dlq::REPLAY_RECORD_TYPE`).
-pub const REPLAY_RECORD_TYPE: &str = "twophase.ops.replay";
+pub use twophase_messages::topics::REPLAYS as REPLAYS_TOPIC;
+pub use twophase_messages::types::OPS_REPLAY as REPLAY_RECORD_TYPE;
 /// The event type of a row for a record on a dead-letter topic. Do not change: stored rows and
 /// queries use it.
 pub const DEAD_LETTER_TYPE: &str = "twophase.dead_letter";

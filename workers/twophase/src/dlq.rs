@@ -32,11 +32,11 @@ use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
 use uuid::Uuid;
 
 /// The topic replay runs are recorded on, under the configured prefix.
-pub const REPLAYS_TOPIC: &str = "ops.replays";
+pub use twophase_messages::topics::REPLAYS as REPLAYS_TOPIC;
 
 /// The `ce_type` of a replay run record on [`REPLAYS_TOPIC`]. Do not change: the audit
 /// consumer and stored audit rows depend on it.
-pub const REPLAY_RECORD_TYPE: &str = "twophase.ops.replay";
+pub use twophase_messages::types::OPS_REPLAY as REPLAY_RECORD_TYPE;
 
 /// Headers a replayed message carries. Do not change: the audit trail and ops tooling read them.
 pub mod replay_headers {

@@ -326,6 +326,7 @@ impl<H: Handler> ConsumeLoop<H> {
             message.id = tracing::field::Empty,
             message.r#type = tracing::field::Empty,
             transfer.id = tracing::field::Empty,
+            trace.id = tracing::field::Empty,
         );
         async {
             let incoming = match self.decode(raw) {
@@ -339,6 +340,15 @@ impl<H: Handler> ConsumeLoop<H> {
             span.record("message.id", tracing::field::display(incoming.envelope.id));
             span.record("message.type", incoming.envelope.message_type.as_str());
             span.record("transfer.id", incoming.message.transfer_id());
+            // Every log line of this message carries the transfer's W3C trace id.
+            if let Some(trace_id) = incoming
+                .envelope
+                .traceparent
+                .as_deref()
+                .and_then(|t| t.split('-').nth(1))
+            {
+                span.record("trace.id", trace_id);
+            }
             self.handle(raw, &incoming, mode).await
         }
         .instrument(span)

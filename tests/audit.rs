@@ -15,7 +15,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twophase_audit::record::{self, Source};
 use twophase_audit::{store, Entry};
 use twophase_messages::envelope::headers as ce;
@@ -75,18 +74,10 @@ async fn start_audit_with(env: &mut TestEnv, addr: SocketAddr, vars: &[(&str, &s
     }
 }
 
-/// A plain HTTP/1.0 GET (the server closes the connection after answering): status and body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+    common::http_get(addr, path)
         .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, body.to_owned())
+        .unwrap_or_else(|| panic!("GET {path} on {addr} got no answer"))
 }
 
 async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {

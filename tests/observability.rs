@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{request, TestEnv};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A port nothing listens on right now.
 fn free_port() -> u16 {
@@ -18,18 +17,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `GET path` over plain HTTP/1.0: (status code, body).
+/// `GET path` on a worker's loopback port.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
+    common::http_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path).await
 }
 
 /// Every `twophase_*` series name in a text, histogram suffixes folded into their base name.

@@ -344,6 +344,20 @@ impl TestEnv {
     }
 }
 
+/// A plain HTTP/1.0 GET (the server closes the connection after answering): status and body,
+/// or nothing if nobody answers.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
 pub fn request(from: Uuid, to: Uuid, amount: &str, currency: &str) -> TransferRequested {
     TransferRequested {
         transfer_id: Uuid::new_v4().to_string(),

@@ -206,7 +206,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(url) = &cli.database_url {
         config.database_url = url.clone();
     }
-    Ok(config)
+    Ok(config.with_currency_codes_uppercased())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {

@@ -44,6 +44,24 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Per-currency limits keyed by ISO 4217 code, uppercase whatever the source: environment
+    /// variable names reach the loader lowercased (`TWOPHASE_RISK__DAILY_LIMIT__USD` → `usd`).
+    pub fn with_currency_codes_uppercased(mut self) -> Config {
+        for map in [
+            &mut self.risk.single_limit,
+            &mut self.risk.daily_limit,
+            &mut self.coordinator.max_amount,
+        ] {
+            // Lowercase keys sort after uppercase ones, so a value from the environment
+            // overrides the default of the same currency.
+            *map = std::mem::take(map)
+                .into_iter()
+                .map(|(code, limit)| (code.to_ascii_uppercase(), limit))
+                .collect();
+        }
+        self
+    }
+
     /// The configuration as TOML with the database password masked, for `twophase config`.
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
@@ -69,6 +87,21 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn currency_limits_from_the_environment_use_iso_codes() {
+        let mut c = Config::default();
+        c.risk
+            .daily_limit
+            .insert("usd".into(), rust_decimal::Decimal::ONE);
+        c.coordinator
+            .max_amount
+            .insert("eur".into(), rust_decimal::Decimal::TWO);
+        let c = c.with_currency_codes_uppercased();
+        assert_eq!(c.risk.daily_limit["USD"], rust_decimal::Decimal::ONE);
+        assert!(!c.risk.daily_limit.contains_key("usd"));
+        assert_eq!(c.coordinator.max_amount["EUR"], rust_decimal::Decimal::TWO);
+    }
 
     #[test]
     fn passwords_are_never_printed() {

@@ -166,10 +166,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
     let mut completed = 0;
     for (micros, outcome) in &samples {
         histogram.saturating_record(*micros);
-        let key = match outcome.reason() {
-            Some(reason) => format!("{}/{reason}", outcome.status()),
-            None => outcome.status().to_owned(),
-        };
+        let key = outcome.label();
         if matches!(outcome, Outcome::Completed(_)) {
             completed += 1;
         }
@@ -268,11 +265,7 @@ impl Dispatcher {
         let map = Arc::clone(&waiting);
         tokio::spawn(async move {
             while let Ok(outcome) = watcher.next().await {
-                let id = match &outcome {
-                    Outcome::Completed(m) => m.transfer_id.to_string(),
-                    Outcome::Failed(m) => m.transfer_id.to_string(),
-                    Outcome::Rejected(m) => m.transfer_id.clone(),
-                };
+                let id = outcome.transfer_id();
                 if let Some(tx) = map.lock().expect("not poisoned").remove(&id) {
                     let _ = tx.send(outcome);
                 }

@@ -36,6 +36,23 @@ impl Outcome {
         }
     }
 
+    /// The transfer it is the outcome of, as the producer spelled its id.
+    pub fn transfer_id(&self) -> String {
+        match self {
+            Outcome::Completed(m) => m.transfer_id.to_string(),
+            Outcome::Failed(m) => m.transfer_id.to_string(),
+            Outcome::Rejected(m) => m.transfer_id.clone(),
+        }
+    }
+
+    /// `status`, or `status/reason` when there is a reason: how summaries count outcomes.
+    pub fn label(&self) -> String {
+        match self.reason() {
+            Some(reason) => format!("{}/{reason}", self.status()),
+            None => self.status().to_owned(),
+        }
+    }
+
     /// The exit code of `twophase transfer --wait`: 0 completed, 1 failed, 2 rejected.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -151,11 +168,7 @@ impl OutcomeWatcher {
                 Ok(outcome) => outcome?,
                 Err(_) => break,
             };
-            let id = match &outcome {
-                Outcome::Completed(m) => m.transfer_id.to_string(),
-                Outcome::Failed(m) => m.transfer_id.to_string(),
-                Outcome::Rejected(m) => m.transfer_id.clone(),
-            };
+            let id = outcome.transfer_id();
             if waiting.remove(&id) {
                 seen.insert(id, outcome);
             }

@@ -28,7 +28,7 @@ use twophase_runtime::embedded::EmbeddedBroker;
 use twophase_runtime::{http, shutdown, CancellationToken, Publisher};
 use uuid::Uuid;
 
-use crate::client::{self, Outcome, OutcomeWatcher};
+use crate::client::{self, OutcomeWatcher};
 use crate::config::Config;
 
 /// Balance of each demo account when it is opened.
@@ -333,17 +333,10 @@ async fn demo(
                 Err(_) => break,
             },
         };
-        let id = match &outcome {
-            Outcome::Completed(m) => m.transfer_id.to_string(),
-            Outcome::Failed(m) => m.transfer_id.to_string(),
-            Outcome::Rejected(m) => m.transfer_id.clone(),
-        };
+        let id = outcome.transfer_id();
         let Some(at) = sent.remove(&id) else { continue };
         latencies.saturating_record(at.elapsed().as_millis() as u64);
-        let key = match outcome.reason() {
-            Some(reason) => format!("{}/{reason}", outcome.status()),
-            None => outcome.status().to_owned(),
-        };
+        let key = outcome.label();
         *outcomes.entry(key).or_default() += 1;
         terminal += 1;
         bar.inc(1);

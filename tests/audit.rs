@@ -1174,7 +1174,7 @@ async fn reconciliation_reports_and_replay_runs_are_audited_with_their_severity_
 
     let publish = |topic: String, ce_type: &'static str, id: Uuid, payload: Value| {
         let mut envelope = Envelope::new(ce_type, "/twophase/cli", id.to_string());
-        envelope.traceparent = Some(twophase_runtime::kafka::child_traceparent(None));
+        twophase_runtime::telemetry::set_trace(&mut envelope, None);
         let out = Outgoing {
             topic,
             key: id.to_string(),

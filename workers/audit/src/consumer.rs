@@ -21,11 +21,12 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use twophase_messages::envelope::headers as ce;
 use twophase_messages::Topics;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::http::Health;
 use twophase_runtime::kafka::client_config;
-use twophase_runtime::{metrics, KafkaConfig, RetryConfig};
+use twophase_runtime::{metrics, telemetry, KafkaConfig, RetryConfig};
 
 use crate::record::{self, Source, REPLAYS_TOPIC};
 use crate::store;
@@ -183,6 +184,15 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
             .iter()
             .map(|m| record::entry(&Source::of(m), &saga, &prefix, now))
             .collect();
+        // With span export on, each record's write is a span in the record's own trace.
+        let record_spans: Vec<tracing::Span> = if telemetry::exporting() {
+            batch
+                .iter()
+                .map(|m| record_span(&Source::of(m), &group))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let span = tracing::info_span!(
             "audit_batch",
             messaging.system = "kafka",
@@ -197,6 +207,7 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
             // next owner reads it again.
             break;
         }
+        drop(record_spans);
         store_offsets(&consumer, &batch);
         let seconds = started.elapsed().as_secs_f64();
         for m in &batch {
@@ -209,6 +220,27 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
     commit_stored(&consumer);
     tracing::info!("audit consumer stopped");
     Ok(())
+}
+
+/// The span of one record's audit write, continuing the trace the record carries.
+fn record_span(source: &Source<'_>, group: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "audit",
+        otel.name = format!("audit {}", source.topic),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = source.topic,
+        messaging.consumer.group.name = group,
+        messaging.kafka.partition = source.partition,
+        messaging.kafka.offset = source.offset,
+    );
+    telemetry::continue_trace(
+        &span,
+        source.header(ce::TRACEPARENT),
+        source.header(ce::TRACESTATE),
+    );
+    span
 }
 
 /// Up to `batch_size` records: waits for the first, then takes what comes within

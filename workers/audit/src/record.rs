@@ -15,6 +15,7 @@ use twophase_messages::envelope::headers as ce;
 use twophase_messages::{types, AccountAction, Topics};
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::Timestamp;
+use twophase_runtime::telemetry;
 use twophase_runtime::worker::dlq_headers;
 use uuid::Uuid;
 
@@ -127,7 +128,7 @@ impl<'a> Source<'a> {
     }
 
     /// The first value of a header, if it is text.
-    fn header(&self, name: &str) -> Option<&'a str> {
+    pub fn header(&self, name: &str) -> Option<&'a str> {
         self.headers
             .iter()
             .find(|(k, v)| *k == name && v.is_some())
@@ -278,24 +279,6 @@ fn headers_of(source: &Source<'_>) -> Value {
             })
             .collect(),
     )
-}
-
-/// The trace id and span id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
-pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = value.trim().split('-').collect();
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if parts.len() < 4 || !hex(parts[0], 2) || parts[0] == "ff" {
-        return None;
-    }
-    let (trace, span) = (parts[1], parts[2]);
-    // All zeros is the spec's invalid id.
-    if !hex(trace, 32) || !hex(span, 16) || trace.bytes().all(|b| b == b'0') {
-        return None;
-    }
-    if span.bytes().all(|b| b == b'0') {
-        return None;
-    }
-    Some((trace.to_ascii_lowercase(), span.to_ascii_lowercase()))
 }
 
 /// A transfer id as stored: the canonical form of a UUID (so `ABC…` and `abc…` are one
@@ -543,7 +526,7 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
     let (actor_id, actor_type) = actor_of(source, kind, &payload);
     let (trace_id, span_id) = source
         .header(ce::TRACEPARENT)
-        .and_then(parse_traceparent)
+        .and_then(telemetry::parse_traceparent)
         .unzip();
     // A dead letter happened when it was set aside (its own Kafka time), not when the message
     // it carries was first produced.
@@ -890,27 +873,5 @@ mod tests {
             ("json", json!({"a": [1, 2.5]}))
         );
         assert_eq!(bytes_text(b"k\0"), "base64:awA=");
-    }
-
-    #[test]
-    fn traceparents_are_parsed_strictly() {
-        assert_eq!(
-            parse_traceparent(TRACE),
-            Some((
-                "0af7651916cd43dd8448eb211c80319c".into(),
-                "b7ad6b7169203331".into()
-            ))
-        );
-        for bad in [
-            "",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
-            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            "00-0af7651916cd43dd8448eb211c8031-b7ad6b7169203331-01",
-            "00-0af7651916cd43dd8448eb211c80319z-b7ad6b7169203331-01",
-        ] {
-            assert_eq!(parse_traceparent(bad), None, "{bad}");
-        }
     }
 }

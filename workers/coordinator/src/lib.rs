@@ -26,7 +26,7 @@ use twophase_messages::{
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{
-    failpoint, metrics, CancellationToken, Handler, HandlerError, Outgoing, Publisher,
+    failpoint, metrics, telemetry, CancellationToken, Handler, HandlerError, Outgoing, Publisher,
 };
 use uuid::Uuid;
 
@@ -194,11 +194,14 @@ impl Coordinator {
                 Saga::rejected(transfer_id, rejection.reason, rejection.detail, now())
             }
         };
+        // The saga's trace context: what the timer's later messages continue.
+        let (traceparent, tracestate) =
+            telemetry::trace_headers(Some(envelope), Some(&transfer_id.to_string()));
         let stored = Stored {
             saga,
             request_hash: hash,
-            traceparent: envelope.traceparent.clone(),
-            tracestate: envelope.tracestate.clone(),
+            traceparent: Some(traceparent),
+            tracestate,
             request_message_id: Some(envelope.id),
             resend_attempts: 0,
             created_at: now(),
@@ -379,46 +382,15 @@ impl Coordinator {
         for mut stored in store::lock_expired(&mut tx, now, 100).await? {
             stored.saga.on_timeout();
             store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
-            tracing::warn!(transfer_id = %stored.saga.transfer_id, "prepare timed out: aborting");
-            out.extend(self.emit(&self.timer_cause(&stored), &stored));
+            out.extend(timer_span(&stored, "prepare timeout").in_scope(|| {
+                tracing::warn!(transfer_id = %stored.saga.transfer_id, "prepare timed out: aborting");
+                self.emit(&self.timer_cause(&stored), &stored)
+            }));
         }
         for mut stored in store::lock_due(&mut tx, now, 100).await? {
             stored.resend_attempts += 1;
             store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
-            let cause = self.timer_cause(&stored);
-            let saga = &stored.saga;
-            tracing::warn!(transfer_id = %saga.transfer_id, status = saga.status.as_str(), attempt = stored.resend_attempts, "re-sending unanswered commands");
-            out.extend(self.emit(&cause, &stored));
-            if saga.status == Status::Committing {
-                metrics::commit_retry();
-            }
-            if saga.status == Status::Committing
-                && stored.resend_attempts == self.config.commit_stuck_after_attempts
-            {
-                metrics::commit_stuck();
-                tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
-                let pending = saga
-                    .outstanding()
-                    .into_iter()
-                    .filter_map(|e| match e {
-                        Emit::Account(a) => Some(a),
-                        _ => None,
-                    })
-                    .collect::<Vec<AccountAction>>();
-                let stuck = Message::CommitStuck(CommitStuck {
-                    transfer_id: saga.transfer_id,
-                    pending,
-                    attempts: stored.resend_attempts as u32,
-                    decided_at: stored.decided_at.unwrap_or_else(Utc::now),
-                });
-                out.push(Outgoing::caused_by(
-                    &cause,
-                    &self.source,
-                    self.topics.events(),
-                    saga.transfer_id,
-                    &stuck,
-                ));
-            }
+            out.extend(timer_span(&stored, "resend").in_scope(|| self.resend(&stored)));
         }
         let (by_status, stuck) =
             store::in_flight(&mut tx, self.config.commit_stuck_after_attempts).await?;
@@ -437,6 +409,46 @@ impl Coordinator {
         Ok(out)
     }
 
+    /// The commands a saga still waits on, sent again; with a `commit_stuck` event once its
+    /// commit has been re-sent `commit_stuck_after_attempts` times.
+    fn resend(&self, stored: &Stored) -> Vec<Outgoing> {
+        let cause = self.timer_cause(stored);
+        let saga = &stored.saga;
+        tracing::warn!(transfer_id = %saga.transfer_id, status = saga.status.as_str(), attempt = stored.resend_attempts, "re-sending unanswered commands");
+        let mut out = self.emit(&cause, stored);
+        if saga.status == Status::Committing {
+            metrics::commit_retry();
+        }
+        if saga.status == Status::Committing
+            && stored.resend_attempts == self.config.commit_stuck_after_attempts
+        {
+            metrics::commit_stuck();
+            tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
+            let pending = saga
+                .outstanding()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Emit::Account(a) => Some(a),
+                    _ => None,
+                })
+                .collect::<Vec<AccountAction>>();
+            let stuck = Message::CommitStuck(CommitStuck {
+                transfer_id: saga.transfer_id,
+                pending,
+                attempts: stored.resend_attempts as u32,
+                decided_at: stored.decided_at.unwrap_or_else(Utc::now),
+            });
+            out.push(Outgoing::caused_by(
+                &cause,
+                &self.source,
+                self.topics.events(),
+                saga.transfer_id,
+                &stuck,
+            ));
+        }
+        out
+    }
+
     /// The envelope timer-made messages continue: the transfer's own trace.
     fn timer_cause(&self, stored: &Stored) -> Envelope {
         let mut cause = Envelope::new("timer", &self.source, stored.saga.transfer_id.to_string());
@@ -445,6 +457,21 @@ impl Coordinator {
         cause.tracestate = stored.tracestate.clone();
         cause
     }
+}
+
+/// The span of the timer's work on one saga, in the saga's trace.
+fn timer_span(stored: &Stored, what: &'static str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "timer",
+        otel.name = what,
+        transfer.id = %stored.saga.transfer_id,
+    );
+    telemetry::continue_trace(
+        &span,
+        stored.traceparent.as_deref(),
+        stored.tracestate.as_deref(),
+    );
+    span
 }
 
 impl Handler for Coordinator {

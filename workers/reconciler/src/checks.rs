@@ -713,7 +713,7 @@ async fn publish(settings: &Settings, report: &Report) -> Result<(), ReconcileEr
         crate::SOURCE,
         report.report_id.to_string(),
     );
-    envelope.traceparent = Some(twophase_runtime::kafka::child_traceparent(None));
+    twophase_runtime::telemetry::set_trace(&mut envelope, None);
     let outgoing = Outgoing {
         topic: topic.clone(),
         // All runs of a day on one partition, in order.

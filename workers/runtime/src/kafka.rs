@@ -9,9 +9,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use twophase_messages::{Envelope, Message};
-use uuid::Uuid;
 
 use crate::config::KafkaConfig;
+use crate::telemetry;
 
 /// The base client configuration: brokers plus the user's extra properties.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -50,15 +50,14 @@ impl Outgoing {
                 .unwrap_or_else(|| message.transfer_id()),
         );
         envelope.causation_id = Some(cause.id);
-        envelope.traceparent = Some(child_traceparent(cause.traceparent.as_deref()));
-        envelope.tracestate = cause.tracestate.clone();
+        telemetry::set_trace(&mut envelope, Some(cause));
         Outgoing::with_envelope(topic, key, envelope, message)
     }
 
     /// A message that starts a new chain (a producer's request, an ops command).
     pub fn new(topic: String, key: impl ToString, source: &str, message: &Message) -> Outgoing {
         let mut envelope = Envelope::new(message.message_type(), source, message.transfer_id());
-        envelope.traceparent = Some(child_traceparent(None));
+        telemetry::set_trace(&mut envelope, None);
         Outgoing::with_envelope(topic, key, envelope, message)
     }
 
@@ -75,19 +74,6 @@ impl Outgoing {
             payload: message.to_json(),
         }
     }
-}
-
-/// A W3C `traceparent` for a child span of `parent` (or the root of a new trace).
-pub fn child_traceparent(parent: Option<&str>) -> String {
-    let trace_id = parent
-        .and_then(|p| {
-            let parts: Vec<&str> = p.split('-').collect();
-            (parts.len() == 4 && parts[1].len() == 32 && parts[1] != "0".repeat(32))
-                .then(|| parts[1].to_owned())
-        })
-        .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
-    let span_id = &Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace_id}-{span_id}-01")
 }
 
 /// The idempotent producer every worker publishes with.

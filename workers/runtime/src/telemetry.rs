@@ -1,16 +1,316 @@
-//! Logging through `tracing`: human-readable by default, JSON lines when asked.
+//! Logs and traces through `tracing`.
+//!
+//! Logs are human-readable by default and JSON lines when asked. Spans are exported over OTLP
+//! when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; when it
+//! is not, no OpenTelemetry layer is installed and messages still carry a W3C `traceparent`, so
+//! one transfer keeps one trace id across every worker either way.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter};
+use twophase_messages::Envelope;
+use uuid::Uuid;
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
-pub fn init(json: bool) {
+/// Whether spans are exported (an OpenTelemetry layer is installed).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Keeps the span exporter alive; dropping it flushes the spans not yet sent.
+#[derive(Debug)]
+#[must_use = "dropping the guard stops span export"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("warning: spans not all exported at shutdown: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber for a process whose spans are exported as `service` (unless
+/// `OTEL_SERVICE_NAME` names it). `RUST_LOG` overrides the default `info` level.
+pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    // A second init (tests starting several workers in one process) keeps the first.
-    let _ = if json {
-        builder.json().try_init()
+    let provider = if export_configured() {
+        Some(tracer_provider(service)?)
     } else {
-        builder.try_init()
+        None
     };
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("twophase"))
+            .with_threads(false)
+    });
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| fmt::layer().json().with_writer(std::io::stderr)))
+        .with((!json).then(|| fmt::layer().with_writer(std::io::stderr)))
+        .with(otel)
+        .try_init();
+    // A second init (tests starting several workers in one process) keeps the first.
+    if result.is_ok() && provider.is_some() {
+        EXPORTING.store(true, Ordering::Relaxed);
+    }
+    Ok(Telemetry { provider })
+}
+
+fn export_configured() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// The OTLP/HTTP protocol asked for by the standard variables; protobuf unless JSON is named.
+fn protocol() -> anyhow::Result<Protocol> {
+    let asked = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok().map(|v| (*name, v)));
+    match asked {
+        None => Ok(Protocol::HttpBinary),
+        Some((name, value)) => protocol_named(name, &value),
+    }
+}
+
+fn protocol_named(name: &str, value: &str) -> anyhow::Result<Protocol> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "http/protobuf" => Ok(Protocol::HttpBinary),
+        "http/json" => Ok(Protocol::HttpJson),
+        _ => anyhow::bail!(
+            "{name}={value:?} is not supported: spans are exported over OTLP/HTTP, so set it to \
+             http/protobuf or http/json and point OTEL_EXPORTER_OTLP_ENDPOINT at the \
+             collector's HTTP port (usually 4318)"
+        ),
+    }
+}
+
+fn tracer_provider(service: &str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(protocol()?)
+        .build()
+        .context("configuring the OTLP span exporter")?;
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// Whether spans are exported: work done only for exported spans can be skipped otherwise.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Makes `span` continue the trace of a message that carried these headers. Call it before
+/// the span is first entered; without export, or without a valid `traceparent`, it does
+/// nothing (the span then starts a trace of its own).
+pub fn continue_trace(span: &Span, traceparent: Option<&str>, tracestate: Option<&str>) {
+    if !exporting() {
+        return;
+    }
+    let Some(traceparent) = traceparent else {
+        return;
+    };
+    let mut carrier = HashMap::with_capacity(2);
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    if let Some(state) = tracestate {
+        carrier.insert("tracestate".to_owned(), state.to_owned());
+    }
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        // Fails only if the span was already entered, which the callers never do.
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The trace id of `span` when it is exported, as 32 hex digits.
+pub fn exported_trace_id(span: &Span) -> Option<String> {
+    if !exporting() {
+        return None;
+    }
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}
+
+/// Sets the W3C `traceparent` and `tracestate` of a message published now, caused by `cause`
+/// (or starting a chain of its own).
+///
+/// With export on, the current span is the message's parent, so the consumer's span hangs
+/// under the span that published it. Without it, the message continues its cause's trace with
+/// a new span id; with no cause trace at all, its trace id is its transfer's (its correlation
+/// id's), so every message of one transfer still shares one trace.
+pub fn set_trace(envelope: &mut Envelope, cause: Option<&Envelope>) {
+    let (traceparent, tracestate) = trace_headers(cause, envelope.correlation_id.as_deref());
+    envelope.traceparent = Some(traceparent);
+    envelope.tracestate = tracestate;
+}
+
+/// The `traceparent` and `tracestate` [`set_trace`] gives a message of `transfer_id` published
+/// now: for a message, or for work that will later publish in the transfer's trace.
+pub fn trace_headers(
+    cause: Option<&Envelope>,
+    transfer_id: Option<&str>,
+) -> (String, Option<String>) {
+    if exporting() {
+        let context = Span::current().context();
+        if context.span().span_context().is_valid() {
+            let mut carrier = HashMap::with_capacity(2);
+            TraceContextPropagator::new().inject_context(&context, &mut carrier);
+            if let Some(traceparent) = carrier.remove("traceparent") {
+                return (traceparent, carrier.remove("tracestate"));
+            }
+        }
+    }
+    let trace_id = cause
+        .and_then(|c| c.traceparent.as_deref())
+        .and_then(trace_id_of)
+        .or_else(|| {
+            Uuid::parse_str(transfer_id?)
+                .ok()
+                .map(|u| u.simple().to_string())
+        })
+        .unwrap_or_else(|| Uuid::new_v4().simple().to_string());
+    let span_id = &Uuid::new_v4().simple().to_string()[..16];
+    (
+        format!("00-{trace_id}-{span_id}-01"),
+        cause.and_then(|c| c.tracestate.clone()),
+    )
+}
+
+/// The trace id of a well-formed `traceparent`, if it has one.
+pub fn trace_id_of(traceparent: &str) -> Option<String> {
+    parse_traceparent(traceparent).map(|(trace_id, _)| trace_id)
+}
+
+/// The trace id and span id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if parts.len() < 4 || !hex(parts[0], 2) || parts[0] == "ff" || !hex(parts[3], 2) {
+        return None;
+    }
+    // Version 00 has exactly four parts; later versions may append more.
+    if parts[0] == "00" && parts.len() != 4 {
+        return None;
+    }
+    let (trace, span) = (parts[1], parts[2]);
+    // All zeros is the spec's invalid id.
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    if !hex(trace, 32) || !hex(span, 16) || zero(trace) || zero(span) {
+        return None;
+    }
+    Some((trace.to_ascii_lowercase(), span.to_ascii_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn traceparents_are_parsed_strictly() {
+        assert_eq!(
+            parse_traceparent(TRACE),
+            Some((
+                "0af7651916cd43dd8448eb211c80319c".into(),
+                "b7ad6b7169203331".into()
+            ))
+        );
+        assert_eq!(
+            trace_id_of(TRACE).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        for bad in [
+            "",
+            "00-abc-def-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c8031-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319z-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+    }
+
+    fn envelope(transfer: &str) -> Envelope {
+        Envelope::new("t", "/test", transfer)
+    }
+
+    #[test]
+    fn without_export_a_message_continues_its_cause_with_a_new_span() {
+        let mut cause = envelope("not-a-uuid");
+        cause.traceparent = Some(TRACE.to_owned());
+        cause.tracestate = Some("k=v".to_owned());
+        let mut out = envelope("not-a-uuid");
+        set_trace(&mut out, Some(&cause));
+        let traceparent = out.traceparent.unwrap();
+        assert_eq!(
+            trace_id_of(&traceparent).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_ne!(traceparent, TRACE, "a new span id");
+        assert_eq!(out.tracestate.as_deref(), Some("k=v"));
+    }
+
+    #[test]
+    fn without_a_cause_trace_the_transfer_id_is_the_trace_id() {
+        let transfer = Uuid::new_v4().to_string();
+        let mut cause = envelope(&transfer);
+        cause.traceparent = Some("garbage".to_owned());
+        let (mut a, mut b) = (envelope(&transfer), envelope(&transfer));
+        set_trace(&mut a, None);
+        set_trace(&mut b, Some(&cause));
+        let a = a.traceparent.unwrap();
+        assert_eq!(
+            trace_id_of(&a),
+            Some(Uuid::parse_str(&transfer).unwrap().simple().to_string())
+        );
+        assert_eq!(trace_id_of(&b.traceparent.unwrap()), trace_id_of(&a));
+        let mut c = envelope("not-a-uuid");
+        set_trace(&mut c, None);
+        let c = c.traceparent.unwrap();
+        assert!(trace_id_of(&c).is_some(), "still a valid traceparent: {c}");
+    }
+
+    #[test]
+    fn an_unsupported_protocol_is_refused_with_a_reason() {
+        // Reading the process environment is racy across tests; only the parse is checked here.
+        let error = protocol_named("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").unwrap_err();
+        assert!(error.to_string().contains("4318"), "{error}");
+        assert!(matches!(
+            protocol_named("OTEL_EXPORTER_OTLP_PROTOCOL", "HTTP/JSON"),
+            Ok(Protocol::HttpJson)
+        ));
+    }
 }

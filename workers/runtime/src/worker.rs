@@ -30,6 +30,7 @@ use crate::error::HandlerError;
 use crate::http::Health;
 use crate::kafka::{client_config, Outgoing, Publisher};
 use crate::metrics;
+use crate::telemetry;
 
 /// A decoded message handed to a handler.
 #[derive(Debug)]
@@ -316,9 +317,13 @@ impl<H: Handler> ConsumeLoop<H> {
     /// Handles one message: applied and replied (in `Careful` mode, acknowledged too), or
     /// dead-lettered.
     async fn process(&self, raw: &BorrowedMessage<'_>, mode: Mode) -> Processed {
+        let decoded = self.decode(raw);
         let span = tracing::info_span!(
             "consume",
+            otel.name = format!("process {}", raw.topic()),
+            otel.kind = "consumer",
             messaging.system = "kafka",
+            messaging.operation.type = "process",
             messaging.destination.name = raw.topic(),
             messaging.consumer.group.name = %self.settings.group_id(),
             messaging.kafka.partition = raw.partition(),
@@ -328,31 +333,35 @@ impl<H: Handler> ConsumeLoop<H> {
             transfer.id = tracing::field::Empty,
             trace.id = tracing::field::Empty,
         );
-        async {
-            let incoming = match self.decode(raw) {
-                Ok(incoming) => incoming,
-                Err(e) => {
-                    let first = Utc::now();
-                    return self.dead_letter(raw, "decode", &e, 1, first).await;
-                }
-            };
-            let span = tracing::Span::current();
-            span.record("message.id", tracing::field::display(incoming.envelope.id));
-            span.record("message.type", incoming.envelope.message_type.as_str());
-            span.record("transfer.id", incoming.message.transfer_id());
-            // Every log line of this message carries the transfer's W3C trace id.
-            if let Some(trace_id) = incoming
-                .envelope
+        let incoming = match decoded {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                let first = Utc::now();
+                return self
+                    .dead_letter(raw, "decode", &e, 1, first)
+                    .instrument(span)
+                    .await;
+            }
+        };
+        let envelope = &incoming.envelope;
+        telemetry::continue_trace(
+            &span,
+            envelope.traceparent.as_deref(),
+            envelope.tracestate.as_deref(),
+        );
+        span.record("message.id", tracing::field::display(envelope.id));
+        span.record("message.type", envelope.message_type.as_str());
+        span.record("transfer.id", incoming.message.transfer_id());
+        // Every log line of this message carries the transfer's W3C trace id.
+        if let Some(trace_id) = telemetry::exported_trace_id(&span).or_else(|| {
+            envelope
                 .traceparent
                 .as_deref()
-                .and_then(|t| t.split('-').nth(1))
-            {
-                span.record("trace.id", trace_id);
-            }
-            self.handle(raw, &incoming, mode).await
+                .and_then(telemetry::trace_id_of)
+        }) {
+            span.record("trace.id", trace_id);
         }
-        .instrument(span)
-        .await
+        self.handle(raw, &incoming, mode).instrument(span).await
     }
 
     fn decode(&self, raw: &BorrowedMessage<'_>) -> anyhow::Result<Incoming> {

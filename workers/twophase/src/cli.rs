@@ -99,6 +99,22 @@ enum Command {
     Config,
 }
 
+impl Command {
+    /// The service name this command's spans are exported under.
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Dev(_) => "twophase-dev",
+            Command::Coordinator => "twophase-coordinator",
+            Command::Account => "twophase-account",
+            Command::Risk => "twophase-risk",
+            Command::Audit(_) | Command::Transfers(_) => "twophase-audit",
+            Command::Reconcile(_) | Command::Reconciler(_) => "twophase-reconciler",
+            Command::Bench(_) => "twophase-bench",
+            _ => "twophase-cli",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum TopicsCommand {
     /// Create every saga topic (and its dead-letter topic) that does not exist yet.
@@ -211,7 +227,8 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = load_config(&cli)?;
-    telemetry::init(config.log_json);
+    // Flushes the spans not yet exported when the command ends.
+    let _telemetry = telemetry::init(config.log_json, cli.command.service_name())?;
     let topics = Topics::new(&config.kafka.topic_prefix);
     match cli.command {
         Command::Dev(args) => return crate::dev::run(config, args).await,

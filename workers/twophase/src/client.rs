@@ -7,6 +7,7 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
+use tracing::Instrument;
 use twophase_messages::{Envelope, Message, Topics, TransferRequested};
 use twophase_runtime::kafka::client_config;
 use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
@@ -205,8 +206,19 @@ pub async fn request_transfer(
     request: &TransferRequested,
 ) -> anyhow::Result<Outgoing> {
     let topic = Topics::new(&kafka.topic_prefix).requests();
+    let span = tracing::info_span!(
+        "send",
+        otel.name = format!("send {topic}"),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %topic,
+        transfer.id = %request.transfer_id,
+    );
     let message = Message::TransferRequested(request.clone());
-    let outgoing = Outgoing::new(topic, &request.transfer_id, "/twophase/cli", &message);
-    publisher.publish(&outgoing).await?;
+    // The request's trace starts here: its consumers' spans hang under this one.
+    let outgoing =
+        span.in_scope(|| Outgoing::new(topic, &request.transfer_id, "/twophase/cli", &message));
+    publisher.publish(&outgoing).instrument(span).await?;
     Ok(outgoing)
 }

@@ -26,7 +26,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use twophase_messages::envelope::headers;
 use twophase_messages::{Envelope, Topics};
-use twophase_runtime::kafka::{self, child_traceparent, client_config};
+use twophase_runtime::kafka::{self, client_config};
+use twophase_runtime::telemetry;
 use twophase_runtime::worker::dlq_headers;
 use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
 use uuid::Uuid;
@@ -737,7 +738,7 @@ async fn record_run(
     });
     let mut envelope = Envelope::new(REPLAY_RECORD_TYPE, SOURCE, run_id.to_string());
     envelope.time = at;
-    envelope.traceparent = Some(child_traceparent(None));
+    telemetry::set_trace(&mut envelope, None);
     let outgoing = Outgoing {
         topic,
         key: dlq_topic.to_owned(),

@@ -23,6 +23,20 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
+/// Tuning defaults, each set unless the user's `kafka.properties` names it. Settings that
+/// correctness depends on (idempotence, acks, manual offset storage) are set outright instead.
+pub fn with_defaults<'a>(
+    config: &'a mut ClientConfig,
+    defaults: &[(&str, &str)],
+) -> &'a mut ClientConfig {
+    for (key, value) in defaults {
+        if config.get(key).is_none() {
+            config.set(*key, *value);
+        }
+    }
+    config
+}
+
 /// A message to publish, with its envelope.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -90,13 +104,20 @@ impl std::fmt::Debug for Publisher {
 
 impl Publisher {
     pub fn new(kafka: &KafkaConfig) -> Result<Publisher, KafkaError> {
-        let producer = client_config(kafka)
+        let mut config = client_config(kafka);
+        with_defaults(
+            &mut config,
+            &[
+                // Replies of a whole polled batch go out together; a few milliseconds of
+                // linger fill the produce requests without adding much to a lone message's
+                // latency.
+                ("linger.ms", "2"),
+                ("message.timeout.ms", "30000"),
+            ],
+        );
+        let producer = config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // Replies of a whole polled batch go out together; a few milliseconds of linger
-            // fill the produce requests without adding much to a lone message's latency.
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
             .create()?;
         Ok(Publisher { producer })
     }
@@ -203,4 +224,24 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_users_properties_override_tuning_defaults() {
+        let kafka = KafkaConfig {
+            properties: [("linger.ms".to_owned(), "20".to_owned())].into(),
+            ..KafkaConfig::default()
+        };
+        let mut config = client_config(&kafka);
+        with_defaults(
+            &mut config,
+            &[("linger.ms", "2"), ("message.timeout.ms", "30000")],
+        );
+        assert_eq!(config.get("linger.ms"), Some("20"));
+        assert_eq!(config.get("message.timeout.ms"), Some("30000"));
+    }
 }

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::config::{KafkaConfig, RetryConfig};
 use crate::error::HandlerError;
 use crate::http::Health;
-use crate::kafka::{client_config, Outgoing, Publisher};
+use crate::kafka::{client_config, with_defaults, Outgoing, Publisher};
 use crate::metrics;
 use crate::telemetry;
 
@@ -126,20 +126,27 @@ pub async fn run<H: Handler>(
         group: settings.group_id(),
         health: settings.health.clone(),
     };
-    let consumer: StreamConsumer<WorkerContext> = client_config(&settings.kafka)
+    let mut config = client_config(&settings.kafka);
+    with_defaults(
+        &mut config,
+        &[
+            ("auto.commit.interval.ms", "1000"),
+            ("auto.offset.reset", "earliest"),
+            // A crashed worker's partitions move within seconds, not the default 45.
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "2000"),
+            ("statistics.interval.ms", "5000"),
+        ],
+    );
+    let consumer: StreamConsumer<WorkerContext> = config
         .set("group.id", settings.group_id())
         .set(
             "client.id",
             format!("twophase-{}-{}", settings.name, std::process::id()),
         )
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
         // Offsets are stored by hand, only once a message's effects are durable.
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // A crashed worker's partitions move within seconds, not the default 45.
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000")
         // A message may wait this long for a recovering database before it is set aside.
         // (librdkafka's ceiling is a day.)
         .set(
@@ -148,7 +155,6 @@ pub async fn run<H: Handler>(
                 .min(86_400_000)
                 .to_string(),
         )
-        .set("statistics.interval.ms", "5000")
         .create_with_context(context)?;
     metrics::init_worker(settings.name, &settings.topics);
     // A poison message waits for its dead-letter topic to take it: make sure each exists.

@@ -100,9 +100,6 @@ pub struct Ceiling {
     pub share_of_database: f64,
 }
 
-/// Kafka messages per transfer: request, 3 prepare commands, 3 votes, 2 commit commands,
-/// 2 acks, 1 outcome.
-const MESSAGES_PER_TRANSFER: usize = 12;
 /// Database transactions per transfer: the coordinator's insert and five updates (three votes,
 /// two acks), the account worker's four commands, the risk worker's evaluation.
 const COMMITS_PER_TRANSFER: usize = 11;
@@ -176,7 +173,8 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
     let all = Db::connect_all(&config.database_url).await?;
     let invariants = crate::invariants::check(&all).await?;
     let ceiling = if args.ceiling {
-        Some(measure_ceiling(config, samples.len() as f64 / seconds).await?)
+        let in_flight = args.concurrency.unwrap_or(64).max(1);
+        Some(measure_ceiling(config, in_flight, samples.len() as f64 / seconds).await?)
     } else {
         None
     };
@@ -357,9 +355,13 @@ async fn open_loop(
 }
 
 /// The broker's and the database's ceiling for this workload, measured for a few seconds each.
-async fn measure_ceiling(config: &Config, achieved: f64) -> anyhow::Result<Ceiling> {
+async fn measure_ceiling(
+    config: &Config,
+    in_flight: usize,
+    achieved: f64,
+) -> anyhow::Result<Ceiling> {
     eprintln!("measuring the ceiling reference…");
-    let broker = broker_ceiling(&config.kafka, Duration::from_secs(10)).await?;
+    let broker = broker_ceiling(&config.kafka, in_flight, Duration::from_secs(10)).await?;
     let commits = database_ceiling(&config.database_url, 16, Duration::from_secs(10)).await?;
     let database = commits / COMMITS_PER_TRANSFER as f64;
     Ok(Ceiling {
@@ -371,10 +373,20 @@ async fn measure_ceiling(config: &Config, achieved: f64) -> anyhow::Result<Ceili
     })
 }
 
-/// Transfers per second when each is only its twelve messages: a relay standing in for the
+/// Transfers per second when each is only its twelve Kafka messages (a request, three prepare
+/// commands, three votes, two commit commands, two acks, an outcome): a relay standing in for the
 /// coordinator turns a request into three commands, three replies into two commands, two
 /// replies into an outcome; one standing in for the participants answers each command.
-async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Result<f64> {
+///
+/// The relays work as the workers do, minus the database and the logic: they take what has
+/// arrived as a batch, hand every message it causes to the producer at once and wait for the
+/// broker's acknowledgements before taking the next batch. `in_flight` transfers are kept
+/// going, as the closed loop does.
+async fn broker_ceiling(
+    kafka: &KafkaConfig,
+    in_flight: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     let run = Uuid::new_v4().simple().to_string();
     let topic = |name: &str| format!("bench-ceiling-{run}.{name}");
     let (requests, commands, replies, events) = (
@@ -393,9 +405,12 @@ async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Resu
         ],
     )
     .await?;
-    let producer: FutureProducer = client_config(kafka)
+    let mut config = client_config(kafka);
+    // The workers' producer settings, `[kafka.properties]` included.
+    twophase_runtime::kafka::with_defaults(&mut config, &[("linger.ms", "2")]);
+    let producer: FutureProducer = config
         .set("enable.idempotence", "true")
-        .set("linger.ms", "1")
+        .set("acks", "all")
         .create()?;
     let consumer = |group: &str, topics: &[&str]| -> anyhow::Result<StreamConsumer> {
         let c: StreamConsumer = client_config(kafka)
@@ -408,88 +423,106 @@ async fn broker_ceiling(kafka: &KafkaConfig, duration: Duration) -> anyhow::Resu
     let coordinator = consumer("coordinator", &[&requests, &replies])?;
     let participant = consumer("participant", &[&commands])?;
     let outcomes = consumer("outcomes", &[&events])?;
-    let send = |producer: FutureProducer, topic: String, key: Vec<u8>, n: usize| async move {
-        for _ in 0..n {
-            let record = FutureRecord::to(&topic).key(&key).payload(&key);
-            producer
-                .send(record, Duration::from_secs(30))
-                .await
-                .map_err(|(e, _)| e)?;
-        }
-        anyhow::Ok(())
-    };
     let stop = tokio_util::sync::CancellationToken::new();
     let relay_coordinator = {
         let (producer, stop) = (producer.clone(), stop.clone());
         let (commands, events, replies) = (commands.clone(), events.clone(), replies.clone());
-        tokio::spawn(async move {
-            let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
-            loop {
-                let m = tokio::select! { _ = stop.cancelled() => return anyhow::Ok(()), m = coordinator.recv() => m? };
-                let key = m.key().unwrap_or_default().to_vec();
-                if m.topic() != replies {
-                    send(producer.clone(), commands.clone(), key, 3).await?;
-                    continue;
-                }
-                let n = seen.entry(key.clone()).or_default();
-                *n += 1;
-                match *n {
-                    3 => send(producer.clone(), commands.clone(), key, 2).await?,
-                    5 => {
-                        seen.remove(&key);
-                        send(producer.clone(), events.clone(), key, 1).await?
-                    }
-                    _ => {}
-                }
+        let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+        tokio::spawn(relay(coordinator, producer, stop, move |m| {
+            let key = m.key().unwrap_or_default().to_vec();
+            if m.topic() != replies {
+                return vec![(commands.clone(), key, 3)];
             }
-        })
+            let n = seen.entry(key.clone()).or_default();
+            *n += 1;
+            match *n {
+                3 => vec![(commands.clone(), key, 2)],
+                5 => {
+                    seen.remove(&key);
+                    vec![(events.clone(), key, 1)]
+                }
+                _ => Vec::new(),
+            }
+        }))
     };
     let relay_participant = {
         let (producer, stop, replies) = (producer.clone(), stop.clone(), replies.clone());
-        tokio::spawn(async move {
-            loop {
-                let m = tokio::select! { _ = stop.cancelled() => return anyhow::Ok(()), m = participant.recv() => m? };
-                send(
-                    producer.clone(),
-                    replies.clone(),
-                    m.key().unwrap_or_default().to_vec(),
-                    1,
-                )
-                .await?;
-            }
-        })
+        tokio::spawn(relay(participant, producer, stop, move |m| {
+            vec![(replies.clone(), m.key().unwrap_or_default().to_vec(), 1)]
+        }))
     };
-    // Keep 64 transfers in flight; count those whose outcome arrives within the duration.
+    // Keep `in_flight` transfers going; count those whose outcome arrives within the duration.
     let started = Instant::now();
-    let mut in_flight = 0usize;
-    let mut done = 0usize;
     let mut next = 0u64;
+    let mut keys = |n: usize| -> Vec<[u8; 8]> {
+        (0..n)
+            .map(|_| {
+                next += 1;
+                next.to_be_bytes()
+            })
+            .collect()
+    };
+    let first = keys(in_flight);
+    publish_all(&producer, first.iter().map(|k| (requests.as_str(), &k[..]))).await?;
+    let mut done = 0usize;
     while started.elapsed() < duration {
-        while in_flight < 64 {
-            next += 1;
-            send(
-                producer.clone(),
-                requests.clone(),
-                next.to_be_bytes().to_vec(),
-                1,
-            )
-            .await?;
-            in_flight += 1;
-        }
-        if tokio::time::timeout(Duration::from_secs(10), outcomes.recv())
-            .await
-            .is_ok()
-        {
-            in_flight -= 1;
-            done += 1;
+        match tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await {
+            Ok(outcome) => {
+                outcome?;
+                done += 1;
+                let key = keys(1);
+                publish_all(&producer, [(requests.as_str(), &key[0][..])].into_iter()).await?;
+            }
+            Err(_) => anyhow::bail!("the ceiling relays stalled: no outcome in 10 s"),
         }
     }
     let seconds = started.elapsed().as_secs_f64();
     stop.cancel();
     relay_coordinator.await??;
     relay_participant.await??;
-    let _ = MESSAGES_PER_TRANSFER;
     Ok(done as f64 / seconds)
+}
+
+/// One relay of [`broker_ceiling`]: for each consumed message, `causes` names the messages to
+/// publish (topic, key, how many).
+async fn relay(
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    stop: tokio_util::sync::CancellationToken,
+    mut causes: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>, usize)>,
+) -> anyhow::Result<()> {
+    use futures::FutureExt as _;
+    loop {
+        let first = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            m = consumer.recv() => m?,
+        };
+        let mut out = causes(&first);
+        while let Some(m) = consumer.recv().now_or_never() {
+            out.extend(causes(&m?));
+        }
+        let records = out
+            .iter()
+            .flat_map(|(topic, key, n)| std::iter::repeat_n((topic.as_str(), key.as_slice()), *n));
+        publish_all(&producer, records).await?;
+    }
+}
+
+/// Hands every record (topic, key; the key is the payload too) to the producer at once, then
+/// waits until the broker has them all.
+async fn publish_all<'a>(
+    producer: &FutureProducer,
+    records: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> anyhow::Result<()> {
+    let mut deliveries = Vec::new();
+    for (topic, key) in records {
+        let record = FutureRecord::to(topic).key(key).payload(key);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
+    for delivery in deliveries {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
 }
 
 /// Single-row transactions per second from `connections` concurrent sessions: the database's

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::FutureExt as _;
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
@@ -466,15 +467,20 @@ async fn broker_ceiling(
     publish_all(&producer, first.iter().map(|k| (requests.as_str(), &k[..]))).await?;
     let mut done = 0usize;
     while started.elapsed() < duration {
-        match tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await {
-            Ok(outcome) => {
-                outcome?;
-                done += 1;
-                let key = keys(1);
-                publish_all(&producer, [(requests.as_str(), &key[0][..])].into_iter()).await?;
-            }
-            Err(_) => anyhow::bail!("the ceiling relays stalled: no outcome in 10 s"),
+        let Ok(outcome) = tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await
+        else {
+            anyhow::bail!("the ceiling relays stalled: no outcome in 10 s");
+        };
+        outcome?;
+        let mut settled = 1;
+        while let Some(outcome) = outcomes.recv().now_or_never() {
+            outcome?;
+            settled += 1;
         }
+        done += settled;
+        // As many new transfers as settled, sent together.
+        let more = keys(settled);
+        publish_all(&producer, more.iter().map(|k| (requests.as_str(), &k[..]))).await?;
     }
     let seconds = started.elapsed().as_secs_f64();
     stop.cancel();
@@ -491,7 +497,6 @@ async fn relay(
     stop: tokio_util::sync::CancellationToken,
     mut causes: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>, usize)>,
 ) -> anyhow::Result<()> {
-    use futures::FutureExt as _;
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => return Ok(()),

@@ -230,6 +230,15 @@ async fn one_transfer_is_one_trace_across_every_worker() {
     ]
     .into();
     assert_eq!(services(&trace), expected);
+    // The decision and the outcome are spans of the coordinator's.
+    for step in ["saga preparing", "saga committing", "saga completed"] {
+        assert!(
+            trace
+                .iter()
+                .any(|s| s.service == "twophase-coordinator" && s.name == step),
+            "no coordinator span {step:?}"
+        );
+    }
     commands_hang_under_the_coordinator(&trace, &env.topics.account_commands());
     commands_hang_under_the_coordinator(&trace, &env.topics.risk_commands());
     all_in_one_trace(&spans, &transfer, &send.trace_id);

@@ -217,7 +217,7 @@ impl Coordinator {
         store::insert(&mut tx, &stored, &raw, deadline, now).await?;
         tx.commit().await?;
         record_if_finished(&stored);
-        Ok(self.emit(envelope, &stored))
+        Ok(saga_span(&stored).in_scope(|| self.emit(envelope, &stored)))
     }
 
     /// Applies a vote or an ack to its transfer and returns what to publish.
@@ -248,7 +248,9 @@ impl Coordinator {
         }
         Ok(match applied {
             Applied::Recorded => Vec::new(),
-            Applied::Advanced | Applied::Unchanged => self.emit(envelope, &stored),
+            // The decision, or the outcome: a span of its own, parent of what it sends.
+            Applied::Advanced => saga_span(&stored).in_scope(|| self.emit(envelope, &stored)),
+            Applied::Unchanged => self.emit(envelope, &stored),
         })
     }
 
@@ -457,6 +459,19 @@ impl Coordinator {
         cause.tracestate = stored.tracestate.clone();
         cause
     }
+}
+
+/// The span of a saga's step to a new state (prepare, the decision, the outcome), in the
+/// current message's span.
+fn saga_span(stored: &Stored) -> tracing::Span {
+    let saga = &stored.saga;
+    tracing::info_span!(
+        "saga",
+        otel.name = format!("saga {}", saga.status.as_str()),
+        transfer.id = %saga.transfer_id,
+        saga.status = saga.status.as_str(),
+        saga.reason = saga.reason.as_deref(),
+    )
 }
 
 /// The span of the timer's work on one saga, in the saga's trace.

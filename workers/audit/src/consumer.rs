@@ -12,10 +12,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message as _;
@@ -25,7 +22,8 @@ use twophase_messages::envelope::headers as ce;
 use twophase_messages::Topics;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::http::Health;
-use twophase_runtime::kafka::client_config;
+use twophase_runtime::kafka::{client_config, with_defaults};
+use twophase_runtime::worker::{commit_stored, MemberContext};
 use twophase_runtime::{metrics, telemetry, KafkaConfig, RetryConfig};
 
 use crate::record::{self, Source, REPLAYS_TOPIC};
@@ -70,70 +68,27 @@ pub fn replays_pattern(prefix: &str) -> String {
     pattern
 }
 
-struct AuditContext {
-    group: String,
-    health: Health,
-}
-
-impl ClientContext for AuditContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        metrics::record_consumer_lag(&self.group, &statistics);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        // librdkafka reports a subscription pattern that matches no topic as an error; for the
-        // ops.replays pattern that is the normal state until the first replay.
-        // Right after topics are created the broker may not know them yet either.
-        if reason.contains(REPLAYS_TOPIC) {
-            tracing::debug!(%error, reason, "no ops.replays topic yet");
-        } else if reason.starts_with("Subscribed topic not available") {
-            tracing::warn!(%error, reason, "librdkafka error");
-        } else {
-            tracing::error!(%error, reason, "librdkafka error");
-        }
-    }
-}
-
-impl ConsumerContext for AuditContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(_) = rebalance {
-            // What is stored is durable in the table: hand it to the next owner so that it
-            // does not read it all again.
-            commit_stored(consumer);
-        }
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(partitions) => {
-                tracing::info!(partitions = partitions.count(), "partitions assigned");
-                self.health.set_assigned(partitions.count() > 0);
-            }
-            Rebalance::Revoke(_) => self.health.set_assigned(false),
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
-        }
-    }
-}
-
-fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C) {
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(
-            error = %e,
-            "offset commit failed; some records will be read again (and skipped as stored)"
-        ),
-    }
-}
-
 /// Runs the consume loop until `shutdown` is cancelled; the batch in hand is written before it
 /// returns.
 pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let group = settings.group_id();
-    let context = AuditContext {
-        group: group.clone(),
-        health: settings.health.clone(),
-    };
-    let consumer: StreamConsumer<AuditContext> = client_config(&settings.kafka)
+    // librdkafka reports a subscription pattern that matches no topic as an error; for the
+    // ops.replays pattern that is the normal state until the first replay.
+    let context =
+        MemberContext::new(group.clone(), settings.health.clone()).expecting_missing(REPLAYS_TOPIC);
+    let mut config = client_config(&settings.kafka);
+    with_defaults(
+        &mut config,
+        &[
+            ("auto.offset.reset", "earliest"),
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "2000"),
+            // How soon a topic matching the ops.replays pattern is noticed once it is created.
+            ("topic.metadata.refresh.interval.ms", "30000"),
+            ("statistics.interval.ms", "5000"),
+        ],
+    );
+    let consumer: StreamConsumer<MemberContext> = config
         .set("group.id", &group)
         .set(
             "client.id",
@@ -146,17 +101,13 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
         )
         // Offsets are stored by hand, only once the batch holding them is committed.
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "2000")
         // A batch may wait this long on a recovering database before the group moves on.
         .set(
             "max.poll.interval.ms",
-            (settings.retry.give_up_after.as_millis() as u64 + 60_000).to_string(),
+            (settings.retry.give_up_after.as_millis() as u64 + 60_000)
+                .min(86_400_000)
+                .to_string(),
         )
-        // How soon a topic matching the ops.replays pattern is noticed once it is created.
-        .set("topic.metadata.refresh.interval.ms", "30000")
-        .set("statistics.interval.ms", "5000")
         .create_with_context(context)?;
     let topics = topics(&settings.kafka);
     let pattern = replays_pattern(&settings.kafka.topic_prefix);
@@ -246,7 +197,7 @@ fn record_span(source: &Source<'_>, group: &str) -> tracing::Span {
 /// Up to `batch_size` records: waits for the first, then takes what comes within
 /// `batch_timeout` of it. Empty on shutdown.
 async fn collect(
-    consumer: &StreamConsumer<AuditContext>,
+    consumer: &StreamConsumer<MemberContext>,
     settings: &Settings,
     shutdown: &CancellationToken,
 ) -> Vec<OwnedMessage> {
@@ -278,7 +229,7 @@ async fn collect(
 
 fn consumer_error(e: &KafkaError) {
     match e {
-        // The ops.replays pattern matching no topic yet (see `AuditContext::error`): the saga
+        // The ops.replays pattern matching no topic yet (see `MemberContext::error`): the saga
         // topics are created before the consumer starts, so this is not one of them going away.
         KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition) => {
             tracing::debug!(error = %e, "consumer error")
@@ -334,7 +285,7 @@ async fn write(
 
 /// Stores, per partition, the offset after the batch's last record of it. A partition revoked
 /// meanwhile refuses; its next owner reads those records again and finds them stored.
-fn store_offsets(consumer: &StreamConsumer<AuditContext>, batch: &[OwnedMessage]) {
+fn store_offsets(consumer: &StreamConsumer<MemberContext>, batch: &[OwnedMessage]) {
     let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for m in batch {
         let offset = last.entry((m.topic(), m.partition())).or_insert(m.offset());

@@ -89,20 +89,66 @@ pub mod dlq_headers {
     pub const FIRST_FAILURE: &str = "dlq-first-failure-time";
 }
 
-/// What librdkafka tells the consumer beyond messages: rebalances (for `/healthz`) and
-/// statistics (for the consumer-lag metric).
-struct WorkerContext {
+/// What librdkafka tells a consumer group member beyond messages: statistics (for the
+/// consumer-lag metric) and rebalances (for `/healthz`). When partitions are revoked, the
+/// offsets stored so far (only ever those of messages whose effects are durable) are committed,
+/// so that the next owner does not redo them.
+#[derive(Debug)]
+pub struct MemberContext {
     group: String,
     health: Health,
+    /// A topic whose absence is expected (a pattern subscription waiting for its first topic).
+    expected_missing: Option<String>,
 }
 
-impl ClientContext for WorkerContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        metrics::record_consumer_lag(&self.group, &statistics);
+impl MemberContext {
+    pub fn new(group: String, health: Health) -> MemberContext {
+        MemberContext {
+            group,
+            health,
+            expected_missing: None,
+        }
+    }
+
+    /// Reports `topic` not existing (yet) at debug level rather than as an error.
+    pub fn expecting_missing(mut self, topic: &str) -> MemberContext {
+        self.expected_missing = Some(topic.to_owned());
+        self
     }
 }
 
-impl ConsumerContext for WorkerContext {
+impl ClientContext for MemberContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        metrics::record_consumer_lag(&self.group, &statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if self
+            .expected_missing
+            .as_deref()
+            .is_some_and(|topic| reason.contains(topic))
+        {
+            tracing::debug!(%error, reason, "topic not there yet");
+        } else if reason.starts_with("Subscribed topic not available") {
+            // Right after topics are created the broker may not know them yet.
+            tracing::warn!(%error, reason, "librdkafka error");
+        } else {
+            tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Revoke(_) = rebalance {
+            commit_stored(consumer);
+        }
+    }
+
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
@@ -115,6 +161,17 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
+/// Commits the offsets stored since the last commit, if any.
+pub fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            "offset commit failed; the next owner will read some messages again"
+        ),
+    }
+}
+
 /// Runs the consume loop until `shutdown` is cancelled, then commits the stored offsets.
 pub async fn run<H: Handler>(
     handler: Arc<H>,
@@ -122,10 +179,7 @@ pub async fn run<H: Handler>(
     publisher: Publisher,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let context = WorkerContext {
-        group: settings.group_id(),
-        health: settings.health.clone(),
-    };
+    let context = MemberContext::new(settings.group_id(), settings.health.clone());
     let mut config = client_config(&settings.kafka);
     with_defaults(
         &mut config,
@@ -138,7 +192,7 @@ pub async fn run<H: Handler>(
             ("statistics.interval.ms", "5000"),
         ],
     );
-    let consumer: StreamConsumer<WorkerContext> = config
+    let consumer: StreamConsumer<MemberContext> = config
         .set("group.id", settings.group_id())
         .set(
             "client.id",
@@ -222,14 +276,7 @@ pub async fn run<H: Handler>(
         }
     }
     // Stored offsets are committed before leaving, so the next owner does not redo work.
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        // Nothing was stored since the last commit: nothing to do.
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(
-            error = %e,
-            "final offset commit failed; the next owner will redo some messages"
-        ),
-    }
+    commit_stored(&consumer);
     tracing::info!(worker = loop_.settings.name, "stopped");
     Ok(())
 }

@@ -832,3 +832,76 @@ async fn bad_input_is_refused_with_a_clear_sentence_and_nothing_is_published() {
     expect(&out, 0, "nothing to replay");
     assert_eq!(high_watermark(&env, &env.topics.replies()).await, 0);
 }
+
+/// A partition's messages that arrive together are applied in one transaction; when one of
+/// them fails, none of that transaction stays, and each is applied again on its own: the good
+/// ones exactly once, the bad one dead-lettered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_message_in_a_batch_undoes_the_batch_and_each_is_applied_once_alone() {
+    let mut env = TestEnv::new("batch").await;
+    let a = env.open_account("USD", "100").await;
+    let hold = |amount: &str| {
+        let body = AccountCommandBody {
+            transfer_id: Uuid::new_v4(),
+            account_id: a,
+            amount: dec(amount),
+            currency: "USD".into(),
+        };
+        Outgoing::new(
+            env.topics.account_commands(),
+            a,
+            "/test",
+            &Message::Account(AccountCommand::new(AccountAction::Hold, body)),
+        )
+    };
+    let capture_never_held = Outgoing::new(
+        env.topics.account_commands(),
+        a,
+        "/test",
+        &Message::Account(AccountCommand::new(
+            AccountAction::Capture,
+            AccountCommandBody {
+                transfer_id: Uuid::new_v4(),
+                account_id: a,
+                amount: dec("1.00"),
+                currency: "USD".into(),
+            },
+        )),
+    );
+    // All on account a's partition, in place before the worker starts, so that its first poll
+    // takes them together.
+    let batch = [hold("10.00"), capture_never_held.clone(), hold("20.00")];
+    for message in &batch {
+        env.publisher.publish(message).await.unwrap();
+    }
+    let dead = TopicTail::start(
+        &env.kafka,
+        Topics::dead_letters(&env.topics.account_commands()),
+    )
+    .await
+    .unwrap();
+    env.start("account");
+
+    let (envelope, _) = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await
+        .expect("the capture is dead-lettered")
+        .unwrap();
+    assert_eq!(envelope.id, capture_never_held.envelope.id);
+    env.wait_count(
+        "SELECT count(*) FROM account.processed_commands",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        env.balance(a).await,
+        (dec("100"), dec("30.00")),
+        "each hold once"
+    );
+    let log = std::fs::read_to_string(env.log_dir.join("account-0.log")).unwrap();
+    assert!(
+        log.contains("one at a time"),
+        "the batch was tried together first (logs in {})",
+        env.log_dir.display()
+    );
+}

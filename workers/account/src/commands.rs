@@ -10,21 +10,21 @@ use twophase_messages::{
     Participant, Vote,
 };
 use twophase_runtime::db::sqlx::types::Json;
-use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
+use twophase_runtime::db::{Amount, Timestamp, Tx};
 use twophase_runtime::HandlerError;
 use twophase_runtime::{execute, query_as};
 use uuid::Uuid;
 
-/// Applies `command` once and returns its reply; a command seen before gets its stored reply.
+/// Applies `command` once in `tx` and returns its reply; a command seen before gets its stored
+/// reply.
 pub async fn apply(
-    db: &Db,
+    tx: &mut Tx,
     command: &AccountCommand,
     message_id: Uuid,
 ) -> Result<Message, HandlerError> {
     let body = &command.body;
-    let mut tx = db.begin().await?;
     let stored = query_as!(
-        &mut tx,
+        &mut *tx,
         (String, Json<serde_json::Value>),
         fetch_optional,
         "SELECT reply_type, reply FROM processed_commands WHERE transfer_id = $1 AND action = $2",
@@ -43,18 +43,18 @@ pub async fn apply(
 
     let now = Timestamp::now();
     let reply = match command.action {
-        AccountAction::Hold => hold(&mut tx, body, now).await?,
-        AccountAction::ReserveCredit => reserve_credit(&mut tx, body, now).await?,
-        AccountAction::Capture => capture(&mut tx, body, now).await?,
-        AccountAction::Credit => credit(&mut tx, body, now).await?,
-        AccountAction::Release => release(&mut tx, body, now).await?,
-        AccountAction::CancelCredit => cancel_credit(&mut tx, body, now).await?,
+        AccountAction::Hold => hold(tx, body, now).await?,
+        AccountAction::ReserveCredit => reserve_credit(tx, body, now).await?,
+        AccountAction::Capture => capture(tx, body, now).await?,
+        AccountAction::Credit => credit(tx, body, now).await?,
+        AccountAction::Release => release(tx, body, now).await?,
+        AccountAction::CancelCredit => cancel_credit(tx, body, now).await?,
     };
 
     let reply_json: serde_json::Value =
         serde_json::from_slice(&reply.to_json()).expect("replies are JSON");
     execute!(
-        &mut tx,
+        tx,
         "INSERT INTO processed_commands (transfer_id, action, account_id, message_id, reply_type, reply, processed_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
         body.transfer_id,
@@ -65,7 +65,6 @@ pub async fn apply(
         Json(reply_json),
         now,
     )?;
-    tx.commit().await?;
     Ok(reply)
 }
 fn vote(body: &AccountCommandBody, participant: Participant, no: Option<&str>) -> Message {

@@ -12,9 +12,9 @@ pub mod store;
 use std::sync::Arc;
 
 use twophase_messages::{Message, Topics};
-use twophase_runtime::db::Db;
+use twophase_runtime::db::{Db, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
-use twophase_runtime::{CancellationToken, Handler, HandlerError, Outgoing, Publisher};
+use twophase_runtime::{CancellationToken, Handled, Handler, HandlerError, Outgoing, Publisher};
 
 pub use store::{Account, AccountError, AccountStatus, LedgerEntry};
 
@@ -103,20 +103,24 @@ async fn refresh_gauges(db: Db, shutdown: CancellationToken) {
 }
 
 impl Handler for AccountWorker {
-    async fn handle(&self, incoming: &Incoming) -> Result<Vec<Outgoing>, HandlerError> {
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn apply(&self, tx: &mut Tx, incoming: &Incoming) -> Result<Handled, HandlerError> {
         let Message::Account(command) = &incoming.message else {
             return Err(HandlerError::permanent(format!(
                 "{} is not an account command",
                 incoming.envelope.message_type
             )));
         };
-        let reply = commands::apply(&self.db, command, incoming.envelope.id).await?;
-        Ok(vec![Outgoing::caused_by(
+        let reply = commands::apply(tx, command, incoming.envelope.id).await?;
+        Ok(Handled::replies(vec![Outgoing::caused_by(
             &incoming.envelope,
             &self.source,
             self.replies.clone(),
             command.body.transfer_id,
             &reply,
-        )])
+        )]))
     }
 }

@@ -23,10 +23,11 @@ use twophase_messages::{
     EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
     TransferRejected, TransferRequested, Vote,
 };
-use twophase_runtime::db::{Db, Timestamp};
+use twophase_runtime::db::{Db, Timestamp, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{
-    failpoint, metrics, telemetry, CancellationToken, Handler, HandlerError, Outgoing, Publisher,
+    failpoint, metrics, telemetry, CancellationToken, Handled, Handler, HandlerError, Outgoing,
+    Publisher,
 };
 use uuid::Uuid;
 
@@ -139,9 +140,10 @@ impl Coordinator {
 
     async fn on_request(
         &self,
+        tx: &mut Tx,
         envelope: &Envelope,
         request: &TransferRequested,
-    ) -> Result<Vec<Outgoing>, HandlerError> {
+    ) -> Result<Handled, HandlerError> {
         let Ok(transfer_id) = Uuid::parse_str(&request.transfer_id) else {
             // Nothing can be stored under a malformed id; the rejection is re-sent on every
             // redelivery with the same message id.
@@ -152,17 +154,15 @@ impl Coordinator {
                 rejected_at: envelope.time,
             };
             let id_seed = format!("rejected:{}", request.transfer_id);
-            return Ok(vec![self.outcome(
+            return Ok(Handled::replies(vec![self.outcome(
                 envelope,
                 &request.transfer_id,
                 &id_seed,
                 Message::TransferRejected(rejected),
-            )]);
+            )]));
         };
         let hash = validate::fingerprint(request);
-        let mut tx = self.db.begin().await?;
-        if let Some(existing) = store::lock(&mut tx, transfer_id).await? {
-            tx.commit().await?;
+        if let Some(existing) = store::lock(tx, transfer_id).await? {
             if existing.request_hash != hash {
                 tracing::warn!(%transfer_id, "transfer id reused with a different request: rejected as a conflict");
                 let rejected = TransferRejected {
@@ -172,16 +172,16 @@ impl Coordinator {
                     rejected_at: envelope.time,
                 };
                 let id_seed = format!("conflict:{transfer_id}:{hash}");
-                return Ok(vec![self.outcome(
+                return Ok(Handled::replies(vec![self.outcome(
                     envelope,
                     &request.transfer_id,
                     &id_seed,
                     Message::TransferRejected(rejected),
-                )]);
+                )]));
             }
             // The same request again: answer with what its state calls for (the outcome, once
             // there is one).
-            return Ok(self.emit(envelope, &existing));
+            return Ok(Handled::replies(self.emit(envelope, &existing)));
         }
         let saga = match validate::validate(
             request,
@@ -214,21 +214,20 @@ impl Coordinator {
                     .unwrap_or(chrono::TimeDelta::MAX),
         );
         let raw = serde_json::to_value(request).expect("requests serialize");
-        store::insert(&mut tx, &stored, &raw, deadline, now).await?;
-        tx.commit().await?;
-        record_if_finished(&stored);
-        Ok(saga_span(&stored).in_scope(|| self.emit(envelope, &stored)))
+        store::insert(tx, &stored, &raw, deadline, now).await?;
+        let replies = saga_span(&stored).in_scope(|| self.emit(envelope, &stored));
+        Ok(Handled::replies(replies).then(move || record_if_finished(&stored)))
     }
 
     /// Applies a vote or an ack to its transfer and returns what to publish.
     async fn on_reply(
         &self,
+        tx: &mut Tx,
         envelope: &Envelope,
         transfer_id: Uuid,
         apply: impl FnOnce(&mut Saga) -> Result<Applied, saga::Contradiction>,
-    ) -> Result<Vec<Outgoing>, HandlerError> {
-        let mut tx = self.db.begin().await?;
-        let Some(mut stored) = store::lock(&mut tx, transfer_id).await? else {
+    ) -> Result<Handled, HandlerError> {
+        let Some(mut stored) = store::lock(tx, transfer_id).await? else {
             return Err(HandlerError::permanent(format!(
                 "reply for transfer {transfer_id}, which this coordinator never started"
             )));
@@ -236,21 +235,22 @@ impl Coordinator {
         let applied = apply(&mut stored.saga).map_err(|e| HandlerError::Permanent(e.into()))?;
         if applied != Applied::Unchanged {
             let now = Timestamp::now();
-            store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
-        }
-        tx.commit().await?;
-        if applied == Applied::Advanced && stored.saga.status == Status::Committing {
-            failpoint::hit("coordinator.after_decision");
-        }
-        if applied == Applied::Advanced {
-            record_if_finished(&stored);
-            tracing::info!(%transfer_id, status = stored.saga.status.as_str(), reason = ?stored.saga.reason, "transfer advanced");
+            store::update(tx, &stored, now, self.first_resend(&stored, now)).await?;
         }
         Ok(match applied {
-            Applied::Recorded => Vec::new(),
+            Applied::Recorded => Handled::replies(Vec::new()),
+            Applied::Unchanged => Handled::replies(self.emit(envelope, &stored)),
             // The decision, or the outcome: a span of its own, parent of what it sends.
-            Applied::Advanced => saga_span(&stored).in_scope(|| self.emit(envelope, &stored)),
-            Applied::Unchanged => self.emit(envelope, &stored),
+            Applied::Advanced => {
+                tracing::info!(%transfer_id, status = stored.saga.status.as_str(), reason = ?stored.saga.reason, "transfer advanced");
+                let replies = saga_span(&stored).in_scope(|| self.emit(envelope, &stored));
+                Handled::replies(replies).then(move || {
+                    if stored.saga.status == Status::Committing {
+                        failpoint::hit("coordinator.after_decision");
+                    }
+                    record_if_finished(&stored);
+                })
+            }
         })
     }
 
@@ -490,10 +490,14 @@ fn timer_span(stored: &Stored, what: &'static str) -> tracing::Span {
 }
 
 impl Handler for Coordinator {
-    async fn handle(&self, incoming: &Incoming) -> Result<Vec<Outgoing>, HandlerError> {
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn apply(&self, tx: &mut Tx, incoming: &Incoming) -> Result<Handled, HandlerError> {
         let envelope = &incoming.envelope;
         match &incoming.message {
-            Message::TransferRequested(request) => self.on_request(envelope, request).await,
+            Message::TransferRequested(request) => self.on_request(tx, envelope, request).await,
             Message::Vote(Vote {
                 transfer_id,
                 participant,
@@ -501,7 +505,7 @@ impl Handler for Coordinator {
                 reason,
                 risk,
             }) => {
-                self.on_reply(envelope, *transfer_id, |s| {
+                self.on_reply(tx, envelope, *transfer_id, |s| {
                     Ok(s.on_vote(*participant, *decision, reason.as_deref(), risk.as_ref()))
                 })
                 .await
@@ -510,7 +514,7 @@ impl Handler for Coordinator {
                 transfer_id,
                 action,
             }) => {
-                self.on_reply(envelope, *transfer_id, |s| s.on_ack(*action, now()))
+                self.on_reply(tx, envelope, *transfer_id, |s| s.on_ack(*action, now()))
                     .await
             }
             other => Err(HandlerError::permanent(format!(

@@ -15,7 +15,7 @@ use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{execute, query_as};
-use twophase_runtime::{CancellationToken, Handler, HandlerError, Outgoing, Publisher};
+use twophase_runtime::{CancellationToken, Handled, Handler, HandlerError, Outgoing, Publisher};
 
 pub use rules::{Assessment, RiskConfig};
 
@@ -63,25 +63,27 @@ impl RiskWorker {
         worker::run(handler, settings, publisher, shutdown).await
     }
 
+    /// Evaluates `request` once in `tx`; returns the vote, and whether it is a new one (not a
+    /// stored vote sent again).
     async fn evaluate(
         &self,
+        tx: &mut Tx,
         request: &EvaluateRisk,
         message_id: uuid::Uuid,
-    ) -> Result<Message, HandlerError> {
-        let mut tx = self.db.begin().await?;
+    ) -> Result<(Vote, bool), HandlerError> {
         let stored = query_as!(
-            &mut tx,
+            &mut *tx,
             (Json<Vote>,),
             fetch_optional,
             "SELECT reply FROM evaluations WHERE transfer_id = $1",
             request.transfer_id,
         )?;
         if let Some((Json(vote),)) = stored {
-            return Ok(Message::Vote(vote));
+            return Ok((vote, false));
         }
 
         let now = Timestamp::now();
-        let history = self.history(&mut tx, request, now.0).await?;
+        let history = self.history(tx, request, now.0).await?;
         let assessment = self.config.assess(request, &history);
         let approved = assessment.score <= self.config.max_score;
         let vote = Vote {
@@ -96,7 +98,7 @@ impl RiskWorker {
             risk: Some(assessment.to_message()),
         };
         execute!(
-            &mut tx,
+            tx,
             "INSERT INTO evaluations (transfer_id, from_account, to_account, amount, currency, score,
                                       level, rules, decision, message_id, reply, evaluated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
@@ -113,15 +115,13 @@ impl RiskWorker {
             Json(&vote),
             now,
         )?;
-        tx.commit().await?;
-        twophase_runtime::metrics::risk_decision(vote.decision, assessment.score);
         tracing::info!(
             score = assessment.score,
             rules = ?assessment.rules,
             approved,
             "risk evaluated"
         );
-        Ok(Message::Vote(vote))
+        Ok((vote, true))
     }
 
     /// What the rules need to know about the source account's recent transfers. Sums are taken
@@ -163,20 +163,31 @@ impl RiskWorker {
 }
 
 impl Handler for RiskWorker {
-    async fn handle(&self, incoming: &Incoming) -> Result<Vec<Outgoing>, HandlerError> {
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn apply(&self, tx: &mut Tx, incoming: &Incoming) -> Result<Handled, HandlerError> {
         let Message::EvaluateRisk(request) = &incoming.message else {
             return Err(HandlerError::permanent(format!(
                 "{} is not a risk command",
                 incoming.envelope.message_type
             )));
         };
-        let vote = self.evaluate(request, incoming.envelope.id).await?;
-        Ok(vec![Outgoing::caused_by(
+        let (vote, new) = self.evaluate(tx, request, incoming.envelope.id).await?;
+        let (decision, score) = (vote.decision, vote.risk.as_ref().map(|r| r.score));
+        let handled = Handled::replies(vec![Outgoing::caused_by(
             &incoming.envelope,
             &self.source,
             self.replies.clone(),
             request.transfer_id,
-            &vote,
-        )])
+            &Message::Vote(vote),
+        )]);
+        Ok(match (new, score) {
+            (true, Some(score)) => {
+                handled.then(move || twophase_runtime::metrics::risk_decision(decision, score))
+            }
+            _ => handled,
+        })
     }
 }

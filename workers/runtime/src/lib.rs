@@ -21,4 +21,4 @@ pub use config::{KafkaConfig, RetryConfig};
 pub use error::HandlerError;
 pub use kafka::{Outgoing, Publisher};
 pub use tokio_util::sync::CancellationToken;
-pub use worker::{Handler, Incoming};
+pub use worker::{Handled, Handler, Incoming};

@@ -26,6 +26,7 @@ use twophase_messages::{Envelope, Message};
 use uuid::Uuid;
 
 use crate::config::{KafkaConfig, RetryConfig};
+use crate::db::{Db, Tx};
 use crate::error::HandlerError;
 use crate::http::Health;
 use crate::kafka::{client_config, with_defaults, Outgoing, Publisher};
@@ -42,13 +43,59 @@ pub struct Incoming {
     pub message: Message,
 }
 
-/// A worker's logic. `handle` must be idempotent: it may see the same message again after a
+/// A worker's logic. `apply` must be idempotent: it may see the same message again after a
 /// crash or rebalance, and must then return the same replies without applying anything twice.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
+    /// The database the loop opens the handler's transactions on.
+    fn db(&self) -> &Db;
+
+    /// Applies one message inside `tx` and returns its replies.
+    ///
+    /// The loop commits `tx`, possibly with other messages of the same partition applied in
+    /// it before and after this one, and publishes the replies only once it has committed. An
+    /// error rolls the whole transaction back and the loop then handles the messages one at a
+    /// time. Whatever the handler does outside the database belongs in [`Handled::then`].
+    fn apply(
         &self,
+        tx: &mut Tx,
         incoming: &Incoming,
-    ) -> impl Future<Output = Result<Vec<Outgoing>, HandlerError>> + Send;
+    ) -> impl Future<Output = Result<Handled, HandlerError>> + Send;
+}
+
+/// A message applied: its replies, and what to do once its transaction has committed.
+#[must_use]
+pub struct Handled {
+    pub replies: Vec<Outgoing>,
+    committed: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handled")
+            .field("replies", &self.replies)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handled {
+    pub fn replies(replies: Vec<Outgoing>) -> Handled {
+        Handled {
+            replies,
+            committed: None,
+        }
+    }
+
+    /// Runs `f` once the transaction is committed (metrics, logs, failpoints).
+    pub fn then(mut self, f: impl FnOnce() + Send + 'static) -> Handled {
+        self.committed = Some(Box::new(f));
+        self
+    }
+
+    fn committed(&mut self) {
+        if let Some(f) = self.committed.take() {
+            f();
+        }
+    }
 }
 
 /// Where a worker consumes from and how it retries.
@@ -327,24 +374,36 @@ impl<H: Handler> ConsumeLoop<H> {
     /// Processes one partition's messages in order. Returns how many were handled to their end
     /// and whether all were (false: shutdown interrupted).
     ///
-    /// Each message's effects are committed before the next one is handled, but its replies
+    /// The messages are applied in one transaction ([`Self::apply_together`]); if that fails,
+    /// each is applied and committed before the next one is handled. Either way the replies
     /// are only handed to the producer; the acknowledgements are awaited together at the end,
     /// before any offset is stored. If one was refused, the messages from that one on are
     /// handled again, one at a time, each waiting for its acknowledgements (handlers are
     /// idempotent: the stored replies go out again).
     async fn process_in_order(&self, messages: &[&BorrowedMessage<'_>]) -> (usize, bool) {
-        let mut queued: Vec<Vec<DeliveryFuture>> = Vec::with_capacity(messages.len());
         let mut interrupted = false;
-        for message in messages {
-            match self.process(message, Mode::Pipelined).await {
-                Processed::Queued(deliveries) => queued.push(deliveries),
-                Processed::Done => queued.push(Vec::new()),
-                Processed::Interrupted => {
-                    interrupted = true;
-                    break;
+        let together = if messages.len() > 1 {
+            self.apply_together(messages).await
+        } else {
+            None
+        };
+        let queued = match together {
+            Some(queued) => queued,
+            None => {
+                let mut queued: Vec<Vec<DeliveryFuture>> = Vec::with_capacity(messages.len());
+                for message in messages {
+                    match self.process(message, Mode::Pipelined).await {
+                        Processed::Queued(deliveries) => queued.push(deliveries),
+                        Processed::Done => queued.push(Vec::new()),
+                        Processed::Interrupted => {
+                            interrupted = true;
+                            break;
+                        }
+                    }
                 }
+                queued
             }
-        }
+        };
         let mut acknowledged = 0;
         'messages: for deliveries in queued {
             for delivery in deliveries {
@@ -367,10 +426,80 @@ impl<H: Handler> ConsumeLoop<H> {
         (messages.len(), true)
     }
 
-    /// Handles one message: applied and replied (in `Careful` mode, acknowledged too), or
-    /// dead-lettered.
-    async fn process(&self, raw: &BorrowedMessage<'_>, mode: Mode) -> Processed {
-        let decoded = self.decode(raw);
+    /// Applies a partition's messages in one transaction, then hands every reply to the
+    /// producer: one commit instead of one per message. `None` if a message could not be
+    /// decoded or applied, or the commit failed; nothing is then applied (after a failed
+    /// commit, perhaps all of it: handlers are idempotent) and the caller handles the messages
+    /// one at a time, with retries and dead letters.
+    async fn apply_together(
+        &self,
+        messages: &[&BorrowedMessage<'_>],
+    ) -> Option<Vec<Vec<DeliveryFuture>>> {
+        let started = Instant::now();
+        let fail = |step: &str, error: &dyn std::fmt::Display| {
+            tracing::debug!(%error, step, "applying the batch together failed: one at a time");
+        };
+        let mut tx = match self.handler.db().begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                fail("begin", &e);
+                return None;
+            }
+        };
+        let mut handled = Vec::with_capacity(messages.len());
+        for raw in messages {
+            let incoming = match self.decode(raw) {
+                Ok(incoming) => incoming,
+                Err(e) => {
+                    fail("decode", &e);
+                    return None;
+                }
+            };
+            let span = self.span(raw, Some(&incoming));
+            match self
+                .handler
+                .apply(&mut tx, &incoming)
+                .instrument(span)
+                .await
+            {
+                Ok(h) => handled.push(h),
+                Err(e) => {
+                    fail("apply", &e);
+                    return None;
+                }
+            }
+        }
+        if let Err(e) = tx.commit().await {
+            fail("commit", &e);
+            return None;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let mut queued = Vec::with_capacity(handled.len());
+        for (raw, mut h) in messages.iter().zip(handled) {
+            // Counted per message, as when each commits alone.
+            crate::failpoint::hit_at(self.settings.name, "after_commit");
+            h.committed();
+            match self.publish(&h.replies, Mode::Pipelined).await {
+                Ok(Processed::Queued(deliveries)) => queued.push(deliveries),
+                Ok(_) => queued.push(Vec::new()),
+                Err(e) => {
+                    fail("publish", &e);
+                    return None;
+                }
+            }
+            metrics::message_handled(
+                self.settings.name,
+                raw.topic(),
+                metrics::outcome::OK,
+                seconds,
+            );
+        }
+        Some(queued)
+    }
+
+    /// The span of one message's handling: in the trace its headers carry, with its ids as
+    /// fields (so every log line of it has the transfer's trace id).
+    fn span(&self, raw: &BorrowedMessage<'_>, incoming: Option<&Incoming>) -> tracing::Span {
         let span = tracing::info_span!(
             "consume",
             otel.name = format!("process {}", raw.topic()),
@@ -386,15 +515,8 @@ impl<H: Handler> ConsumeLoop<H> {
             transfer.id = tracing::field::Empty,
             trace.id = tracing::field::Empty,
         );
-        let incoming = match decoded {
-            Ok(incoming) => incoming,
-            Err(e) => {
-                let first = Utc::now();
-                return self
-                    .dead_letter(raw, "decode", &e, 1, first)
-                    .instrument(span)
-                    .await;
-            }
+        let Some(incoming) = incoming else {
+            return span;
         };
         let envelope = &incoming.envelope;
         telemetry::continue_trace(
@@ -405,7 +527,6 @@ impl<H: Handler> ConsumeLoop<H> {
         span.record("message.id", tracing::field::display(envelope.id));
         span.record("message.type", envelope.message_type.as_str());
         span.record("transfer.id", incoming.message.transfer_id());
-        // Every log line of this message carries the transfer's W3C trace id.
         if let Some(trace_id) = telemetry::exported_trace_id(&span).or_else(|| {
             envelope
                 .traceparent
@@ -414,7 +535,33 @@ impl<H: Handler> ConsumeLoop<H> {
         }) {
             span.record("trace.id", trace_id);
         }
+        span
+    }
+
+    /// Handles one message: applied and replied (in `Careful` mode, acknowledged too), or
+    /// dead-lettered.
+    async fn process(&self, raw: &BorrowedMessage<'_>, mode: Mode) -> Processed {
+        let incoming = match self.decode(raw) {
+            Ok(incoming) => incoming,
+            Err(e) => {
+                let first = Utc::now();
+                return self
+                    .dead_letter(raw, "decode", &e, 1, first)
+                    .instrument(self.span(raw, None))
+                    .await;
+            }
+        };
+        let span = self.span(raw, Some(&incoming));
         self.handle(raw, &incoming, mode).instrument(span).await
+    }
+
+    /// Applies one message in a transaction of its own and commits it.
+    async fn apply_alone(&self, incoming: &Incoming) -> Result<Handled, HandlerError> {
+        let mut tx = self.handler.db().begin().await?;
+        let mut handled = self.handler.apply(&mut tx, incoming).await?;
+        tx.commit().await?;
+        handled.committed();
+        Ok(handled)
     }
 
     fn decode(&self, raw: &BorrowedMessage<'_>) -> anyhow::Result<Incoming> {
@@ -456,8 +603,8 @@ impl<H: Handler> ConsumeLoop<H> {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let error = match self.handler.handle(incoming).await {
-                Ok(outgoing) => match self.publish(&outgoing, mode).await {
+            let error = match self.apply_alone(incoming).await {
+                Ok(handled) => match self.publish_committed(&handled.replies, mode).await {
                     Ok(processed) => {
                         let seconds = started.elapsed().as_secs_f64();
                         metrics::message_handled(
@@ -498,10 +645,19 @@ impl<H: Handler> ConsumeLoop<H> {
         }
     }
 
+    /// Publishes the replies of a message committed alone.
+    async fn publish_committed(
+        &self,
+        outgoing: &[Outgoing],
+        mode: Mode,
+    ) -> Result<Processed, KafkaError> {
+        crate::failpoint::hit_at(self.settings.name, "after_commit");
+        self.publish(outgoing, mode).await
+    }
+
     /// Publishes a handler's replies: hands them to the producer (`Pipelined`), or waits for
     /// the broker to acknowledge them (`Careful`, and whenever the producer's queue is full).
     async fn publish(&self, outgoing: &[Outgoing], mode: Mode) -> Result<Processed, KafkaError> {
-        crate::failpoint::hit_at(self.settings.name, "after_commit");
         if mode == Mode::Pipelined {
             let queued: Result<Vec<DeliveryFuture>, KafkaError> =
                 outgoing.iter().map(|m| self.publisher.enqueue(m)).collect();

@@ -9,7 +9,8 @@
 #
 # Environment:
 #   TWOPHASE_SERVICES_DIR      state dir (default: <repo>/.services)
-#   TWOPHASE_PG_PORT           TCP port on 127.0.0.1 (default: 55432)
+#   TWOPHASE_PG_PORT           TCP port on 127.0.0.1 (default: 15432, below the
+#                              kernel's ephemeral range, so no outgoing connection holds it)
 #   TWOPHASE_PG_START_TIMEOUT  seconds to wait for readiness (default: 60)
 #
 # The Debian-managed cluster (pg_ctlcluster, systemd) is deliberately not
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PORT="${TWOPHASE_PG_PORT:-55432}"
+PORT="${TWOPHASE_PG_PORT:-15432}"
 START_TIMEOUT="${TWOPHASE_PG_START_TIMEOUT:-60}"
 DB_USER=twophase
 DB_PASS=twophase

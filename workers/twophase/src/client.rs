@@ -89,13 +89,13 @@ impl TopicTail {
             .set("enable.auto.offset.store", "false")
             .create()?;
         let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<StreamConsumer> {
-            // Right after topics are created the broker may not know their leaders yet.
-            let mut attempt = 0;
+            // Right after topics are created (or the broker started) the broker may not know
+            // their leaders yet.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
                 match assign_at_end(&consumer, &topic) {
                     Ok(()) => return Ok(consumer),
-                    Err(e) if attempt < 20 => {
-                        attempt += 1;
+                    Err(e) if std::time::Instant::now() < deadline => {
                         tracing::debug!(error = %e, "topic tail not assigned yet; retrying");
                         std::thread::sleep(Duration::from_millis(250));
                     }

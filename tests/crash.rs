@@ -69,12 +69,12 @@ async fn a_participant_killed_between_its_commit_and_its_reply_answers_from_its_
         env.wait_exit("account", WAIT).await,
         Some(failpoint::EXIT_CODE)
     );
-    // Its first command was applied and recorded, but its vote never left.
-    assert_eq!(
-        env.count("SELECT count(*) FROM account.processed_commands")
-            .await,
-        1
-    );
+    // Its first command was applied and recorded (with the other prepare, when both arrived
+    // on one partition together and were committed in one transaction), but no vote left.
+    let recorded = env
+        .count("SELECT count(*) FROM account.processed_commands")
+        .await;
+    assert!((1..=2).contains(&recorded), "{recorded} commands recorded");
 
     env.start("account");
     let outcomes = watcher

@@ -428,9 +428,10 @@ impl<H: Handler> ConsumeLoop<H> {
 
     /// Applies a partition's messages in one transaction, then hands every reply to the
     /// producer: one commit instead of one per message. `None` if a message could not be
-    /// decoded or applied, or the commit failed; nothing is then applied (after a failed
-    /// commit, perhaps all of it: handlers are idempotent) and the caller handles the messages
-    /// one at a time, with retries and dead letters.
+    /// decoded or applied (the transaction is rolled back), or the commit or a hand-over to the
+    /// producer failed; the caller then handles the messages one at a time, with retries and
+    /// dead letters, and whatever of them did commit is found applied (handlers are
+    /// idempotent).
     async fn apply_together(
         &self,
         messages: &[&BorrowedMessage<'_>],

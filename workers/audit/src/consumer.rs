@@ -22,8 +22,8 @@ use twophase_messages::envelope::headers as ce;
 use twophase_messages::Topics;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::http::Health;
-use twophase_runtime::kafka::{client_config, with_defaults};
-use twophase_runtime::worker::{commit_stored, MemberContext};
+use twophase_runtime::kafka::with_defaults;
+use twophase_runtime::worker::{commit_stored, member_config, MemberContext};
 use twophase_runtime::{metrics, telemetry, KafkaConfig, RetryConfig};
 
 use crate::record::{self, Source, REPLAYS_TOPIC};
@@ -76,37 +76,16 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
     // ops.replays pattern that is the normal state until the first replay.
     let context =
         MemberContext::new(group.clone(), settings.health.clone()).expecting_missing(REPLAYS_TOPIC);
-    let mut config = client_config(&settings.kafka);
+    let mut config = member_config(&settings.kafka, &group, crate::WORKER, &settings.retry);
+    // How soon a topic matching the ops.replays pattern is noticed once it is created.
     with_defaults(
         &mut config,
-        &[
-            ("auto.offset.reset", "earliest"),
-            ("session.timeout.ms", "10000"),
-            ("heartbeat.interval.ms", "2000"),
-            // How soon a topic matching the ops.replays pattern is noticed once it is created.
-            ("topic.metadata.refresh.interval.ms", "30000"),
-            ("statistics.interval.ms", "5000"),
-        ],
+        &[("topic.metadata.refresh.interval.ms", "30000")],
     );
     let consumer: StreamConsumer<MemberContext> = config
-        .set("group.id", &group)
-        .set(
-            "client.id",
-            format!("twophase-audit-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "true")
         .set(
             "auto.commit.interval.ms",
             settings.commit_interval.as_millis().max(1).to_string(),
-        )
-        // Offsets are stored by hand, only once the batch holding them is committed.
-        .set("enable.auto.offset.store", "false")
-        // A batch may wait this long on a recovering database before the group moves on.
-        .set(
-            "max.poll.interval.ms",
-            (settings.retry.give_up_after.as_millis() as u64 + 60_000)
-                .min(86_400_000)
-                .to_string(),
         )
         .create_with_context(context)?;
     let topics = topics(&settings.kafka);

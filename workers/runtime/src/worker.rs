@@ -16,6 +16,7 @@ use std::time::Instant;
 use chrono::Utc;
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
@@ -208,6 +209,46 @@ impl ConsumerContext for MemberContext {
     }
 }
 
+/// The configuration of a consumer group member (`name` says which: `coordinator`, `audit`, …)
+/// that stores offsets by hand, only once what their messages caused is durable, and commits
+/// them in the background.
+pub fn member_config(
+    kafka: &KafkaConfig,
+    group: &str,
+    name: &str,
+    retry: &RetryConfig,
+) -> ClientConfig {
+    let mut config = client_config(kafka);
+    with_defaults(
+        &mut config,
+        &[
+            ("auto.commit.interval.ms", "1000"),
+            ("auto.offset.reset", "earliest"),
+            // A crashed member's partitions move within seconds, not the default 45.
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "2000"),
+            ("statistics.interval.ms", "5000"),
+        ],
+    );
+    config
+        .set("group.id", group)
+        .set(
+            "client.id",
+            format!("twophase-{name}-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        // A message may wait this long for a recovering database before it is set aside or
+        // the group moves on. (librdkafka's ceiling is a day.)
+        .set(
+            "max.poll.interval.ms",
+            (retry.give_up_after.as_millis() as u64 + 60_000)
+                .min(86_400_000)
+                .to_string(),
+        );
+    config
+}
+
 /// Commits the offsets stored since the last commit, if any.
 pub fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -227,36 +268,13 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let context = MemberContext::new(settings.group_id(), settings.health.clone());
-    let mut config = client_config(&settings.kafka);
-    with_defaults(
-        &mut config,
-        &[
-            ("auto.commit.interval.ms", "1000"),
-            ("auto.offset.reset", "earliest"),
-            // A crashed worker's partitions move within seconds, not the default 45.
-            ("session.timeout.ms", "10000"),
-            ("heartbeat.interval.ms", "2000"),
-            ("statistics.interval.ms", "5000"),
-        ],
-    );
-    let consumer: StreamConsumer<MemberContext> = config
-        .set("group.id", settings.group_id())
-        .set(
-            "client.id",
-            format!("twophase-{}-{}", settings.name, std::process::id()),
-        )
-        .set("enable.auto.commit", "true")
-        // Offsets are stored by hand, only once a message's effects are durable.
-        .set("enable.auto.offset.store", "false")
-        // A message may wait this long for a recovering database before it is set aside.
-        // (librdkafka's ceiling is a day.)
-        .set(
-            "max.poll.interval.ms",
-            (settings.retry.give_up_after.as_millis() as u64 + 60_000)
-                .min(86_400_000)
-                .to_string(),
-        )
-        .create_with_context(context)?;
+    let consumer: StreamConsumer<MemberContext> = member_config(
+        &settings.kafka,
+        &settings.group_id(),
+        settings.name,
+        &settings.retry,
+    )
+    .create_with_context(context)?;
     metrics::init_worker(settings.name, &settings.topics);
     // A poison message waits for its dead-letter topic to take it: make sure each exists.
     let dead_letters: Vec<String> = settings
@@ -477,10 +495,8 @@ impl<H: Handler> ConsumeLoop<H> {
         let seconds = started.elapsed().as_secs_f64();
         let mut queued = Vec::with_capacity(handled.len());
         for (raw, mut h) in messages.iter().zip(handled) {
-            // Counted per message, as when each commits alone.
-            crate::failpoint::hit_at(self.settings.name, "after_commit");
             h.committed();
-            match self.publish(&h.replies, Mode::Pipelined).await {
+            match self.publish_committed(&h.replies, Mode::Pipelined).await {
                 Ok(Processed::Queued(deliveries)) => queued.push(deliveries),
                 Ok(_) => queued.push(Vec::new()),
                 Err(e) => {
@@ -646,7 +662,8 @@ impl<H: Handler> ConsumeLoop<H> {
         }
     }
 
-    /// Publishes the replies of a message committed alone.
+    /// Publishes the replies of a committed message (the `after_commit` failpoint counts
+    /// messages, whether they committed alone or in a batch).
     async fn publish_committed(
         &self,
         outgoing: &[Outgoing],

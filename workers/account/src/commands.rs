@@ -1,8 +1,14 @@
-//! Applying one account command: the participant's side of the two-phase protocol.
+//! Applying account commands: the participant's side of the two-phase protocol.
 //!
 //! Prepare commands (`Hold`, `ReserveCredit`) vote; commit and abort commands (`Capture`,
 //! `Credit`, `Release`, `CancelCredit`) acknowledge. An abort that arrives before its prepare
 //! is recorded as `voided`, and the late prepare is then refused, so no hold is left hanging.
+//!
+//! Commands that arrived together are applied together: the rows they touch are read and
+//! locked with one query per table (accounts in id order), each command is applied in order
+//! to those rows in memory, and what changed is written back with one statement per table.
+
+use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
 use twophase_messages::{
@@ -10,63 +16,541 @@ use twophase_messages::{
     Participant, Vote,
 };
 use twophase_runtime::db::sqlx::types::Json;
-use twophase_runtime::db::{Amount, Timestamp, Tx};
+use twophase_runtime::db::{sqlx, Amount, Timestamp, Tx};
 use twophase_runtime::HandlerError;
-use twophase_runtime::{execute, query_as};
+use twophase_runtime::{execute_rows, query_rows};
 use uuid::Uuid;
 
-/// Applies `command` once in `tx` and returns its reply; a command seen before gets its stored
-/// reply.
-pub async fn apply(
-    tx: &mut Tx,
-    command: &AccountCommand,
-    message_id: Uuid,
-) -> Result<Message, HandlerError> {
-    let body = &command.body;
-    let stored = query_as!(
-        &mut *tx,
-        (String, Json<serde_json::Value>),
-        fetch_optional,
-        "SELECT reply_type, reply FROM processed_commands WHERE transfer_id = $1 AND action = $2",
-        body.transfer_id,
-        command.action.as_str(),
-    )?;
-    if let Some((reply_type, Json(reply))) = stored {
-        tracing::info!(
-            action = command.action.as_str(),
-            "command seen before: sending its stored reply"
-        );
-        let payload = serde_json::to_vec(&reply).map_err(|e| HandlerError::Permanent(e.into()))?;
-        return Message::decode(&reply_type, twophase_messages::SCHEMA_VERSION, &payload)
-            .map_err(|e| HandlerError::Permanent(e.into()));
+/// A command to apply, with the id of the message that carried it and that message's span.
+pub struct Command<'a> {
+    pub command: &'a AccountCommand,
+    pub message_id: Uuid,
+    pub span: &'a tracing::Span,
+}
+
+/// Applies each command once, in order, in `tx`, and returns their replies in the same order;
+/// a command seen before gets its stored reply.
+pub async fn apply(tx: &mut Tx, commands: &[Command<'_>]) -> Result<Vec<Message>, HandlerError> {
+    let mut rows = Rows::load(tx, commands).await?;
+    let mut replies = Vec::with_capacity(commands.len());
+    for c in commands {
+        let reply = c.span.in_scope(|| rows.apply(c))?;
+        replies.push(reply);
+    }
+    rows.save(tx).await?;
+    Ok(replies)
+}
+
+/// What a loaded row needs written back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Nothing,
+    Insert,
+    Update,
+}
+
+struct AccountRow {
+    currency: String,
+    status: String,
+    balance: Decimal,
+    held: Decimal,
+    changed: bool,
+}
+
+/// A hold's or a credit's recorded state.
+struct EntryRow {
+    status: &'static str,
+    amount: Decimal,
+    account_id: Uuid,
+    currency: String,
+    write: Write,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Hold,
+    Credit,
+}
+
+impl Entry {
+    fn of(action: AccountAction) -> Entry {
+        match action {
+            AccountAction::Hold | AccountAction::Capture | AccountAction::Release => Entry::Hold,
+            AccountAction::ReserveCredit | AccountAction::Credit | AccountAction::CancelCredit => {
+                Entry::Credit
+            }
+        }
     }
 
-    let now = Timestamp::now();
-    let reply = match command.action {
-        AccountAction::Hold => hold(tx, body, now).await?,
-        AccountAction::ReserveCredit => reserve_credit(tx, body, now).await?,
-        AccountAction::Capture => capture(tx, body, now).await?,
-        AccountAction::Credit => credit(tx, body, now).await?,
-        AccountAction::Release => release(tx, body, now).await?,
-        AccountAction::CancelCredit => cancel_credit(tx, body, now).await?,
-    };
-
-    let reply_json: serde_json::Value =
-        serde_json::from_slice(&reply.to_json()).expect("replies are JSON");
-    execute!(
-        tx,
-        "INSERT INTO processed_commands (transfer_id, action, account_id, message_id, reply_type, reply, processed_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        body.transfer_id,
-        command.action.as_str(),
-        body.account_id,
-        message_id,
-        reply.message_type(),
-        Json(reply_json),
-        now,
-    )?;
-    Ok(reply)
+    fn table(self) -> &'static str {
+        match self {
+            Entry::Hold => "holds",
+            Entry::Credit => "credits",
+        }
+    }
 }
+
+/// Every status an entry can have, so that a status read back is one of ours.
+const ENTRY_STATUSES: [&str; 7] = [
+    "held",
+    "captured",
+    "released",
+    "voided",
+    "reserved",
+    "credited",
+    "cancelled",
+];
+
+struct LedgerRow {
+    account_id: Uuid,
+    transfer_id: Uuid,
+    kind: &'static str,
+    amount: Decimal,
+    currency: String,
+    balance_after: Decimal,
+}
+
+struct ProcessedRow {
+    transfer_id: Uuid,
+    action: &'static str,
+    account_id: Uuid,
+    message_id: Uuid,
+    reply_type: &'static str,
+    reply: serde_json::Value,
+}
+
+/// The rows a batch of commands reads, locked, and what applying the commands changed.
+struct Rows {
+    now: Timestamp,
+    /// Replies of commands applied before, or earlier in this batch.
+    replies: HashMap<(Uuid, AccountAction), Message>,
+    /// Ordered by id, the order they are locked in.
+    accounts: BTreeMap<Uuid, AccountRow>,
+    holds: HashMap<Uuid, EntryRow>,
+    credits: HashMap<Uuid, EntryRow>,
+    ledger: Vec<LedgerRow>,
+    processed: Vec<ProcessedRow>,
+}
+
+impl Rows {
+    async fn load(tx: &mut Tx, commands: &[Command<'_>]) -> Result<Rows, HandlerError> {
+        let mut transfers: Vec<Uuid> = commands
+            .iter()
+            .map(|c| c.command.body.transfer_id)
+            .collect();
+        transfers.sort_unstable();
+        transfers.dedup();
+        let stored = query_rows!(
+            &mut *tx,
+            (Uuid, String, String, Json<serde_json::Value>),
+            "SELECT transfer_id, action, reply_type, reply FROM processed_commands
+             WHERE transfer_id IN ({rows})",
+            &transfers,
+            |id| (*id),
+        )?;
+        let mut replies = HashMap::with_capacity(stored.len());
+        for (transfer_id, action, reply_type, Json(reply)) in stored {
+            let Some(action) = AccountAction::ALL
+                .into_iter()
+                .find(|a| a.as_str() == action)
+            else {
+                return Err(HandlerError::permanent(format!(
+                    "unknown stored action {action:?}"
+                )));
+            };
+            let payload =
+                serde_json::to_vec(&reply).map_err(|e| HandlerError::Permanent(e.into()))?;
+            let reply = Message::decode(&reply_type, twophase_messages::SCHEMA_VERSION, &payload)
+                .map_err(|e| HandlerError::Permanent(e.into()))?;
+            replies.insert((transfer_id, action), reply);
+        }
+
+        let holds = load_entries(tx, Entry::Hold, commands).await?;
+        let credits = load_entries(tx, Entry::Credit, commands).await?;
+
+        let mut account_ids: Vec<Uuid> = commands
+            .iter()
+            .map(|c| c.command.body.account_id)
+            .chain(holds.values().map(|e| e.account_id))
+            .collect();
+        account_ids.sort_unstable();
+        account_ids.dedup();
+        let accounts = query_rows!(
+            &mut *tx,
+            (Uuid, String, String, Amount, Amount),
+            "SELECT account_id, currency, status, balance, held FROM accounts
+             WHERE account_id IN ({rows}) ORDER BY account_id FOR UPDATE",
+            &account_ids,
+            |id| (*id),
+        )?
+        .into_iter()
+        .map(|(id, currency, status, balance, held)| {
+            let row = AccountRow {
+                currency,
+                status,
+                balance: balance.0,
+                held: held.0,
+                changed: false,
+            };
+            (id, row)
+        })
+        .collect();
+
+        Ok(Rows {
+            now: Timestamp::now(),
+            replies,
+            accounts,
+            holds,
+            credits,
+            ledger: Vec::new(),
+            processed: Vec::new(),
+        })
+    }
+
+    /// Applies one command to the rows and records its reply.
+    fn apply(&mut self, c: &Command<'_>) -> Result<Message, HandlerError> {
+        let (action, body) = (c.command.action, &c.command.body);
+        if let Some(reply) = self.replies.get(&(body.transfer_id, action)) {
+            tracing::info!(
+                action = action.as_str(),
+                "command seen before: sending its stored reply"
+            );
+            return Ok(reply.clone());
+        }
+        let reply = match action {
+            AccountAction::Hold => self.hold(body)?,
+            AccountAction::ReserveCredit => self.reserve_credit(body)?,
+            AccountAction::Capture => self.capture(body)?,
+            AccountAction::Credit => self.credit(body)?,
+            AccountAction::Release => self.release(body)?,
+            AccountAction::CancelCredit => self.cancel_credit(body)?,
+        };
+        self.processed.push(ProcessedRow {
+            transfer_id: body.transfer_id,
+            action: action.as_str(),
+            account_id: body.account_id,
+            message_id: c.message_id,
+            reply_type: reply.message_type(),
+            reply: serde_json::from_slice(&reply.to_json()).expect("replies are JSON"),
+        });
+        self.replies
+            .insert((body.transfer_id, action), reply.clone());
+        Ok(reply)
+    }
+
+    fn entries(&mut self, entry: Entry) -> &mut HashMap<Uuid, EntryRow> {
+        match entry {
+            Entry::Hold => &mut self.holds,
+            Entry::Credit => &mut self.credits,
+        }
+    }
+
+    fn entry(&mut self, entry: Entry, transfer_id: Uuid) -> Option<&mut EntryRow> {
+        self.entries(entry).get_mut(&transfer_id)
+    }
+
+    fn insert_entry(&mut self, entry: Entry, body: &AccountCommandBody, status: &'static str) {
+        let row = EntryRow {
+            status,
+            amount: body.amount,
+            account_id: body.account_id,
+            currency: body.currency.clone(),
+            write: Write::Insert,
+        };
+        self.entries(entry).insert(body.transfer_id, row);
+    }
+
+    fn set_entry_status(&mut self, entry: Entry, transfer_id: Uuid, status: &'static str) {
+        let row = self.entry(entry, transfer_id).expect("the entry was read");
+        row.status = status;
+        if row.write == Write::Nothing {
+            row.write = Write::Update;
+        }
+    }
+
+    /// The account a commit or abort acts on, which its prepare found.
+    fn prepared_account(&mut self, account_id: Uuid) -> Result<&mut AccountRow, HandlerError> {
+        self.accounts
+            .get_mut(&account_id)
+            .ok_or_else(|| HandlerError::permanent(format!("account {account_id} vanished")))
+    }
+
+    fn hold(&mut self, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+        let source = Participant::Source;
+        match self.entry(Entry::Hold, body.transfer_id).map(|e| e.status) {
+            None => {}
+            Some("voided") => return Ok(vote(body, source, Some(reasons::ABORTED))),
+            Some(status) => return Err(violation(body, AccountAction::Hold, Some(status))),
+        }
+        let account = self.accounts.get_mut(&body.account_id);
+        if let Err(reason) = check_account(account.as_deref(), body, source) {
+            return Ok(vote(body, source, Some(reason)));
+        }
+        let account = account.expect("checked above");
+        if account.balance - account.held < body.amount {
+            return Ok(vote(body, source, Some(reasons::INSUFFICIENT_FUNDS)));
+        }
+        account.held += body.amount;
+        account.changed = true;
+        self.insert_entry(Entry::Hold, body, "held");
+        Ok(vote(body, source, None))
+    }
+
+    fn reserve_credit(&mut self, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+        let destination = Participant::Destination;
+        match self
+            .entry(Entry::Credit, body.transfer_id)
+            .map(|e| e.status)
+        {
+            None => {}
+            Some("voided") => return Ok(vote(body, destination, Some(reasons::ABORTED))),
+            Some(status) => {
+                return Err(violation(body, AccountAction::ReserveCredit, Some(status)))
+            }
+        }
+        // Read locked, so that the account cannot be closed while the credit is pending.
+        if let Err(reason) = check_account(self.accounts.get(&body.account_id), body, destination) {
+            return Ok(vote(body, destination, Some(reason)));
+        }
+        self.insert_entry(Entry::Credit, body, "reserved");
+        Ok(vote(body, destination, None))
+    }
+
+    /// Moves money: the one place a balance changes because of a transfer. A debit also
+    /// releases the hold the amount was kept under.
+    fn post(&mut self, body: &AccountCommandBody, kind: &'static str) -> Result<(), HandlerError> {
+        let account = self.prepared_account(body.account_id)?;
+        if kind == "debit" {
+            account.balance -= body.amount;
+            account.held -= body.amount;
+        } else {
+            account.balance += body.amount;
+        }
+        account.changed = true;
+        let balance_after = account.balance;
+        self.ledger.push(LedgerRow {
+            account_id: body.account_id,
+            transfer_id: body.transfer_id,
+            kind,
+            amount: body.amount,
+            currency: body.currency.clone(),
+            balance_after,
+        });
+        Ok(())
+    }
+
+    /// A commit: `from` → `to` on the prepared entry, with its money posted as `kind`.
+    fn commit(
+        &mut self,
+        body: &AccountCommandBody,
+        action: AccountAction,
+        (from, to): (&'static str, &'static str),
+        kind: &'static str,
+    ) -> Result<Message, HandlerError> {
+        let entry = Entry::of(action);
+        let row = self.entry(entry, body.transfer_id);
+        match row.as_ref().map(|e| e.status) {
+            Some(status) if status == from => {}
+            Some(status) if status == to => return Ok(ack(body, action)),
+            other => return Err(violation(body, action, other)),
+        }
+        let row = row.expect("matched above");
+        // The recorded entry must match the command, or the command is not one we sent.
+        if row.amount != body.amount || row.account_id != body.account_id {
+            return Err(HandlerError::permanent(format!(
+                "protocol violation: {} for transfer {} names {} on {}, but {} on {} was prepared",
+                action.as_str(),
+                body.transfer_id,
+                body.amount,
+                body.account_id,
+                row.amount,
+                row.account_id
+            )));
+        }
+        self.post(body, kind)?;
+        self.set_entry_status(entry, body.transfer_id, to);
+        Ok(ack(body, action))
+    }
+
+    fn capture(&mut self, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+        self.commit(body, AccountAction::Capture, ("held", "captured"), "debit")
+    }
+
+    fn credit(&mut self, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+        self.commit(
+            body,
+            AccountAction::Credit,
+            ("reserved", "credited"),
+            "credit",
+        )
+    }
+
+    fn release(&mut self, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+        let action = AccountAction::Release;
+        match self
+            .entry(Entry::Hold, body.transfer_id)
+            .map(|e| (e.status, e.amount, e.account_id))
+        {
+            // The abort overtook the hold: remember it, so the late hold is refused.
+            None => self.insert_entry(Entry::Hold, body, "voided"),
+            Some(("held", amount, account_id)) => {
+                let account = self.prepared_account(account_id)?;
+                account.held -= amount;
+                account.changed = true;
+                self.set_entry_status(Entry::Hold, body.transfer_id, "released");
+            }
+            Some(("released" | "voided", ..)) => {}
+            Some((other, ..)) => return Err(violation(body, action, Some(other))),
+        }
+        Ok(ack(body, action))
+    }
+
+    fn cancel_credit(&mut self, body: &AccountCommandBody) -> Result<Message, HandlerError> {
+        let action = AccountAction::CancelCredit;
+        match self
+            .entry(Entry::Credit, body.transfer_id)
+            .map(|e| e.status)
+        {
+            None => self.insert_entry(Entry::Credit, body, "voided"),
+            Some("reserved") => self.set_entry_status(Entry::Credit, body.transfer_id, "cancelled"),
+            Some("cancelled" | "voided") => {}
+            other => return Err(violation(body, action, other)),
+        }
+        Ok(ack(body, action))
+    }
+
+    /// Writes back what the commands changed: one statement per table and kind of change.
+    async fn save(self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        let now = self.now;
+        let accounts: Vec<(&Uuid, &AccountRow)> =
+            self.accounts.iter().filter(|(_, a)| a.changed).collect();
+        execute_rows!(
+            &mut *tx,
+            "WITH v (account_id, balance, held, updated_at) AS (VALUES {rows})
+             UPDATE accounts SET balance = v.balance, held = v.held, updated_at = v.updated_at
+             FROM v WHERE accounts.account_id = v.account_id",
+            &accounts,
+            |(id, a)| (**id, Amount(a.balance), Amount(a.held), now),
+        )?;
+        for (entry, rows) in [(Entry::Hold, &self.holds), (Entry::Credit, &self.credits)] {
+            save_entries(tx, entry, rows, now).await?;
+        }
+        execute_rows!(
+            &mut *tx,
+            "INSERT INTO ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
+             VALUES {rows}",
+            &self.ledger,
+            |l| (
+                l.account_id,
+                l.transfer_id,
+                l.kind,
+                Amount(l.amount),
+                &l.currency,
+                Amount(l.balance_after),
+                now
+            ),
+        )?;
+        execute_rows!(
+            &mut *tx,
+            "INSERT INTO processed_commands (transfer_id, action, account_id, message_id, reply_type, reply, processed_at)
+             VALUES {rows}",
+            &self.processed,
+            |p| (
+                p.transfer_id,
+                p.action,
+                p.account_id,
+                p.message_id,
+                p.reply_type,
+                Json(&p.reply),
+                now
+            ),
+        )?;
+        Ok(())
+    }
+}
+
+/// The holds or credits the commands name, locked.
+async fn load_entries(
+    tx: &mut Tx,
+    entry: Entry,
+    commands: &[Command<'_>],
+) -> Result<HashMap<Uuid, EntryRow>, HandlerError> {
+    let mut transfers: Vec<Uuid> = commands
+        .iter()
+        .filter(|c| Entry::of(c.command.action) == entry)
+        .map(|c| c.command.body.transfer_id)
+        .collect();
+    transfers.sort_unstable();
+    transfers.dedup();
+    let sql = format!(
+        "SELECT transfer_id, status, amount, account_id, currency FROM {}
+         WHERE transfer_id IN ({{rows}}) ORDER BY transfer_id FOR UPDATE",
+        entry.table()
+    );
+    let found = query_rows!(
+        tx,
+        (Uuid, String, Amount, Uuid, String),
+        &sql,
+        &transfers,
+        |id| (*id),
+    )?;
+    let mut rows = HashMap::with_capacity(found.len());
+    for (transfer_id, status, amount, account_id, currency) in found {
+        let status = ENTRY_STATUSES
+            .into_iter()
+            .find(|s| *s == status)
+            .ok_or_else(|| HandlerError::permanent(format!("unknown entry status {status:?}")))?;
+        let row = EntryRow {
+            status,
+            amount: amount.0,
+            account_id,
+            currency,
+            write: Write::Nothing,
+        };
+        rows.insert(transfer_id, row);
+    }
+    Ok(rows)
+}
+
+/// Inserts the new holds or credits and writes the changed ones' statuses.
+async fn save_entries(
+    tx: &mut Tx,
+    entry: Entry,
+    rows: &HashMap<Uuid, EntryRow>,
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    let written = |write| {
+        let mut rows: Vec<(&Uuid, &EntryRow)> =
+            rows.iter().filter(|(_, e)| e.write == write).collect();
+        rows.sort_unstable_by_key(|(id, _)| **id);
+        rows
+    };
+    let sql = format!(
+        "INSERT INTO {} (transfer_id, account_id, amount, currency, status, created_at, updated_at)
+         VALUES {{rows}}",
+        entry.table()
+    );
+    execute_rows!(&mut *tx, &sql, &written(Write::Insert), |(id, e)| (
+        **id,
+        e.account_id,
+        Amount(e.amount),
+        &e.currency,
+        e.status,
+        now,
+        now
+    ),)?;
+    let sql = format!(
+        "WITH v (transfer_id, status, updated_at) AS (VALUES {{rows}})
+         UPDATE {table} SET status = v.status, updated_at = v.updated_at
+         FROM v WHERE {table}.transfer_id = v.transfer_id",
+        table = entry.table()
+    );
+    execute_rows!(&mut *tx, &sql, &written(Write::Update), |(id, e)| (
+        **id, e.status, now
+    ),)?;
+    Ok(())
+}
+
 fn vote(body: &AccountCommandBody, participant: Participant, no: Option<&str>) -> Message {
     Message::Vote(Vote {
         transfer_id: body.transfer_id,
@@ -104,131 +588,9 @@ fn violation(
     ))
 }
 
-struct LockedAccount {
-    currency: String,
-    status: String,
-    balance: Decimal,
-    held: Decimal,
-}
-
-async fn lock_account(
-    tx: &mut Tx,
-    account_id: Uuid,
-) -> Result<Option<LockedAccount>, twophase_runtime::db::sqlx::Error> {
-    let row = query_as!(
-        tx,
-        (String, String, Amount, Amount),
-        fetch_optional,
-        "SELECT currency, status, balance, held FROM accounts WHERE account_id = $1 FOR UPDATE",
-        account_id,
-    )?;
-    Ok(row.map(|(currency, status, balance, held)| LockedAccount {
-        currency,
-        status,
-        balance: balance.0,
-        held: held.0,
-    }))
-}
-
-/// Writes an account's new balance and held amount, computed in Rust from its locked row.
-async fn set_money(
-    tx: &mut Tx,
-    account_id: Uuid,
-    balance: Decimal,
-    held: Decimal,
-    now: Timestamp,
-) -> Result<(), twophase_runtime::db::sqlx::Error> {
-    execute!(
-        tx,
-        "UPDATE accounts SET balance = $2, held = $3, updated_at = $4 WHERE account_id = $1",
-        account_id,
-        Amount(balance),
-        Amount(held),
-        now,
-    )?;
-    Ok(())
-}
-
-/// A hold's or credit's recorded state: status, amount, account.
-type EntryRow = (String, Decimal, Uuid);
-
-/// The recorded state of a hold or credit, locked for this transaction.
-async fn lock_entry(
-    tx: &mut Tx,
-    table: Entry,
-    transfer_id: Uuid,
-) -> Result<Option<EntryRow>, twophase_runtime::db::sqlx::Error> {
-    let sql = format!(
-        "SELECT status, amount, account_id FROM {} WHERE transfer_id = $1 FOR UPDATE",
-        table.name()
-    );
-    let row = query_as!(
-        tx,
-        (String, Amount, Uuid),
-        fetch_optional,
-        &sql,
-        transfer_id
-    )?;
-    Ok(row.map(|(status, amount, account)| (status, amount.0, account)))
-}
-
-async fn insert_entry(
-    tx: &mut Tx,
-    table: Entry,
-    body: &AccountCommandBody,
-    status: &str,
-    now: Timestamp,
-) -> Result<(), twophase_runtime::db::sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO {} (transfer_id, account_id, amount, currency, status, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $6)",
-        table.name()
-    );
-    execute!(
-        tx,
-        &sql,
-        body.transfer_id,
-        body.account_id,
-        Amount(body.amount),
-        &body.currency,
-        status,
-        now
-    )?;
-    Ok(())
-}
-
-async fn set_entry_status(
-    tx: &mut Tx,
-    table: Entry,
-    transfer_id: Uuid,
-    status: &str,
-    now: Timestamp,
-) -> Result<(), twophase_runtime::db::sqlx::Error> {
-    let sql = format!(
-        "UPDATE {} SET status = $2, updated_at = $3 WHERE transfer_id = $1",
-        table.name()
-    );
-    execute!(tx, &sql, transfer_id, status, now)?;
-    Ok(())
-}
-#[derive(Clone, Copy)]
-enum Entry {
-    Hold,
-    Credit,
-}
-
-impl Entry {
-    fn name(self) -> &'static str {
-        match self {
-            Entry::Hold => "holds",
-            Entry::Credit => "credits",
-        }
-    }
-}
-
 /// Checks the account a prepare acts on; `Err(reason)` is the no vote's reason.
 fn check_account(
-    account: Option<&LockedAccount>,
+    account: Option<&AccountRow>,
     body: &AccountCommandBody,
     participant: Participant,
 ) -> Result<(), &'static str> {
@@ -247,189 +609,4 @@ fn check_account(
         return Err(reasons::CURRENCY_MISMATCH);
     }
     Ok(())
-}
-
-async fn hold(
-    tx: &mut Tx,
-    body: &AccountCommandBody,
-    now: Timestamp,
-) -> Result<Message, HandlerError> {
-    let source = Participant::Source;
-    match lock_entry(tx, Entry::Hold, body.transfer_id).await? {
-        None => {}
-        Some((status, ..)) if status == "voided" => {
-            return Ok(vote(body, source, Some(reasons::ABORTED)))
-        }
-        Some((status, ..)) => return Err(violation(body, AccountAction::Hold, Some(&status))),
-    }
-    let account = lock_account(tx, body.account_id).await?;
-    if let Err(reason) = check_account(account.as_ref(), body, source) {
-        return Ok(vote(body, source, Some(reason)));
-    }
-    let account = account.expect("checked above");
-    if account.balance - account.held < body.amount {
-        return Ok(vote(body, source, Some(reasons::INSUFFICIENT_FUNDS)));
-    }
-    set_money(
-        tx,
-        body.account_id,
-        account.balance,
-        account.held + body.amount,
-        now,
-    )
-    .await?;
-    insert_entry(tx, Entry::Hold, body, "held", now).await?;
-    Ok(vote(body, source, None))
-}
-
-async fn reserve_credit(
-    tx: &mut Tx,
-    body: &AccountCommandBody,
-    now: Timestamp,
-) -> Result<Message, HandlerError> {
-    let destination = Participant::Destination;
-    match lock_entry(tx, Entry::Credit, body.transfer_id).await? {
-        None => {}
-        Some((status, ..)) if status == "voided" => {
-            return Ok(vote(body, destination, Some(reasons::ABORTED)))
-        }
-        Some((status, ..)) => {
-            return Err(violation(body, AccountAction::ReserveCredit, Some(&status)))
-        }
-    }
-    // Locked so that the account cannot be closed while the credit is pending.
-    let account = lock_account(tx, body.account_id).await?;
-    if let Err(reason) = check_account(account.as_ref(), body, destination) {
-        return Ok(vote(body, destination, Some(reason)));
-    }
-    insert_entry(tx, Entry::Credit, body, "reserved", now).await?;
-    Ok(vote(body, destination, None))
-}
-
-/// Moves money: the one place a balance changes because of a transfer. `debit` also releases
-/// the hold the amount was kept under.
-async fn post(
-    tx: &mut Tx,
-    body: &AccountCommandBody,
-    kind: &str,
-    now: Timestamp,
-) -> Result<(), HandlerError> {
-    let account = lock_account(tx, body.account_id)
-        .await?
-        .ok_or_else(|| HandlerError::permanent(format!("account {} vanished", body.account_id)))?;
-    let (balance, held) = match kind {
-        "debit" => (account.balance - body.amount, account.held - body.amount),
-        _ => (account.balance + body.amount, account.held),
-    };
-    set_money(tx, body.account_id, balance, held, now).await?;
-    execute!(
-        tx,
-        "INSERT INTO ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        body.account_id,
-        body.transfer_id,
-        kind,
-        Amount(body.amount),
-        &body.currency,
-        Amount(balance),
-        now,
-    )?;
-    Ok(())
-}
-/// The recorded entry must match the command, or the command is not one we sent.
-fn matching(
-    entry: &EntryRow,
-    body: &AccountCommandBody,
-    action: AccountAction,
-) -> Result<(), HandlerError> {
-    if entry.1 != body.amount || entry.2 != body.account_id {
-        return Err(HandlerError::permanent(format!(
-            "protocol violation: {} for transfer {} names {} on {}, but {} on {} was prepared",
-            action.as_str(),
-            body.transfer_id,
-            body.amount,
-            body.account_id,
-            entry.1,
-            entry.2
-        )));
-    }
-    Ok(())
-}
-
-async fn capture(
-    tx: &mut Tx,
-    body: &AccountCommandBody,
-    now: Timestamp,
-) -> Result<Message, HandlerError> {
-    let action = AccountAction::Capture;
-    let entry = lock_entry(tx, Entry::Hold, body.transfer_id).await?;
-    match entry.as_ref().map(|e| e.0.as_str()) {
-        Some("held") => {}
-        Some("captured") => return Ok(ack(body, action)),
-        other => return Err(violation(body, action, other)),
-    }
-    matching(entry.as_ref().expect("matched held"), body, action)?;
-    post(tx, body, "debit", now).await?;
-    set_entry_status(tx, Entry::Hold, body.transfer_id, "captured", now).await?;
-    Ok(ack(body, action))
-}
-
-async fn credit(
-    tx: &mut Tx,
-    body: &AccountCommandBody,
-    now: Timestamp,
-) -> Result<Message, HandlerError> {
-    let action = AccountAction::Credit;
-    let entry = lock_entry(tx, Entry::Credit, body.transfer_id).await?;
-    match entry.as_ref().map(|e| e.0.as_str()) {
-        Some("reserved") => {}
-        Some("credited") => return Ok(ack(body, action)),
-        other => return Err(violation(body, action, other)),
-    }
-    matching(entry.as_ref().expect("matched reserved"), body, action)?;
-    post(tx, body, "credit", now).await?;
-    set_entry_status(tx, Entry::Credit, body.transfer_id, "credited", now).await?;
-    Ok(ack(body, action))
-}
-
-async fn release(
-    tx: &mut Tx,
-    body: &AccountCommandBody,
-    now: Timestamp,
-) -> Result<Message, HandlerError> {
-    let action = AccountAction::Release;
-    let entry = lock_entry(tx, Entry::Hold, body.transfer_id).await?;
-    match entry.as_ref().map(|e| e.0.as_str()) {
-        // The abort overtook the hold: remember it, so the late hold is refused.
-        None => insert_entry(tx, Entry::Hold, body, "voided", now).await?,
-        Some("held") => {
-            let (_, amount, account_id) = entry.expect("matched held");
-            let account = lock_account(tx, account_id)
-                .await?
-                .ok_or_else(|| HandlerError::permanent(format!("account {account_id} vanished")))?;
-            set_money(tx, account_id, account.balance, account.held - amount, now).await?;
-            set_entry_status(tx, Entry::Hold, body.transfer_id, "released", now).await?;
-        }
-        Some("released" | "voided") => {}
-        other => return Err(violation(body, action, other)),
-    }
-    Ok(ack(body, action))
-}
-
-async fn cancel_credit(
-    tx: &mut Tx,
-    body: &AccountCommandBody,
-    now: Timestamp,
-) -> Result<Message, HandlerError> {
-    let action = AccountAction::CancelCredit;
-    let entry = lock_entry(tx, Entry::Credit, body.transfer_id).await?;
-    match entry.as_ref().map(|e| e.0.as_str()) {
-        None => insert_entry(tx, Entry::Credit, body, "voided", now).await?,
-        Some("reserved") => {
-            set_entry_status(tx, Entry::Credit, body.transfer_id, "cancelled", now).await?
-        }
-        Some("cancelled" | "voided") => {}
-        other => return Err(violation(body, action, other)),
-    }
-    Ok(ack(body, action))
 }

@@ -107,20 +107,36 @@ impl Handler for AccountWorker {
         &self.db
     }
 
-    async fn apply(&self, tx: &mut Tx, incoming: &Incoming) -> Result<Handled, HandlerError> {
-        let Message::Account(command) = &incoming.message else {
-            return Err(HandlerError::permanent(format!(
-                "{} is not an account command",
-                incoming.envelope.message_type
-            )));
-        };
-        let reply = commands::apply(tx, command, incoming.envelope.id).await?;
-        Ok(Handled::replies(vec![Outgoing::caused_by(
-            &incoming.envelope,
-            &self.source,
-            self.replies.clone(),
-            command.body.transfer_id,
-            &reply,
-        )]))
+    async fn apply(&self, tx: &mut Tx, batch: &[Incoming]) -> Result<Vec<Handled>, HandlerError> {
+        let mut commands = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let Message::Account(command) = &incoming.message else {
+                return Err(HandlerError::permanent(format!(
+                    "{} is not an account command",
+                    incoming.envelope.message_type
+                )));
+            };
+            commands.push(commands::Command {
+                command,
+                message_id: incoming.envelope.id,
+                span: &incoming.span,
+            });
+        }
+        let replies = commands::apply(tx, &commands).await?;
+        Ok(batch
+            .iter()
+            .zip(commands)
+            .zip(replies)
+            .map(|((incoming, c), reply)| {
+                let _in_span = incoming.span.enter();
+                Handled::replies(vec![Outgoing::caused_by(
+                    &incoming.envelope,
+                    &self.source,
+                    self.replies.clone(),
+                    c.command.body.transfer_id,
+                    &reply,
+                )])
+            })
+            .collect())
     }
 }

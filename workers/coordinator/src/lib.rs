@@ -32,7 +32,7 @@ use twophase_runtime::{
 use uuid::Uuid;
 
 use saga::{Applied, Emit, Saga, Status};
-use store::Stored;
+use store::{Sagas, Stored};
 
 /// The current time as the database stores it, so that an outcome published again from a
 /// stored row is identical to the first.
@@ -138,9 +138,9 @@ impl Coordinator {
         result
     }
 
-    async fn on_request(
+    fn on_request(
         &self,
-        tx: &mut Tx,
+        sagas: &mut Sagas,
         envelope: &Envelope,
         request: &TransferRequested,
     ) -> Result<Handled, HandlerError> {
@@ -162,7 +162,7 @@ impl Coordinator {
             )]));
         };
         let hash = validate::fingerprint(request);
-        if let Some(existing) = store::lock(tx, transfer_id).await? {
+        if let Some(existing) = sagas.get(transfer_id) {
             if existing.request_hash != hash {
                 tracing::warn!(%transfer_id, "transfer id reused with a different request: rejected as a conflict");
                 let rejected = TransferRejected {
@@ -181,7 +181,7 @@ impl Coordinator {
             }
             // The same request again: answer with what its state calls for (the outcome, once
             // there is one).
-            return Ok(Handled::replies(self.emit(envelope, &existing)));
+            return Ok(Handled::replies(self.emit(envelope, existing)));
         }
         let saga = match validate::validate(
             request,
@@ -214,28 +214,28 @@ impl Coordinator {
                     .unwrap_or(chrono::TimeDelta::MAX),
         );
         let raw = serde_json::to_value(request).expect("requests serialize");
-        store::insert(tx, &stored, &raw, deadline, now).await?;
         let replies = saga_span(&stored).in_scope(|| self.emit(envelope, &stored));
+        sagas.insert(stored.clone(), raw, deadline);
         Ok(Handled::replies(replies).then(move || record_if_finished(&stored)))
     }
 
     /// Applies a vote or an ack to its transfer and returns what to publish.
-    async fn on_reply(
+    fn on_reply(
         &self,
-        tx: &mut Tx,
+        sagas: &mut Sagas,
         envelope: &Envelope,
         transfer_id: Uuid,
         apply: impl FnOnce(&mut Saga) -> Result<Applied, saga::Contradiction>,
     ) -> Result<Handled, HandlerError> {
-        let Some(mut stored) = store::lock(tx, transfer_id).await? else {
+        let Some(stored) = sagas.get_mut(transfer_id) else {
             return Err(HandlerError::permanent(format!(
                 "reply for transfer {transfer_id}, which this coordinator never started"
             )));
         };
         let applied = apply(&mut stored.saga).map_err(|e| HandlerError::Permanent(e.into()))?;
+        let stored = stored.clone();
         if applied != Applied::Unchanged {
-            let now = Timestamp::now();
-            store::update(tx, &stored, now, self.first_resend(&stored, now)).await?;
+            sagas.changed(transfer_id, self.first_resend(&stored, Timestamp::now()));
         }
         Ok(match applied {
             Applied::Recorded => Handled::replies(Vec::new()),
@@ -381,19 +381,25 @@ impl Coordinator {
         let now = Timestamp::now();
         let mut tx = self.db.begin().await?;
         let mut out = Vec::new();
-        for mut stored in store::lock_expired(&mut tx, now, 100).await? {
+        let mut expired = store::lock_expired(&mut tx, now, 100).await?;
+        for stored in &mut expired {
             stored.saga.on_timeout();
-            store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
-            out.extend(timer_span(&stored, "prepare timeout").in_scope(|| {
+            out.extend(timer_span(stored, "prepare timeout").in_scope(|| {
                 tracing::warn!(transfer_id = %stored.saga.transfer_id, "prepare timed out: aborting");
-                self.emit(&self.timer_cause(&stored), &stored)
+                self.emit(&self.timer_cause(stored), stored)
             }));
         }
-        for mut stored in store::lock_due(&mut tx, now, 100).await? {
+        let mut due = store::lock_due(&mut tx, now, 100).await?;
+        for stored in &mut due {
             stored.resend_attempts += 1;
-            store::update(&mut tx, &stored, now, self.first_resend(&stored, now)).await?;
-            out.extend(timer_span(&stored, "resend").in_scope(|| self.resend(&stored)));
+            out.extend(timer_span(stored, "resend").in_scope(|| self.resend(stored)));
         }
+        let changed: Vec<(&Stored, Option<Timestamp>)> = expired
+            .iter()
+            .chain(&due)
+            .map(|stored| (stored, self.first_resend(stored, now)))
+            .collect();
+        store::update(&mut tx, &changed, now).await?;
         let (by_status, stuck) =
             store::in_flight(&mut tx, self.config.commit_stuck_after_attempts).await?;
         tx.commit().await?;
@@ -494,29 +500,47 @@ impl Handler for Coordinator {
         &self.db
     }
 
-    async fn apply(&self, tx: &mut Tx, incoming: &Incoming) -> Result<Handled, HandlerError> {
+    async fn apply(&self, tx: &mut Tx, batch: &[Incoming]) -> Result<Vec<Handled>, HandlerError> {
+        let named: Vec<Uuid> = batch
+            .iter()
+            .filter_map(|incoming| match &incoming.message {
+                Message::TransferRequested(request) => Uuid::parse_str(&request.transfer_id).ok(),
+                Message::Vote(Vote { transfer_id, .. }) | Message::Ack(Ack { transfer_id, .. }) => {
+                    Some(*transfer_id)
+                }
+                _ => None,
+            })
+            .collect();
+        let mut sagas = Sagas::lock(tx, &named).await?;
+        let mut handled = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let _in_span = incoming.span.enter();
+            handled.push(self.on_message(&mut sagas, incoming)?);
+        }
+        sagas.save(tx, Timestamp::now()).await?;
+        Ok(handled)
+    }
+}
+
+impl Coordinator {
+    /// Applies one message to the sagas of its batch.
+    fn on_message(&self, sagas: &mut Sagas, incoming: &Incoming) -> Result<Handled, HandlerError> {
         let envelope = &incoming.envelope;
         match &incoming.message {
-            Message::TransferRequested(request) => self.on_request(tx, envelope, request).await,
+            Message::TransferRequested(request) => self.on_request(sagas, envelope, request),
             Message::Vote(Vote {
                 transfer_id,
                 participant,
                 decision,
                 reason,
                 risk,
-            }) => {
-                self.on_reply(tx, envelope, *transfer_id, |s| {
-                    Ok(s.on_vote(*participant, *decision, reason.as_deref(), risk.as_ref()))
-                })
-                .await
-            }
+            }) => self.on_reply(sagas, envelope, *transfer_id, |s| {
+                Ok(s.on_vote(*participant, *decision, reason.as_deref(), risk.as_ref()))
+            }),
             Message::Ack(Ack {
                 transfer_id,
                 action,
-            }) => {
-                self.on_reply(tx, envelope, *transfer_id, |s| s.on_ack(*action, now()))
-                    .await
-            }
+            }) => self.on_reply(sagas, envelope, *transfer_id, |s| s.on_ack(*action, now())),
             other => Err(HandlerError::permanent(format!(
                 "the coordinator does not take {} messages",
                 other.message_type()

@@ -1,13 +1,14 @@
 //! Reading and writing saga rows. Every read of a row that will change locks it, so two
 //! coordinator copies (during a rebalance) or a handler and the timer never race.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use twophase_messages::{Decision, Participant, RiskAssessment};
 use twophase_runtime::db::sqlx::{self, types::Json};
 use twophase_runtime::db::{Amount, Timestamp, Tx};
-use twophase_runtime::{execute, query_as};
+use twophase_runtime::{execute_rows, query_as, query_rows};
 use uuid::Uuid;
 
 use crate::saga::{Saga, Status, Terms};
@@ -135,89 +136,184 @@ const COLUMNS: &str =
      failed_participant, captured, credited, released, credit_cancelled, traceparent, tracestate,
      request_message_id, resend_attempts, created_at, decided_at, finished_at";
 
-/// Reads and locks a transfer's row.
-pub async fn lock(tx: &mut Tx, transfer_id: Uuid) -> Result<Option<Stored>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM transfers WHERE transfer_id = $1 FOR UPDATE");
-    let row = query_as!(tx, Row, fetch_optional, &sql, transfer_id)?;
-    row.map(Stored::try_from).transpose()
+/// The transfers a batch of messages names, read and locked, and what the batch changed in
+/// them, written back with one statement per kind of change.
+#[derive(Debug, Default)]
+pub struct Sagas {
+    rows: HashMap<Uuid, Pending>,
 }
 
-/// Inserts a new transfer.
-pub async fn insert(
+#[derive(Debug)]
+struct Pending {
+    stored: Stored,
+    /// For a new transfer: its request as received, and when its prepare times out.
+    insert: Option<(serde_json::Value, Timestamp)>,
+    /// Changed since read or inserted: when its commands are next due again.
+    update: Option<Option<Timestamp>>,
+}
+
+impl Sagas {
+    /// Reads and locks the rows of `transfer_ids` (those that exist), in id order.
+    pub async fn lock(tx: &mut Tx, transfer_ids: &[Uuid]) -> Result<Sagas, sqlx::Error> {
+        let mut ids = transfer_ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let sql = format!(
+            "SELECT {COLUMNS} FROM transfers WHERE transfer_id IN ({{rows}})
+             ORDER BY transfer_id FOR UPDATE"
+        );
+        let found = query_rows!(tx, Row, &sql, &ids, |id| (*id))?;
+        let mut rows = HashMap::with_capacity(found.len());
+        for row in found {
+            let stored = Stored::try_from(row)?;
+            let pending = Pending {
+                stored,
+                insert: None,
+                update: None,
+            };
+            rows.insert(pending.stored.saga.transfer_id, pending);
+        }
+        Ok(Sagas { rows })
+    }
+
+    pub fn get(&self, transfer_id: Uuid) -> Option<&Stored> {
+        self.rows.get(&transfer_id).map(|p| &p.stored)
+    }
+
+    /// A transfer to change; [`Sagas::changed`] must follow if it was.
+    pub fn get_mut(&mut self, transfer_id: Uuid) -> Option<&mut Stored> {
+        self.rows.get_mut(&transfer_id).map(|p| &mut p.stored)
+    }
+
+    /// Records that a transfer changed. `next_resend_at` is when unanswered commit or abort
+    /// commands are next due (none while preparing or once terminal).
+    pub fn changed(&mut self, transfer_id: Uuid, next_resend_at: Option<Timestamp>) {
+        if let Some(pending) = self.rows.get_mut(&transfer_id) {
+            pending.update = Some(next_resend_at);
+        }
+    }
+
+    /// Adds a new transfer.
+    pub fn insert(
+        &mut self,
+        stored: Stored,
+        request: serde_json::Value,
+        prepare_deadline: Timestamp,
+    ) {
+        let pending = Pending {
+            stored,
+            insert: Some((request, prepare_deadline)),
+            update: None,
+        };
+        self.rows.insert(pending.stored.saga.transfer_id, pending);
+    }
+
+    /// Writes the new transfers and the changes.
+    pub async fn save(self, tx: &mut Tx, now: Timestamp) -> Result<(), sqlx::Error> {
+        let mut rows: Vec<&Pending> = self.rows.values().collect();
+        rows.sort_unstable_by_key(|p| p.stored.saga.transfer_id);
+        let inserts: Vec<(&Stored, &serde_json::Value, Timestamp)> = rows
+            .iter()
+            .filter_map(|p| {
+                let (request, deadline) = p.insert.as_ref()?;
+                Some((&p.stored, request, *deadline))
+            })
+            .collect();
+        insert(tx, &inserts, now).await?;
+        let updates: Vec<(&Stored, Option<Timestamp>)> = rows
+            .iter()
+            .filter_map(|p| Some((&p.stored, p.update?)))
+            .collect();
+        update(tx, &updates, now).await
+    }
+}
+
+/// Inserts new transfers: each with its request and prepare deadline.
+async fn insert(
     tx: &mut Tx,
-    stored: &Stored,
-    request: &serde_json::Value,
-    prepare_deadline: Timestamp,
+    rows: &[(&Stored, &serde_json::Value, Timestamp)],
     now: Timestamp,
 ) -> Result<(), sqlx::Error> {
-    let s = &stored.saga;
-    let terms = s.terms.as_ref();
-    execute!(
+    execute_rows!(
         tx,
         "INSERT INTO transfers (transfer_id, request_hash, request, from_account, to_account, amount,
                                 currency, status, reason, reason_detail, traceparent, tracestate,
                                 request_message_id, prepare_deadline, finished_at, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
-        s.transfer_id,
-        &stored.request_hash,
-        Json(request),
-        terms.map(|t| t.from_account),
-        terms.map(|t| t.to_account),
-        terms.map(|t| Amount(t.amount)),
-        terms.map(|t| t.currency.as_str()),
-        s.status.as_str(),
-        &s.reason,
-        &s.reason_detail,
-        &stored.traceparent,
-        &stored.tracestate,
-        stored.request_message_id,
-        prepare_deadline,
-        s.finished_at.map(Timestamp::from),
-        now,
+         VALUES {rows}",
+        rows,
+        |(stored, request, deadline)| (
+            stored.saga.transfer_id,
+            &stored.request_hash,
+            Json(*request),
+            stored.saga.terms.as_ref().map(|t| t.from_account),
+            stored.saga.terms.as_ref().map(|t| t.to_account),
+            stored.saga.terms.as_ref().map(|t| Amount(t.amount)),
+            stored.saga.terms.as_ref().map(|t| t.currency.as_str()),
+            stored.saga.status.as_str(),
+            &stored.saga.reason,
+            &stored.saga.reason_detail,
+            &stored.traceparent,
+            &stored.tracestate,
+            stored.request_message_id,
+            *deadline,
+            stored.saga.finished_at.map(Timestamp::from),
+            now,
+            now,
+        ),
     )?;
     Ok(())
 }
 
-/// Writes back a saga's state. `next_resend_at` is when unanswered commit or abort commands
-/// are next due (none while preparing or once terminal).
+/// Writes back sagas' states, each with when its commands are next due again.
 pub async fn update(
     tx: &mut Tx,
-    stored: &Stored,
+    rows: &[(&Stored, Option<Timestamp>)],
     now: Timestamp,
-    next_resend_at: Option<Timestamp>,
 ) -> Result<(), sqlx::Error> {
-    let s = &stored.saga;
-    let decided_at = match (stored.decided_at, s.status) {
+    let decided_at = |stored: &Stored| match (stored.decided_at, stored.saga.status) {
         (Some(at), _) => Some(Timestamp::from(at)),
         (None, Status::Preparing) => None,
         (None, _) => Some(now),
     };
-    execute!(
+    execute_rows!(
         tx,
-        "UPDATE transfers SET status = $2, risk_vote = $3, source_vote = $4, destination_vote = $5,
-                risk_assessment = $6, reason = $7, failed_participant = $8, captured = $9,
-                credited = $10, released = $11, credit_cancelled = $12, finished_at = $13,
-                resend_attempts = $14, decided_at = $15, next_resend_at = $16, updated_at = $17
-         WHERE transfer_id = $1",
-        s.transfer_id,
-        s.status.as_str(),
-        decision_str(s.risk_vote),
-        decision_str(s.source_vote),
-        decision_str(s.destination_vote),
-        s.risk
-            .as_ref()
-            .map(|r| Json(serde_json::to_value(r).expect("assessments serialize"))),
-        &s.reason,
-        s.failed_participant.map(Participant::as_str),
-        s.captured,
-        s.credited,
-        s.released,
-        s.credit_cancelled,
-        s.finished_at.map(Timestamp::from),
-        stored.resend_attempts,
-        decided_at,
-        next_resend_at,
-        now,
+        "WITH v (transfer_id, status, risk_vote, source_vote, destination_vote, risk_assessment,
+                 reason, failed_participant, captured, credited, released, credit_cancelled,
+                 finished_at, resend_attempts, decided_at, next_resend_at, updated_at)
+              AS (VALUES {rows})
+         UPDATE transfers SET status = v.status, risk_vote = v.risk_vote,
+                source_vote = v.source_vote, destination_vote = v.destination_vote,
+                risk_assessment = v.risk_assessment, reason = v.reason,
+                failed_participant = v.failed_participant, captured = v.captured,
+                credited = v.credited, released = v.released,
+                credit_cancelled = v.credit_cancelled, finished_at = v.finished_at,
+                resend_attempts = v.resend_attempts, decided_at = v.decided_at,
+                next_resend_at = v.next_resend_at, updated_at = v.updated_at
+         FROM v WHERE transfers.transfer_id = v.transfer_id",
+        rows,
+        |(stored, next_resend_at)| (
+            stored.saga.transfer_id,
+            stored.saga.status.as_str(),
+            decision_str(stored.saga.risk_vote),
+            decision_str(stored.saga.source_vote),
+            decision_str(stored.saga.destination_vote),
+            stored
+                .saga
+                .risk
+                .as_ref()
+                .map(|r| Json(serde_json::to_value(r).expect("assessments serialize"))),
+            &stored.saga.reason,
+            stored.saga.failed_participant.map(Participant::as_str),
+            stored.saga.captured,
+            stored.saga.credited,
+            stored.saga.released,
+            stored.saga.credit_cancelled,
+            stored.saga.finished_at.map(Timestamp::from),
+            stored.resend_attempts,
+            decided_at(stored),
+            *next_resend_at,
+            now,
+        ),
     )?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 pub mod rules;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -14,8 +15,9 @@ use twophase_messages::{reasons, Decision, EvaluateRisk, Message, Participant, T
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
-use twophase_runtime::{execute, query_as};
+use twophase_runtime::{execute_rows, query_rows};
 use twophase_runtime::{CancellationToken, Handled, Handler, HandlerError, Outgoing, Publisher};
+use uuid::Uuid;
 
 pub use rules::{Assessment, RiskConfig};
 
@@ -63,75 +65,119 @@ impl RiskWorker {
         worker::run(handler, settings, publisher, shutdown).await
     }
 
-    /// Evaluates `request` once in `tx`; returns the vote, and whether it is a new one (not a
-    /// stored vote sent again).
+    /// Evaluates each request once, in order, in `tx`; returns each one's vote, and whether it
+    /// is a new one (not a stored vote sent again). Requests evaluated together see each
+    /// other in their accounts' history, in order.
     async fn evaluate(
         &self,
         tx: &mut Tx,
-        request: &EvaluateRisk,
-        message_id: uuid::Uuid,
-    ) -> Result<(Vote, bool), HandlerError> {
-        let stored = query_as!(
+        requests: &[(&EvaluateRisk, &Incoming)],
+    ) -> Result<Vec<(Vote, bool)>, HandlerError> {
+        let transfers: Vec<Uuid> = requests.iter().map(|(r, _)| r.transfer_id).collect();
+        let mut stored: HashMap<Uuid, Vote> = query_rows!(
             &mut *tx,
-            (Json<Vote>,),
-            fetch_optional,
-            "SELECT reply FROM evaluations WHERE transfer_id = $1",
-            request.transfer_id,
-        )?;
-        if let Some((Json(vote),)) = stored {
-            return Ok((vote, false));
-        }
+            (Uuid, Json<Vote>),
+            "SELECT transfer_id, reply FROM evaluations WHERE transfer_id IN ({rows})",
+            &transfers,
+            |id| (*id),
+        )?
+        .into_iter()
+        .map(|(id, Json(vote))| (id, vote))
+        .collect();
 
         let now = Timestamp::now();
-        let history = self.history(tx, request, now.0).await?;
-        let assessment = self.config.assess(request, &history);
-        let approved = assessment.score <= self.config.max_score;
-        let vote = Vote {
-            transfer_id: request.transfer_id,
-            participant: Participant::Risk,
-            decision: if approved {
-                Decision::Yes
-            } else {
-                Decision::No
-            },
-            reason: (!approved).then(|| reasons::RISK_REJECTED.to_owned()),
-            risk: Some(assessment.to_message()),
-        };
-        execute!(
+        let (window_start, day_start) = self.periods(now.0);
+        let mut accounts: Vec<Uuid> = requests.iter().map(|(r, _)| r.from_account).collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let mut history: HashMap<Uuid, Vec<Past>> = HashMap::new();
+        for (account, at, amount, currency, decision) in query_rows!(
+            &mut *tx,
+            (Uuid, Timestamp, Amount, String, String),
+            "SELECT from_account, evaluated_at, amount, currency, decision FROM evaluations
+             WHERE evaluated_at >= $1 AND from_account IN ({rows})",
+            [Timestamp::from(window_start.min(day_start))],
+            &accounts,
+            |id| (*id),
+        )? {
+            history.entry(account).or_default().push(Past {
+                at: at.0,
+                amount: amount.0,
+                currency,
+                approved: decision == "yes",
+            });
+        }
+
+        let mut votes = Vec::with_capacity(requests.len());
+        let mut new = Vec::new();
+        for (request, incoming) in requests {
+            if let Some(vote) = stored.get(&request.transfer_id) {
+                votes.push((vote.clone(), false));
+                continue;
+            }
+            let _in_span = incoming.span.enter();
+            let past = history.entry(request.from_account).or_default();
+            let assessment = self
+                .config
+                .assess(request, &summary(past, request, window_start, day_start));
+            let approved = assessment.score <= self.config.max_score;
+            let vote = Vote {
+                transfer_id: request.transfer_id,
+                participant: Participant::Risk,
+                decision: if approved {
+                    Decision::Yes
+                } else {
+                    Decision::No
+                },
+                reason: (!approved).then(|| reasons::RISK_REJECTED.to_owned()),
+                risk: Some(assessment.to_message()),
+            };
+            tracing::info!(
+                score = assessment.score,
+                rules = ?assessment.rules,
+                approved,
+                "risk evaluated"
+            );
+            past.push(Past {
+                at: now.0,
+                amount: request.amount,
+                currency: request.currency.clone(),
+                approved,
+            });
+            stored.insert(request.transfer_id, vote.clone());
+            new.push((*request, incoming.envelope.id, assessment, vote.clone()));
+            votes.push((vote, true));
+        }
+        execute_rows!(
             tx,
             "INSERT INTO evaluations (transfer_id, from_account, to_account, amount, currency, score,
                                       level, rules, decision, message_id, reply, evaluated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            request.transfer_id,
-            request.from_account,
-            request.to_account,
-            Amount(request.amount),
-            &request.currency,
-            i16::from(assessment.score),
-            assessment.level.as_str(),
-            Json(&assessment.rules),
-            if approved { "yes" } else { "no" },
-            message_id,
-            Json(&vote),
-            now,
+             VALUES {rows}",
+            &new,
+            |(request, message_id, assessment, vote)| (
+                request.transfer_id,
+                request.from_account,
+                request.to_account,
+                Amount(request.amount),
+                &request.currency,
+                i16::from(assessment.score),
+                assessment.level.as_str(),
+                Json(&assessment.rules),
+                if vote.decision == Decision::Yes {
+                    "yes"
+                } else {
+                    "no"
+                },
+                *message_id,
+                Json(vote),
+                now,
+            ),
         )?;
-        tracing::info!(
-            score = assessment.score,
-            rules = ?assessment.rules,
-            approved,
-            "risk evaluated"
-        );
-        Ok((vote, true))
+        Ok(votes)
     }
 
-    /// What the rules need to know about the source account's recent transfers. Sums are taken
-    /// here, in exact decimals, not by the database.
-    async fn history(
-        &self,
-        tx: &mut Tx,
-        request: &EvaluateRisk,
-        now: DateTime<Utc>,
-    ) -> Result<rules::History, twophase_runtime::db::sqlx::Error> {
+    /// Where the velocity window and the (UTC) day began, at `now`.
+    fn periods(&self, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
         let window_start = now
             - chrono::TimeDelta::from_std(self.config.velocity_window)
                 .unwrap_or(chrono::TimeDelta::MAX);
@@ -140,26 +186,36 @@ impl RiskWorker {
             .and_hms_opt(0, 0, 0)
             .expect("midnight exists")
             .and_utc();
-        let rows = query_as!(
-            tx,
-            (Timestamp, Amount, String, String),
-            fetch_all,
-            "SELECT evaluated_at, amount, currency, decision FROM evaluations
-             WHERE from_account = $1 AND evaluated_at >= $2",
-            request.from_account,
-            Timestamp::from(window_start.min(day_start)),
-        )?;
-        let mut history = rules::History::default();
-        for (at, amount, currency, decision) in rows {
-            if at.0 > window_start {
-                history.transfers_in_window += 1;
-            }
-            if at.0 >= day_start && decision == "yes" && currency == request.currency {
-                history.approved_today += amount.0;
-            }
-        }
-        Ok(history)
+        (window_start, day_start)
     }
+}
+
+/// An earlier evaluation from the same account.
+struct Past {
+    at: DateTime<Utc>,
+    amount: rust_decimal::Decimal,
+    currency: String,
+    approved: bool,
+}
+
+/// What the rules need to know about the source account's recent transfers. Sums are taken
+/// here, in exact decimals, not by the database.
+fn summary(
+    past: &[Past],
+    request: &EvaluateRisk,
+    window_start: DateTime<Utc>,
+    day_start: DateTime<Utc>,
+) -> rules::History {
+    let mut history = rules::History::default();
+    for p in past {
+        if p.at > window_start {
+            history.transfers_in_window += 1;
+        }
+        if p.at >= day_start && p.approved && p.currency == request.currency {
+            history.approved_today += p.amount;
+        }
+    }
+    history
 }
 
 impl Handler for RiskWorker {
@@ -167,27 +223,37 @@ impl Handler for RiskWorker {
         &self.db
     }
 
-    async fn apply(&self, tx: &mut Tx, incoming: &Incoming) -> Result<Handled, HandlerError> {
-        let Message::EvaluateRisk(request) = &incoming.message else {
-            return Err(HandlerError::permanent(format!(
-                "{} is not a risk command",
-                incoming.envelope.message_type
-            )));
-        };
-        let (vote, new) = self.evaluate(tx, request, incoming.envelope.id).await?;
-        let (decision, score) = (vote.decision, vote.risk.as_ref().map(|r| r.score));
-        let handled = Handled::replies(vec![Outgoing::caused_by(
-            &incoming.envelope,
-            &self.source,
-            self.replies.clone(),
-            request.transfer_id,
-            &Message::Vote(vote),
-        )]);
-        Ok(match (new, score) {
-            (true, Some(score)) => {
-                handled.then(move || twophase_runtime::metrics::risk_decision(decision, score))
-            }
-            _ => handled,
-        })
+    async fn apply(&self, tx: &mut Tx, batch: &[Incoming]) -> Result<Vec<Handled>, HandlerError> {
+        let mut requests = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let Message::EvaluateRisk(request) = &incoming.message else {
+                return Err(HandlerError::permanent(format!(
+                    "{} is not a risk command",
+                    incoming.envelope.message_type
+                )));
+            };
+            requests.push((request, incoming));
+        }
+        let votes = self.evaluate(tx, &requests).await?;
+        Ok(requests
+            .iter()
+            .zip(votes)
+            .map(|((request, incoming), (vote, new))| {
+                let _in_span = incoming.span.enter();
+                let (decision, score) = (vote.decision, vote.risk.as_ref().map(|r| r.score));
+                let handled = Handled::replies(vec![Outgoing::caused_by(
+                    &incoming.envelope,
+                    &self.source,
+                    self.replies.clone(),
+                    request.transfer_id,
+                    &Message::Vote(vote),
+                )]);
+                match (new, score) {
+                    (true, Some(score)) => handled
+                        .then(move || twophase_runtime::metrics::risk_decision(decision, score)),
+                    _ => handled,
+                }
+            })
+            .collect())
     }
 }

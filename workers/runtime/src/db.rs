@@ -55,6 +55,9 @@ fn sqlite_migrator(schema: &str) -> Option<&'static sqlx::migrate::Migrator> {
     }
 }
 
+/// Prepared statements kept per connection (sqlx's default is 100).
+const STATEMENT_CACHE: usize = 1024;
+
 /// A connection pool on either backend.
 #[derive(Debug, Clone)]
 pub enum Db {
@@ -82,6 +85,7 @@ fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(30))
         .foreign_keys(true)
+        .statement_cache_capacity(STATEMENT_CACHE)
 }
 
 impl Db {
@@ -96,7 +100,11 @@ impl Db {
                 .await?;
             return Ok(Db::Sqlite(pool));
         }
-        let options = PgConnectOptions::from_str(url)?.options([("search_path", schema)]);
+        let options = PgConnectOptions::from_str(url)?
+            .options([("search_path", schema)])
+            // A batch's statements name as many placeholders as it has rows, so one statement
+            // has a text per batch size.
+            .statement_cache_capacity(STATEMENT_CACHE);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
@@ -258,6 +266,117 @@ macro_rules! execute {
                     .execute(&mut **tx)
                     .await
                     .map(|r| r.rows_affected())
+            }
+        }
+    }};
+}
+
+/// `sql` with `{rows}` replaced by the placeholders of `rows` rows of `width` values each,
+/// numbered from `$first`: `$1, $2, $3` for single values (an `IN ({rows})` list), `($1, $2),
+/// ($3, $4)` for rows of two or more (a `VALUES {rows}` list).
+pub fn with_rows(sql: &str, first: usize, rows: usize, width: usize) -> String {
+    let mut list = String::with_capacity(rows * width * 5);
+    for row in 0..rows {
+        if row > 0 {
+            list.push_str(", ");
+        }
+        if width > 1 {
+            list.push('(');
+        }
+        for column in 0..width {
+            if column > 0 {
+                list.push_str(", ");
+            }
+            list.push('$');
+            list.push_str(&(first + row * width + column).to_string());
+        }
+        if width > 1 {
+            list.push(')');
+        }
+    }
+    sql.replace("{rows}", &list)
+}
+
+/// Binds each row's values, in order, to a query made by [`with_rows`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __bind_rows {
+    ($query:ident, $rows:expr, |$row:pat_param| ($($bind:expr),+)) => {
+        for $row in $rows.iter() {
+            $($query = $query.bind($bind);)+
+        }
+    };
+}
+
+/// Like [`query_as!`](crate::query_as) with `fetch_all`, for a query over a list of rows:
+/// `{rows}` in the text stands for one placeholder group per element of `rows` (a slice), and
+/// the closure says what each element binds. Values in `[…]` before the rows are bound first,
+/// as `$1`, `$2`, …; the rows' placeholders follow them. An empty list runs nothing and finds
+/// nothing.
+///
+/// ```ignore
+/// query_rows!(tx, (Uuid, String), "SELECT id, name FROM t WHERE id IN ({rows})", ids, |id| (*id))
+/// query_rows!(tx, (Uuid,), "SELECT id FROM t WHERE at > $1 AND id IN ({rows})", [since], ids, |id| (*id))
+/// ```
+#[macro_export]
+macro_rules! query_rows {
+    ($tx:expr, $t:ty, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {
+        $crate::query_rows!($tx, $t, $sql, [], $rows, |$row| ($($bind),+))
+    };
+    ($tx:expr, $t:ty, $sql:expr, [$($first:expr),* $(,)?], $rows:expr,
+     |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {{
+        let rows = $rows;
+        if rows.is_empty() {
+            Ok(Vec::<$t>::new())
+        } else {
+            let first = 1 $(+ { let _ = stringify!($first); 1 })*;
+            let width = [$(stringify!($bind)),+].len();
+            let sql = $crate::db::with_rows($sql, first, rows.len(), width);
+            match $tx {
+                $crate::db::Tx::Postgres(tx) => {
+                    let query = $crate::db::sqlx::query_as::<_, $t>(&sql);
+                    $(let query = query.bind($first);)*
+                    let mut query = query;
+                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
+                    query.fetch_all(&mut **tx).await
+                }
+                $crate::db::Tx::Sqlite(tx) => {
+                    let sql = $crate::db::sqlite_text(&sql);
+                    let query = $crate::db::sqlx::query_as::<_, $t>(&sql);
+                    $(let query = query.bind($first);)*
+                    let mut query = query;
+                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
+                    query.fetch_all(&mut **tx).await
+                }
+            }
+        }
+    }};
+}
+
+/// Like [`execute!`](crate::execute), for a statement over a list of rows (see
+/// [`query_rows!`](crate::query_rows)): a multi-row `INSERT … VALUES {rows}`, or an
+/// `UPDATE … FROM` a `WITH v (…) AS (VALUES {rows})`. An empty list runs nothing.
+#[macro_export]
+macro_rules! execute_rows {
+    ($tx:expr, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {{
+        let rows = $rows;
+        if rows.is_empty() {
+            Ok(0)
+        } else {
+            let width = [$(stringify!($bind)),+].len();
+            let sql = $crate::db::with_rows($sql, 1, rows.len(), width);
+            match $tx {
+                $crate::db::Tx::Postgres(tx) => {
+                    let mut query = $crate::db::sqlx::query(&sql);
+                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
+                    query.execute(&mut **tx).await.map(|r| r.rows_affected())
+                }
+                $crate::db::Tx::Sqlite(tx) => {
+                    let sql = $crate::db::sqlite_text(&sql);
+                    let mut query = $crate::db::sqlx::query(&sql);
+                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
+                    query.execute(&mut **tx).await.map(|r| r.rows_affected())
+                }
             }
         }
     }};
@@ -436,6 +555,19 @@ mod tests {
             "SELECT * FROM t LIMIT $1"
         );
         assert!(matches!(sqlite_text("SELECT 1"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn rows_become_numbered_placeholders() {
+        assert_eq!(with_rows("x IN ({rows})", 1, 3, 1), "x IN ($1, $2, $3)");
+        assert_eq!(
+            with_rows("VALUES {rows}", 1, 2, 3),
+            "VALUES ($1, $2, $3), ($4, $5, $6)"
+        );
+        assert_eq!(
+            with_rows("a > $1 AND x IN ({rows})", 2, 2, 1),
+            "a > $1 AND x IN ($2, $3)"
+        );
     }
 
     #[tokio::test]

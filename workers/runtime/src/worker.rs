@@ -42,6 +42,9 @@ pub struct Incoming {
     pub offset: i64,
     pub envelope: Envelope,
     pub message: Message,
+    /// The span of this message's handling, in the trace its headers carry. A handler enters
+    /// it for the work on this message alone, so that logs and replies belong to its trace.
+    pub span: tracing::Span,
 }
 
 /// A worker's logic. `apply` must be idempotent: it may see the same message again after a
@@ -50,17 +53,20 @@ pub trait Handler: Send + Sync + 'static {
     /// The database the loop opens the handler's transactions on.
     fn db(&self) -> &Db;
 
-    /// Applies one message inside `tx` and returns its replies.
+    /// Applies messages of one partition, in order, inside `tx`, and returns what each one
+    /// handled, in the same order: one message alone, or whatever of the partition arrived
+    /// together. Reading and writing the rows of the whole batch at once is what makes a
+    /// batch cheaper than its messages one by one.
     ///
-    /// The loop commits `tx`, possibly with other messages of the same partition applied in
-    /// it before and after this one, and publishes the replies only once it has committed. An
-    /// error rolls the whole transaction back and the loop then handles the messages one at a
-    /// time. Whatever the handler does outside the database belongs in [`Handled::then`].
+    /// The loop commits `tx` and publishes the replies only once it has committed. An error
+    /// rolls the whole transaction back, and the loop then applies the messages one at a
+    /// time, so a message's error is its own. Whatever the handler does outside the database
+    /// belongs in [`Handled::then`].
     fn apply(
         &self,
         tx: &mut Tx,
-        incoming: &Incoming,
-    ) -> impl Future<Output = Result<Handled, HandlerError>> + Send;
+        batch: &[Incoming],
+    ) -> impl Future<Output = Result<Vec<Handled>, HandlerError>> + Send;
 }
 
 /// A message applied: its replies, and what to do once its transaction has committed.
@@ -465,36 +471,36 @@ impl<H: Handler> ConsumeLoop<H> {
                 return None;
             }
         };
-        let mut handled = Vec::with_capacity(messages.len());
+        let mut batch = Vec::with_capacity(messages.len());
         for raw in messages {
-            let incoming = match self.decode(raw) {
-                Ok(incoming) => incoming,
+            match self.decode(raw) {
+                Ok(incoming) => batch.push(incoming),
                 Err(e) => {
                     fail("decode", &e);
                     return None;
                 }
-            };
-            let span = self.span(raw, Some(&incoming));
-            match self
-                .handler
-                .apply(&mut tx, &incoming)
-                .instrument(span)
-                .await
-            {
-                Ok(h) => handled.push(h),
-                Err(e) => {
-                    fail("apply", &e);
-                    return None;
-                }
             }
         }
+        let handled = match self.handler.apply(&mut tx, &batch).await {
+            Ok(handled) => handled,
+            Err(e) => {
+                fail("apply", &e);
+                return None;
+            }
+        };
+        assert_eq!(
+            handled.len(),
+            batch.len(),
+            "a handler answers every message"
+        );
         if let Err(e) = tx.commit().await {
             fail("commit", &e);
             return None;
         }
         let seconds = started.elapsed().as_secs_f64();
         let mut queued = Vec::with_capacity(handled.len());
-        for (raw, mut h) in messages.iter().zip(handled) {
+        for (incoming, mut h) in batch.iter().zip(handled) {
+            let _in_span = incoming.span.enter();
             h.committed();
             match self.publish_committed(&h.replies, Mode::Pipelined).await {
                 Ok(Processed::Queued(deliveries)) => queued.push(deliveries),
@@ -506,7 +512,7 @@ impl<H: Handler> ConsumeLoop<H> {
             }
             metrics::message_handled(
                 self.settings.name,
-                raw.topic(),
+                &incoming.topic,
                 metrics::outcome::OK,
                 seconds,
             );
@@ -568,14 +574,19 @@ impl<H: Handler> ConsumeLoop<H> {
                     .await;
             }
         };
-        let span = self.span(raw, Some(&incoming));
+        let span = incoming.span.clone();
         self.handle(raw, &incoming, mode).instrument(span).await
     }
 
     /// Applies one message in a transaction of its own and commits it.
     async fn apply_alone(&self, incoming: &Incoming) -> Result<Handled, HandlerError> {
         let mut tx = self.handler.db().begin().await?;
-        let mut handled = self.handler.apply(&mut tx, incoming).await?;
+        let mut handled = self
+            .handler
+            .apply(&mut tx, std::slice::from_ref(incoming))
+            .await?
+            .pop()
+            .expect("a handler answers every message");
         tx.commit().await?;
         handled.committed();
         Ok(handled)
@@ -600,13 +611,16 @@ impl<H: Handler> ConsumeLoop<H> {
         })?;
         let payload = raw.payload().unwrap_or_default();
         let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
-        Ok(Incoming {
+        let mut incoming = Incoming {
             topic: raw.topic().to_owned(),
             partition: raw.partition(),
             offset: raw.offset(),
             envelope,
             message,
-        })
+            span: tracing::Span::none(),
+        };
+        incoming.span = self.span(raw, Some(&incoming));
+        Ok(incoming)
     }
 
     async fn handle(

@@ -134,19 +134,19 @@ struct Rows {
 
 impl Rows {
     async fn load(tx: &mut Tx, commands: &[Command<'_>]) -> Result<Rows, HandlerError> {
-        let mut transfers: Vec<Uuid> = commands
+        let mut named: Vec<(Uuid, &str)> = commands
             .iter()
-            .map(|c| c.command.body.transfer_id)
+            .map(|c| (c.command.body.transfer_id, c.command.action.as_str()))
             .collect();
-        transfers.sort_unstable();
-        transfers.dedup();
+        named.sort_unstable();
+        named.dedup();
         let stored = query_rows!(
             &mut *tx,
             (Uuid, String, String, Json<serde_json::Value>),
             "SELECT transfer_id, action, reply_type, reply FROM processed_commands
-             WHERE transfer_id IN ({rows})",
-            &transfers,
-            |id| (*id),
+             WHERE (transfer_id, action) IN ({rows})",
+            &named,
+            |(id, action)| (*id, *action),
         )?;
         let mut replies = HashMap::with_capacity(stored.len());
         for (transfer_id, action, reply_type, Json(reply)) in stored {

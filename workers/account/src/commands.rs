@@ -18,7 +18,7 @@ use twophase_messages::{
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::{sqlx, Amount, Timestamp, Tx};
 use twophase_runtime::HandlerError;
-use twophase_runtime::{execute_rows, query_rows};
+use twophase_runtime::{execute_rows, query_rows, update_rows};
 use uuid::Uuid;
 
 /// A command to apply, with the id of the message that carried it and that message's span.
@@ -424,7 +424,7 @@ impl Rows {
         let now = self.now;
         let accounts: Vec<(&Uuid, &AccountRow)> =
             self.accounts.iter().filter(|(_, a)| a.changed).collect();
-        execute_rows!(
+        update_rows!(
             &mut *tx,
             "WITH v (account_id, balance, held, updated_at) AS (VALUES {rows})
              UPDATE accounts SET balance = v.balance, held = v.held, updated_at = v.updated_at
@@ -545,7 +545,7 @@ async fn save_entries(
          FROM v WHERE {table}.transfer_id = v.transfer_id",
         table = entry.table()
     );
-    execute_rows!(&mut *tx, &sql, &written(Write::Update), |(id, e)| (
+    update_rows!(&mut *tx, &sql, &written(Write::Update), |(id, e)| (
         **id, e.status, now
     ),)?;
     Ok(())

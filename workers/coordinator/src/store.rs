@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use twophase_messages::{Decision, Participant, RiskAssessment};
 use twophase_runtime::db::sqlx::{self, types::Json};
 use twophase_runtime::db::{Amount, Timestamp, Tx};
-use twophase_runtime::{execute_rows, query_as, query_rows};
+use twophase_runtime::{execute_rows, query_as, query_rows, update_rows};
 use uuid::Uuid;
 
 use crate::saga::{Saga, Status, Terms};
@@ -275,7 +275,7 @@ pub async fn update(
         (None, Status::Preparing) => None,
         (None, _) => Some(now),
     };
-    execute_rows!(
+    update_rows!(
         tx,
         "WITH v (transfer_id, status, risk_vote, source_vote, destination_vote, risk_assessment,
                  reason, failed_participant, captured, credited, released, credit_cancelled,

@@ -297,22 +297,74 @@ pub fn with_rows(sql: &str, first: usize, rows: usize, width: usize) -> String {
     sql.replace("{rows}", &list)
 }
 
-/// Binds each row's values, in order, to a query made by [`with_rows`].
+/// How many placeholder groups a statement over `rows` rows is given: the next of a few sizes
+/// (1, 2, 3, 4, 6, 8, 12, 16, …), so that each statement has only a few texts and PostgreSQL
+/// plans each text once, rather than a text per batch size planned at every run.
+pub fn padded(rows: usize) -> usize {
+    let mut size = 1;
+    while size < rows {
+        size = if size.is_power_of_two() && size >= 2 {
+            size + size / 2
+        } else {
+            size.next_power_of_two().max(size + 1)
+        };
+    }
+    size
+}
+
+/// Runs a statement over a list of rows; the public macros below say which.
 #[doc(hidden)]
 #[macro_export]
-macro_rules! __bind_rows {
-    ($query:ident, $rows:expr, |$row:pat_param| ($($bind:expr),+)) => {
-        for $row in $rows.iter() {
+macro_rules! __rows {
+    (@make $t:ty, $sql:expr) => {
+        $crate::db::sqlx::query_as::<_, $t>($sql)
+    };
+    (@make, $sql:expr) => {
+        $crate::db::sqlx::query($sql)
+    };
+    (@bind $query:ident, $sql:expr, [$($t:ty)?], [$($first:expr),*], $rows:expr, $count:expr,
+     |$row:pat_param| ($($bind:expr),+)) => {
+        let $query = $crate::__rows!(@make $($t)?, $sql);
+        $(let $query = $query.bind($first);)*
+        let mut $query = $query;
+        // The padding repeats the last row.
+        let last = $rows.last().expect("rows are checked for none");
+        let padding = std::iter::repeat(last).take($count - $rows.len());
+        for $row in $rows.iter().chain(padding) {
             $($query = $query.bind($bind);)+
         }
     };
+    ($tx:expr, [$($t:ty)?], $sql:expr, [$($first:expr),*], $rows:expr, $count:expr,
+     |$row:pat_param| ($($bind:expr),+), |$query:ident, $conn:ident| $run:expr) => {{
+        let rows = $rows;
+        let count: usize = $count;
+        let first = 1 $(+ { let _ = stringify!($first); 1 })*;
+        let width = [$(stringify!($bind)),+].len();
+        let sql = $crate::db::with_rows($sql, first, count, width);
+        match $tx {
+            $crate::db::Tx::Postgres(tx) => {
+                $crate::__rows!(@bind $query, &sql, [$($t)?], [$($first),*], rows, count,
+                    |$row| ($($bind),+));
+                let $conn = &mut **tx;
+                $run
+            }
+            $crate::db::Tx::Sqlite(tx) => {
+                let sql = $crate::db::sqlite_text(&sql);
+                $crate::__rows!(@bind $query, &sql, [$($t)?], [$($first),*], rows, count,
+                    |$row| ($($bind),+));
+                let $conn = &mut **tx;
+                $run
+            }
+        }
+    }};
 }
 
 /// Like [`query_as!`](crate::query_as) with `fetch_all`, for a query over a list of rows:
 /// `{rows}` in the text stands for one placeholder group per element of `rows` (a slice), and
 /// the closure says what each element binds. Values in `[…]` before the rows are bound first,
 /// as `$1`, `$2`, …; the rows' placeholders follow them. An empty list runs nothing and finds
-/// nothing.
+/// nothing. The list is [`padded`] with its last row, so the query must find the same for a
+/// row named twice as once (an `IN` list).
 ///
 /// ```ignore
 /// query_rows!(tx, (Uuid, String), "SELECT id, name FROM t WHERE id IN ({rows})", ids, |id| (*id))
@@ -329,33 +381,14 @@ macro_rules! query_rows {
         if rows.is_empty() {
             Ok(Vec::<$t>::new())
         } else {
-            let first = 1 $(+ { let _ = stringify!($first); 1 })*;
-            let width = [$(stringify!($bind)),+].len();
-            let sql = $crate::db::with_rows($sql, first, rows.len(), width);
-            match $tx {
-                $crate::db::Tx::Postgres(tx) => {
-                    let query = $crate::db::sqlx::query_as::<_, $t>(&sql);
-                    $(let query = query.bind($first);)*
-                    let mut query = query;
-                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
-                    query.fetch_all(&mut **tx).await
-                }
-                $crate::db::Tx::Sqlite(tx) => {
-                    let sql = $crate::db::sqlite_text(&sql);
-                    let query = $crate::db::sqlx::query_as::<_, $t>(&sql);
-                    $(let query = query.bind($first);)*
-                    let mut query = query;
-                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
-                    query.fetch_all(&mut **tx).await
-                }
-            }
+            $crate::__rows!($tx, [$t], $sql, [$($first),*], rows, $crate::db::padded(rows.len()),
+                |$row| ($($bind),+), |query, conn| query.fetch_all(conn).await)
         }
     }};
 }
 
-/// Like [`execute!`](crate::execute), for a statement over a list of rows (see
-/// [`query_rows!`](crate::query_rows)): a multi-row `INSERT … VALUES {rows}`, or an
-/// `UPDATE … FROM` a `WITH v (…) AS (VALUES {rows})`. An empty list runs nothing.
+/// Like [`execute!`](crate::execute), for a multi-row `INSERT … VALUES {rows}` (see
+/// [`query_rows!`](crate::query_rows)). An empty list runs nothing.
 #[macro_export]
 macro_rules! execute_rows {
     ($tx:expr, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {{
@@ -363,21 +396,25 @@ macro_rules! execute_rows {
         if rows.is_empty() {
             Ok(0)
         } else {
-            let width = [$(stringify!($bind)),+].len();
-            let sql = $crate::db::with_rows($sql, 1, rows.len(), width);
-            match $tx {
-                $crate::db::Tx::Postgres(tx) => {
-                    let mut query = $crate::db::sqlx::query(&sql);
-                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
-                    query.execute(&mut **tx).await.map(|r| r.rows_affected())
-                }
-                $crate::db::Tx::Sqlite(tx) => {
-                    let sql = $crate::db::sqlite_text(&sql);
-                    let mut query = $crate::db::sqlx::query(&sql);
-                    $crate::__bind_rows!(query, rows, |$row| ($($bind),+));
-                    query.execute(&mut **tx).await.map(|r| r.rows_affected())
-                }
-            }
+            $crate::__rows!($tx, [], $sql, [], rows, rows.len(), |$row| ($($bind),+),
+                |query, conn| query.execute(conn).await.map(|r| r.rows_affected()))
+        }
+    }};
+}
+
+/// Like [`execute_rows!`](crate::execute_rows), for a statement that sets existing rows from a
+/// list: `WITH v (…) AS (VALUES {rows}) UPDATE … FROM v WHERE …`. The list is [`padded`] with
+/// its last row, which sets the same values again. Returns the number of rows updated.
+#[macro_export]
+macro_rules! update_rows {
+    ($tx:expr, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {{
+        let rows = $rows;
+        if rows.is_empty() {
+            Ok(0)
+        } else {
+            $crate::__rows!($tx, [], $sql, [], rows, $crate::db::padded(rows.len()),
+                |$row| ($($bind),+),
+                |query, conn| query.execute(conn).await.map(|r| r.rows_affected()))
         }
     }};
 }
@@ -555,6 +592,18 @@ mod tests {
             "SELECT * FROM t LIMIT $1"
         );
         assert!(matches!(sqlite_text("SELECT 1"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn row_lists_are_padded_to_few_sizes() {
+        let sizes: Vec<usize> = (1..=100).map(padded).collect();
+        let mut distinct = sizes.clone();
+        distinct.dedup();
+        assert_eq!(
+            distinct,
+            [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+        );
+        assert!((1..=100).all(|n| padded(n) >= n));
     }
 
     #[test]

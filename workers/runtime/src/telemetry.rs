@@ -6,6 +6,7 @@
 //! one transfer keeps one trace id across every worker either way.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -62,7 +63,12 @@ pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
     let result = tracing_subscriber::registry()
         .with(filter)
         .with(json.then(|| fmt::layer().json().with_writer(std::io::stderr)))
-        .with((!json).then(|| fmt::layer().with_writer(std::io::stderr)))
+        .with((!json).then(|| {
+            // Colours on a terminal only: a log file gets plain text.
+            fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+        }))
         .with(otel)
         .try_init();
     // A second init (tests starting several workers in one process) keeps the first.

@@ -53,9 +53,9 @@ pub trait Handler: Send + Sync + 'static {
     /// The database the loop opens the handler's transactions on.
     fn db(&self) -> &Db;
 
-    /// Applies messages of one partition, in order, inside `tx`, and returns what each one
-    /// handled, in the same order: one message alone, or whatever of the partition arrived
-    /// together. Reading and writing the rows of the whole batch at once is what makes a
+    /// Applies messages inside `tx`, in order, and returns what each one handled, in the
+    /// same order: one message alone, or whatever arrived together (from one partition or
+    /// several; each partition's in offset order). Reading and writing the rows of the whole batch at once is what makes a
     /// batch cheaper than its messages one by one.
     ///
     /// The loop commits `tx` and publishes the replies only once it has committed. An error
@@ -322,12 +322,29 @@ pub async fn run<H: Handler>(
                 None => break,
             }
         }
-        // Partitions are independent: each is worked through in order, all at once.
+        // The whole batch is applied in one transaction if it can be; if not, partitions are
+        // independent: each is worked through in order, all at once.
         let partitions = by_partition(&batch);
+        let mut applied: Vec<Option<Vec<Vec<DeliveryFuture>>>> = match partitions.len() {
+            0 | 1 => Vec::new(),
+            _ => {
+                let all: Vec<&BorrowedMessage<'_>> = partitions.iter().flatten().copied().collect();
+                match loop_.apply_together(&all).await {
+                    Some(queued) => {
+                        let mut queued = queued.into_iter();
+                        let mut take = |n| Some(queued.by_ref().take(n).collect());
+                        partitions.iter().map(|p| take(p.len())).collect()
+                    }
+                    None => Vec::new(),
+                }
+            }
+        };
+        applied.resize_with(partitions.len(), || None);
         let done = futures::future::join_all(
             partitions
                 .iter()
-                .map(|messages| loop_.process_in_order(messages)),
+                .zip(applied)
+                .map(|(messages, applied)| loop_.process_in_order(messages, applied)),
         )
         .await;
         let mut interrupted = false;
@@ -398,18 +415,23 @@ impl<H: Handler> ConsumeLoop<H> {
     /// Processes one partition's messages in order. Returns how many were handled to their end
     /// and whether all were (false: shutdown interrupted).
     ///
-    /// The messages are applied in one transaction ([`Self::apply_together`]); if that fails,
-    /// each is applied and committed before the next one is handled. Either way the replies
-    /// are only handed to the producer; the acknowledgements are awaited together at the end,
-    /// before any offset is stored. If one was refused, the messages from that one on are
-    /// handled again, one at a time, each waiting for its acknowledgements (handlers are
-    /// idempotent: the stored replies go out again).
-    async fn process_in_order(&self, messages: &[&BorrowedMessage<'_>]) -> (usize, bool) {
+    /// Unless `applied` (with the rest of the batch) already, the messages are applied in one
+    /// transaction ([`Self::apply_together`]); if that fails, each is applied and committed
+    /// before the next one is handled. Either way the replies are only handed to the
+    /// producer; the acknowledgements are awaited together at the end, before any offset is
+    /// stored. If one was refused, the messages from that one on are handled again, one at a
+    /// time, each waiting for its acknowledgements (handlers are idempotent: the stored
+    /// replies go out again).
+    async fn process_in_order(
+        &self,
+        messages: &[&BorrowedMessage<'_>],
+        applied: Option<Vec<Vec<DeliveryFuture>>>,
+    ) -> (usize, bool) {
         let mut interrupted = false;
-        let together = if messages.len() > 1 {
-            self.apply_together(messages).await
-        } else {
-            None
+        let together = match applied {
+            Some(queued) => Some(queued),
+            None if messages.len() > 1 => self.apply_together(messages).await,
+            None => None,
         };
         let queued = match together {
             Some(queued) => queued,
@@ -450,8 +472,9 @@ impl<H: Handler> ConsumeLoop<H> {
         (messages.len(), true)
     }
 
-    /// Applies a partition's messages in one transaction, then hands every reply to the
-    /// producer: one commit instead of one per message. `None` if a message could not be
+    /// Applies messages (a partition's, or a whole batch's in partition order) in one
+    /// transaction, then hands every reply to the producer: one commit instead of one per
+    /// message. `None` if a message could not be
     /// decoded or applied (the transaction is rolled back), or the commit or a hand-over to the
     /// producer failed; the caller then handles the messages one at a time, with retries and
     /// dead letters, and whatever of them did commit is found applied (handlers are

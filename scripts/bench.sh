@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Reproduces the figures in BENCHMARKS.md: builds the release binary, starts PostgreSQL and
-# Kafka, and for each set-up (one copy of each worker; two account workers) runs the closed
-# loop (maximum sustained throughput, with the ceiling reference) and then the open loop at
-# half that maximum; last, the embedded default's demo. Results go to target/bench/*.json.
+# Reproduces the figures in BENCHMARKS.md: builds the release binary, starts a PostgreSQL and
+# a Kafka of its own (fresh, on their own ports, removed afterwards, so that no earlier run's
+# topics or tables weigh on this one), and for each set-up (one copy of each worker; two
+# account workers) runs the closed loop at each concurrency in BENCH_CONCURRENCY (the best is
+# the maximum sustained throughput; the ceiling reference is taken at the highest), then the
+# open loop at half that maximum; last, the embedded default's demo. Results go to
+# target/bench/*.json.
 #
 #   scripts/bench.sh                 everything
 #   BENCH_SECONDS=60 scripts/bench.sh
+#   BENCH_CONCURRENCY="64 2048" scripts/bench.sh
 #   TWOPHASE_BIN=path/to/twophase scripts/bench.sh   (skip the build)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds="${BENCH_SECONDS:-30}"
-concurrency="${BENCH_CONCURRENCY:-64}"
+read -r -a concurrencies <<<"${BENCH_CONCURRENCY:-64 512 2048}"
 out=target/bench
 mkdir -p "$out"
 
@@ -21,6 +25,14 @@ else
   cargo build --release --locked --quiet
   T="$PWD/target/release/twophase"
 fi
+
+# Services of the benchmark's own, beside any the tests use.
+export TWOPHASE_SERVICES_DIR="$PWD/$out/services"
+export TWOPHASE_PG_PORT="${BENCH_PG_PORT:-15442}"
+export TWOPHASE_KAFKA_PORT="${BENCH_KAFKA_PORT:-19102}"
+export TWOPHASE_KAFKA_CONTROLLER_PORT="${BENCH_KAFKA_CONTROLLER_PORT:-19103}"
+scripts/services.sh stop >/dev/null 2>&1 || true
+rm -rf "$TWOPHASE_SERVICES_DIR"
 scripts/services.sh start >/dev/null
 admin_url="$(scripts/postgres.sh url)"
 brokers="$(scripts/kafka.sh bootstrap)"
@@ -33,7 +45,12 @@ stop_workers() {
   fi
   pids=()
 }
-trap stop_workers EXIT
+stop_all() {
+  stop_workers
+  scripts/services.sh stop >/dev/null 2>&1 || true
+  rm -rf "$TWOPHASE_SERVICES_DIR"
+}
+trap stop_all EXIT
 
 # One set-up: a fresh database and topic prefix, the workers, the closed then the open loop.
 run_setup() {
@@ -63,11 +80,18 @@ TOML
     "$T" "$w" 2>>"$out/$id-$w.log" &
     pids+=($!)
   done
-  echo "== $name: closed loop, concurrency $concurrency, ${seconds}s"
-  "$T" bench --concurrency "$concurrency" --duration "${seconds}s" --ceiling --json "$out/$name-closed.json"
+  local best=0 c
+  for c in "${concurrencies[@]}"; do
+    local ceiling=()
+    [[ $c == "${concurrencies[-1]}" ]] && ceiling=(--ceiling)
+    echo "== $name: closed loop, concurrency $c, ${seconds}s"
+    "$T" bench --concurrency "$c" --duration "${seconds}s" "${ceiling[@]}" \
+      --json "$out/$name-closed-$c.json"
+    best=$(python3 -c "import json,sys; print(max(float(sys.argv[1]), json.load(open(sys.argv[2]))['completed_per_second']))" "$best" "$out/$name-closed-$c.json")
+  done
   local rate
-  rate=$(python3 -c "import json,sys; print(round(json.load(open(sys.argv[1]))['completed_per_second'] / 2, 1))" "$out/$name-closed.json")
-  echo "== $name: open loop at half the maximum, ${rate}/s, ${seconds}s"
+  rate=$(python3 -c "import sys; print(round(float(sys.argv[1]) / 2, 1))" "$best")
+  echo "== $name: open loop at half the maximum ($best completed/s), ${rate}/s, ${seconds}s"
   "$T" bench --rate "$rate" --duration "${seconds}s" --json "$out/$name-open.json"
   stop_workers
 }

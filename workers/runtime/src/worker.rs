@@ -1,9 +1,14 @@
 //! The at-least-once consume loop every worker runs.
 //!
-//! For each message, in partition order: decode it, run the handler (which commits its effects
-//! in one database transaction and returns the messages to publish), publish those and wait for
-//! the broker's acknowledgement, and only then store the offset. A crash anywhere in between
-//! redelivers the message, and handlers are idempotent, so nothing is lost or applied twice.
+//! For each message, in partition order: decode it, apply it with the handler in a database
+//! transaction, commit, publish the messages it calls for and wait for the broker's
+//! acknowledgement, and only then store the offset. A crash anywhere in between redelivers the
+//! message, and handlers are idempotent, so nothing is lost or applied twice.
+//!
+//! Whatever has arrived is taken as a batch and applied in one transaction: the handler reads
+//! and writes the rows of all its messages at once, so a batch costs a few statements and one
+//! commit rather than several of each per message. If the batch fails, each partition's share
+//! is tried together, and then each message alone, so that a bad message fails by itself.
 //!
 //! A message that cannot be decoded, or whose handler fails permanently, or transiently for
 //! longer than the retry budget, goes to `<topic>.dlq` with its original key, bytes and headers

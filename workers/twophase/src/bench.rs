@@ -29,7 +29,7 @@ use twophase_account::store;
 use twophase_messages::TransferRequested;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::kafka::client_config;
-use twophase_runtime::{execute, KafkaConfig, Publisher};
+use twophase_runtime::{execute, execute_rows, KafkaConfig, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, Outcome, OutcomeWatcher};
@@ -95,15 +95,21 @@ pub struct Results {
 #[derive(Debug, Serialize)]
 pub struct Ceiling {
     pub broker_transfers_per_second: f64,
-    pub database_commits_per_second: f64,
+    pub database_rows_per_second: f64,
     pub database_transfers_per_second: f64,
     pub share_of_broker: f64,
     pub share_of_database: f64,
 }
 
-/// Database transactions per transfer: the coordinator's insert and five updates (three votes,
-/// two acks), the account worker's four commands, the risk worker's evaluation.
-const COMMITS_PER_TRANSFER: usize = 11;
+/// Rows a transfer writes: the coordinator's insert and five updates (three votes, two acks);
+/// the account worker's hold and credit (each inserted and updated), two ledger entries, four
+/// processed commands and three balance updates; the risk worker's evaluation and daily total.
+const ROWS_PER_TRANSFER: usize = 21;
+
+/// Sessions and rows per commit of the database ceiling: the three saga workers, each writing
+/// what a batch of a few dozen transfers writes.
+const CEILING_SESSIONS: usize = 3;
+const CEILING_ROWS_PER_COMMIT: usize = 512;
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
@@ -363,11 +369,11 @@ async fn measure_ceiling(
 ) -> anyhow::Result<Ceiling> {
     eprintln!("measuring the ceiling reference…");
     let broker = broker_ceiling(&config.kafka, in_flight, Duration::from_secs(10)).await?;
-    let commits = database_ceiling(&config.database_url, 16, Duration::from_secs(10)).await?;
-    let database = commits / COMMITS_PER_TRANSFER as f64;
+    let rows = database_ceiling(&config.database_url, Duration::from_secs(10)).await?;
+    let database = rows / ROWS_PER_TRANSFER as f64;
     Ok(Ceiling {
         broker_transfers_per_second: broker,
-        database_commits_per_second: commits,
+        database_rows_per_second: rows,
         database_transfers_per_second: database,
         share_of_broker: achieved / broker,
         share_of_database: achieved / database,
@@ -530,46 +536,47 @@ async fn publish_all<'a>(
     Ok(())
 }
 
-/// Single-row transactions per second from `connections` concurrent sessions: the database's
-/// commit rate, which bounds a design that commits once per message.
-async fn database_ceiling(
-    url: &str,
-    connections: usize,
-    duration: Duration,
-) -> anyhow::Result<f64> {
-    let db = Db::connect(url, twophase_account::SCHEMA, connections as u32).await?;
+/// Rows per second the database takes from [`CEILING_SESSIONS`] concurrent sessions, each
+/// inserting [`CEILING_ROWS_PER_COMMIT`] rows per transaction with one statement, as the
+/// workers write a batch: the bound on a design that writes [`ROWS_PER_TRANSFER`] rows per
+/// transfer in batches, with no reads, no indexes beyond a key and no logic.
+async fn database_ceiling(url: &str, duration: Duration) -> anyhow::Result<f64> {
+    let db = Db::connect(url, twophase_account::SCHEMA, CEILING_SESSIONS as u32).await?;
     let mut tx = db.begin().await?;
     // A scratch table beside the account worker's, dropped at the end.
     execute!(
         &mut tx,
-        "CREATE TABLE IF NOT EXISTS bench_commits (id TEXT PRIMARY KEY, at TEXT)"
+        "CREATE TABLE IF NOT EXISTS bench_rows (id TEXT PRIMARY KEY, at TEXT)"
     )?;
     tx.commit().await?;
     let started = Instant::now();
-    let workers = (0..connections).map(|_| {
+    let sessions = (0..CEILING_SESSIONS).map(|_| {
         let db = db.clone();
         async move {
-            let mut n = 0u64;
+            let mut n = 0;
             while started.elapsed() < duration {
+                let rows: Vec<(String, String)> = (0..CEILING_ROWS_PER_COMMIT)
+                    .map(|_| (Uuid::new_v4().to_string(), Timestamp::now().0.to_rfc3339()))
+                    .collect();
                 let mut tx = db.begin().await?;
-                execute!(
+                execute_rows!(
                     &mut tx,
-                    "INSERT INTO bench_commits (id, at) VALUES ($1, $2)",
-                    Uuid::new_v4().to_string(),
-                    Timestamp::now().0.to_rfc3339()
+                    "INSERT INTO bench_rows (id, at) VALUES {rows}",
+                    &rows,
+                    |(id, at)| (id, at),
                 )?;
                 tx.commit().await?;
-                n += 1;
+                n += rows.len();
             }
             anyhow::Ok(n)
         }
     });
-    let counts = futures::future::try_join_all(workers).await?;
+    let counts = futures::future::try_join_all(sessions).await?;
     let seconds = started.elapsed().as_secs_f64();
     let mut tx = db.begin().await?;
-    execute!(&mut tx, "DROP TABLE bench_commits")?;
+    execute!(&mut tx, "DROP TABLE bench_rows")?;
     tx.commit().await?;
-    Ok(counts.iter().sum::<u64>() as f64 / seconds)
+    Ok(counts.iter().sum::<usize>() as f64 / seconds)
 }
 
 fn print_results(r: &Results) {
@@ -591,10 +598,10 @@ fn print_results(r: &Results) {
     }
     if let Some(c) = &r.ceiling {
         println!(
-            "  ceiling      broker {:.0} transfers/s ({:.0}% reached), database {:.0} commits/s = {:.0} transfers/s ({:.0}% reached)",
+            "  ceiling      broker {:.0} transfers/s ({:.0}% reached), database {:.0} rows/s = {:.0} transfers/s ({:.0}% reached)",
             c.broker_transfers_per_second,
             100.0 * c.share_of_broker,
-            c.database_commits_per_second,
+            c.database_rows_per_second,
             c.database_transfers_per_second,
             100.0 * c.share_of_database
         );

@@ -60,8 +60,8 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Applies messages inside `tx`, in order, and returns what each one handled, in the
     /// same order: one message alone, or whatever arrived together (from one partition or
-    /// several; each partition's in offset order). Reading and writing the rows of the whole batch at once is what makes a
-    /// batch cheaper than its messages one by one.
+    /// several; each partition's in offset order). Reading and writing the rows of the whole
+    /// batch at once is what makes a batch cheaper than its messages one by one.
     ///
     /// The loop commits `tx` and publishes the replies only once it has committed. An error
     /// rolls the whole transaction back, and the loop then applies the messages one at a
@@ -479,11 +479,10 @@ impl<H: Handler> ConsumeLoop<H> {
 
     /// Applies messages (a partition's, or a whole batch's in partition order) in one
     /// transaction, then hands every reply to the producer: one commit instead of one per
-    /// message. `None` if a message could not be
-    /// decoded or applied (the transaction is rolled back), or the commit or a hand-over to the
-    /// producer failed; the caller then handles the messages one at a time, with retries and
-    /// dead letters, and whatever of them did commit is found applied (handlers are
-    /// idempotent).
+    /// message. `None` if a message could not be decoded or applied (the transaction is
+    /// rolled back), or the commit or a hand-over to the producer failed; the caller then
+    /// handles the messages one at a time, with retries and dead letters, and whatever of them
+    /// did commit is found applied (handlers are idempotent).
     async fn apply_together(
         &self,
         messages: &[&BorrowedMessage<'_>],

@@ -11,7 +11,7 @@ pub mod store;
 
 use std::sync::Arc;
 
-use twophase_messages::{Message, Topics};
+use twophase_messages::{AccountCommand, Message, Topics};
 use twophase_runtime::db::{Db, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{CancellationToken, Handled, Handler, HandlerError, Outgoing, Publisher};
@@ -102,26 +102,29 @@ async fn refresh_gauges(db: Db, shutdown: CancellationToken) {
     }
 }
 
+/// The command of an account command message.
+fn account_command(message: &Message) -> Option<&AccountCommand> {
+    match message {
+        Message::Account(command) => Some(command),
+        _ => None,
+    }
+}
+
 impl Handler for AccountWorker {
     fn db(&self) -> &Db {
         &self.db
     }
 
     async fn apply(&self, tx: &mut Tx, batch: &[Incoming]) -> Result<Vec<Handled>, HandlerError> {
-        let mut commands = Vec::with_capacity(batch.len());
-        for incoming in batch {
-            let Message::Account(command) = &incoming.message else {
-                return Err(HandlerError::permanent(format!(
-                    "{} is not an account command",
-                    incoming.envelope.message_type
-                )));
-            };
-            commands.push(commands::Command {
-                command,
-                message_id: incoming.envelope.id,
-                span: &incoming.span,
-            });
-        }
+        let commands: Vec<commands::Command> =
+            worker::expect_each(batch, "an account command", account_command)?
+                .into_iter()
+                .map(|(command, incoming)| commands::Command {
+                    command,
+                    message_id: incoming.envelope.id,
+                    span: &incoming.span,
+                })
+                .collect();
         let replies = commands::apply(tx, &commands).await?;
         Ok(batch
             .iter()

@@ -233,17 +233,19 @@ impl Coordinator {
             )));
         };
         let applied = apply(&mut stored.saga).map_err(|e| HandlerError::Permanent(e.into()))?;
-        let stored = stored.clone();
         if applied != Applied::Unchanged {
-            sagas.changed(transfer_id, self.first_resend(&stored, Timestamp::now()));
+            let next_resend = self.first_resend(stored, Timestamp::now());
+            sagas.changed(transfer_id, next_resend);
         }
+        let stored = sagas.get(transfer_id).expect("found above");
         Ok(match applied {
             Applied::Recorded => Handled::replies(Vec::new()),
-            Applied::Unchanged => Handled::replies(self.emit(envelope, &stored)),
+            Applied::Unchanged => Handled::replies(self.emit(envelope, stored)),
             // The decision, or the outcome: a span of its own, parent of what it sends.
             Applied::Advanced => {
                 tracing::info!(%transfer_id, status = stored.saga.status.as_str(), reason = ?stored.saga.reason, "transfer advanced");
-                let replies = saga_span(&stored).in_scope(|| self.emit(envelope, &stored));
+                let replies = saga_span(stored).in_scope(|| self.emit(envelope, stored));
+                let stored = stored.clone();
                 Handled::replies(replies).then(move || {
                     if stored.saga.status == Status::Committing {
                         failpoint::hit("coordinator.after_decision");

@@ -301,22 +301,21 @@ impl History {
     }
 }
 
+/// The request of a risk command.
+fn risk_command(message: &Message) -> Option<&EvaluateRisk> {
+    match message {
+        Message::EvaluateRisk(request) => Some(request),
+        _ => None,
+    }
+}
+
 impl Handler for RiskWorker {
     fn db(&self) -> &Db {
         &self.db
     }
 
     async fn apply(&self, tx: &mut Tx, batch: &[Incoming]) -> Result<Vec<Handled>, HandlerError> {
-        let mut requests = Vec::with_capacity(batch.len());
-        for incoming in batch {
-            let Message::EvaluateRisk(request) = &incoming.message else {
-                return Err(HandlerError::permanent(format!(
-                    "{} is not a risk command",
-                    incoming.envelope.message_type
-                )));
-            };
-            requests.push((request, incoming));
-        }
+        let requests = worker::expect_each(batch, "a risk command", risk_command)?;
         let votes = self.evaluate(tx, &requests).await?;
         Ok(requests
             .iter()
@@ -367,13 +366,7 @@ mod tests {
     }
 
     async fn evaluate(worker: &RiskWorker, batch: &[Incoming]) -> Vec<Decision> {
-        let requests: Vec<(&EvaluateRisk, &Incoming)> = batch
-            .iter()
-            .map(|i| match &i.message {
-                Message::EvaluateRisk(r) => (r, i),
-                _ => unreachable!(),
-            })
-            .collect();
+        let requests = worker::expect_each(batch, "a risk command", risk_command).unwrap();
         let mut tx = worker.db.begin().await.unwrap();
         let votes = worker.evaluate(&mut tx, &requests).await.unwrap();
         tx.commit().await.unwrap();

@@ -102,8 +102,8 @@ impl Db {
         }
         let options = PgConnectOptions::from_str(url)?
             .options([("search_path", schema)])
-            // A batch's statements name as many placeholders as it has rows, so one statement
-            // has a text per batch size.
+            // A batch's statements name as many placeholders as it has rows (padded to a few
+            // sizes), so one statement has a text per size.
             .statement_cache_capacity(STATEMENT_CACHE);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -322,6 +322,16 @@ macro_rules! __rows {
     (@make, $sql:expr) => {
         $crate::db::sqlx::query($sql)
     };
+    // A statement over `rows` given `$count(rows.len())` placeholder groups; its row count.
+    (@execute $tx:expr, $sql:expr, $rows:expr, $count:expr, |$row:pat_param| ($($bind:expr),+)) => {{
+        let rows = $rows;
+        if rows.is_empty() {
+            Ok(0)
+        } else {
+            $crate::__rows!($tx, [], $sql, [], rows, $count(rows.len()), |$row| ($($bind),+),
+                |query, conn| query.execute(conn).await.map(|r| r.rows_affected()))
+        }
+    }};
     (@bind $query:ident, $sql:expr, [$($t:ty)?], [$($first:expr),*], $rows:expr, $count:expr,
      |$row:pat_param| ($($bind:expr),+)) => {
         let $query = $crate::__rows!(@make $($t)?, $sql);
@@ -391,15 +401,9 @@ macro_rules! query_rows {
 /// [`query_rows!`](crate::query_rows)). An empty list runs nothing.
 #[macro_export]
 macro_rules! execute_rows {
-    ($tx:expr, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {{
-        let rows = $rows;
-        if rows.is_empty() {
-            Ok(0)
-        } else {
-            $crate::__rows!($tx, [], $sql, [], rows, rows.len(), |$row| ($($bind),+),
-                |query, conn| query.execute(conn).await.map(|r| r.rows_affected()))
-        }
-    }};
+    ($tx:expr, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {
+        $crate::__rows!(@execute $tx, $sql, $rows, std::convert::identity, |$row| ($($bind),+))
+    };
 }
 
 /// Like [`execute_rows!`](crate::execute_rows), for a statement that sets existing rows from a
@@ -407,16 +411,9 @@ macro_rules! execute_rows {
 /// its last row, which sets the same values again. Returns the number of rows updated.
 #[macro_export]
 macro_rules! update_rows {
-    ($tx:expr, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {{
-        let rows = $rows;
-        if rows.is_empty() {
-            Ok(0)
-        } else {
-            $crate::__rows!($tx, [], $sql, [], rows, $crate::db::padded(rows.len()),
-                |$row| ($($bind),+),
-                |query, conn| query.execute(conn).await.map(|r| r.rows_affected()))
-        }
-    }};
+    ($tx:expr, $sql:expr, $rows:expr, |$row:pat_param| ($($bind:expr),+ $(,)?) $(,)?) => {
+        $crate::__rows!(@execute $tx, $sql, $rows, $crate::db::padded, |$row| ($($bind),+))
+    };
 }
 
 /// An exact amount as stored: `NUMERIC` on PostgreSQL, decimal text on SQLite (whose own

@@ -74,6 +74,25 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Handled>, HandlerError>> + Send;
 }
 
+/// Each message of `batch` with what `pick` takes from it (the payload a worker handles), or a
+/// permanent error naming the first message it does not take: `what` says what was expected
+/// ("an account command").
+pub fn expect_each<'a, T>(
+    batch: &'a [Incoming],
+    what: &str,
+    pick: impl Fn(&'a Message) -> Option<&'a T>,
+) -> Result<Vec<(&'a T, &'a Incoming)>, HandlerError> {
+    batch
+        .iter()
+        .map(|incoming| {
+            let picked = pick(&incoming.message).ok_or_else(|| {
+                HandlerError::permanent(format!("{} is not {what}", incoming.envelope.message_type))
+            })?;
+            Ok((picked, incoming))
+        })
+        .collect()
+}
+
 /// A message applied: its replies, and what to do once its transaction has committed.
 #[must_use]
 pub struct Handled {
@@ -330,27 +349,19 @@ pub async fn run<H: Handler>(
         // The whole batch is applied in one transaction if it can be; if not, partitions are
         // independent: each is worked through in order, all at once.
         let partitions = by_partition(&batch);
-        let mut applied: Vec<Option<Vec<Vec<DeliveryFuture>>>> = match partitions.len() {
-            0 | 1 => Vec::new(),
-            _ => {
-                let all: Vec<&BorrowedMessage<'_>> = partitions.iter().flatten().copied().collect();
-                match loop_.apply_together(&all).await {
-                    Some(queued) => {
-                        let mut queued = queued.into_iter();
-                        let mut take = |n| Some(queued.by_ref().take(n).collect());
-                        partitions.iter().map(|p| take(p.len())).collect()
-                    }
-                    None => Vec::new(),
-                }
-            }
+        let mut applied = if partitions.len() > 1 {
+            let all: Vec<&BorrowedMessage<'_>> = partitions.iter().flatten().copied().collect();
+            loop_.apply_together(&all).await.map(Vec::into_iter)
+        } else {
+            None
         };
-        applied.resize_with(partitions.len(), || None);
-        let done = futures::future::join_all(
-            partitions
-                .iter()
-                .zip(applied)
-                .map(|(messages, applied)| loop_.process_in_order(messages, applied)),
-        )
+        let done = futures::future::join_all(partitions.iter().map(|messages| {
+            // Each partition's share of what the whole batch queued, in partition order.
+            let queued = applied
+                .as_mut()
+                .map(|queued| queued.by_ref().take(messages.len()).collect());
+            loop_.process_in_order(messages, queued)
+        }))
         .await;
         let mut interrupted = false;
         for (messages, (handled, complete)) in partitions.iter().zip(done) {

@@ -4,9 +4,11 @@
 //! (`--concurrency C` producers, each waiting for its outcome before the next request: the
 //! maximum sustained throughput) or an open loop (`--rate R` requests per second for the
 //! duration: the latency a producer sees at that rate, measured from each request's *scheduled*
-//! send time so that a stall is not hidden by sending less). Latency is request produced →
-//! outcome consumed. At the end it checks the invariants of the whole store and fails loudly if
-//! any is broken: a fast run that loses money is not a result.
+//! send time so that a stall is not hidden by sending less). Only what is sent after a warm-up
+//! at the same load (`--warmup`) is measured. Latency is request produced → outcome consumed,
+//! also reported by the second each request was sent in. At the end it checks the invariants
+//! of the whole store and fails loudly if any is broken: a fast run that loses money is not a
+//! result.
 //!
 //! `--ceiling` measures, in the same run, what the same machine allows with no logic at all: the
 //! saga's twelve messages per transfer pushed through the same broker in the same produce →
@@ -44,9 +46,13 @@ pub struct BenchArgs {
     /// Open loop: requests per second, sent on schedule whatever the outcomes do.
     #[arg(long)]
     rate: Option<f64>,
-    /// How long to send for.
+    /// How long to send for, and measure.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// How long to send the same load for before measuring: a group's first joins and
+    /// connections are not what a producer sees later.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
     /// Accounts the transfers move between (opened for this run).
     #[arg(long, default_value_t = 100)]
     accounts: usize,
@@ -85,9 +91,21 @@ pub struct Results {
     pub transfers_per_second: f64,
     pub completed_per_second: f64,
     pub latency_ms: Latency,
+    /// Latency by the second each request was sent in: a tail from a stall shows as a few
+    /// bad seconds, a tail from queueing as a steady climb.
+    pub seconds_sent: Vec<Second>,
     pub outcomes: BTreeMap<String, usize>,
     pub invariants: crate::invariants::Report,
     pub ceiling: Option<Ceiling>,
+}
+
+/// The requests sent in one second of the run, and the latency they saw (milliseconds).
+#[derive(Debug, Serialize)]
+pub struct Second {
+    pub second: u64,
+    pub requests: u64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 /// What the machine allows with no logic: transfers per second if the broker or the database
@@ -151,6 +169,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
                 &outcomes,
                 &workload,
                 rate,
+                args.warmup,
                 args.duration,
             )
             .await?;
@@ -158,25 +177,40 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
         }
         (concurrency, None) => {
             let c = concurrency.unwrap_or(32).max(1);
-            let (s, secs) =
-                closed_loop(config, &publisher, &outcomes, &workload, c, args.duration).await?;
+            let (s, secs) = closed_loop(
+                config,
+                &publisher,
+                &outcomes,
+                &workload,
+                c,
+                args.warmup,
+                args.duration,
+            )
+            .await?;
             (format!("closed loop, concurrency {c}"), s, secs)
         }
     };
 
-    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
-        .expect("the bounds are valid");
+    let histogram = || {
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+            .expect("the bounds are valid")
+    };
+    let mut all_seconds = histogram();
+    let mut by_second: BTreeMap<u64, hdrhistogram::Histogram<u64>> = BTreeMap::new();
     let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
     let mut completed = 0;
-    for (micros, outcome) in &samples {
-        histogram.saturating_record(*micros);
-        let key = outcome.label();
-        if matches!(outcome, Outcome::Completed(_)) {
+    for sample in &samples {
+        all_seconds.saturating_record(sample.micros);
+        by_second
+            .entry(sample.sent.as_secs())
+            .or_insert_with(histogram)
+            .saturating_record(sample.micros);
+        if matches!(sample.outcome, Outcome::Completed(_)) {
             completed += 1;
         }
-        *by_outcome.entry(key).or_default() += 1;
+        *by_outcome.entry(sample.outcome.label()).or_default() += 1;
     }
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let all = Db::connect_all(&config.database_url).await?;
     let invariants = crate::invariants::check(&all).await?;
     let ceiling = if args.ceiling {
@@ -192,12 +226,21 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
         transfers_per_second: samples.len() as f64 / seconds,
         completed_per_second: completed as f64 / seconds,
         latency_ms: Latency {
-            p50: ms(0.5),
-            p95: ms(0.95),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: histogram.max() as f64 / 1000.0,
+            p50: ms(&all_seconds, 0.5),
+            p95: ms(&all_seconds, 0.95),
+            p99: ms(&all_seconds, 0.99),
+            p999: ms(&all_seconds, 0.999),
+            max: all_seconds.max() as f64 / 1000.0,
         },
+        seconds_sent: by_second
+            .iter()
+            .map(|(second, h)| Second {
+                second: *second,
+                requests: h.len(),
+                p99_ms: ms(h, 0.99),
+                max_ms: h.max() as f64 / 1000.0,
+            })
+            .collect(),
         outcomes: by_outcome,
         invariants,
         ceiling,
@@ -292,7 +335,13 @@ impl Dispatcher {
 /// How long one transfer may take before the run gives up on it.
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(120);
 
-type Sample = (u64, Outcome);
+/// One transfer: when it was (to be) sent, from the start of the run (after
+/// [`measured`], of the measurement); its latency; its outcome.
+struct Sample {
+    sent: Duration,
+    micros: u64,
+    outcome: Outcome,
+}
 
 /// Sends `request` (at `scheduled`, or now) and waits for its outcome; the latency is counted
 /// from `scheduled`.
@@ -301,6 +350,7 @@ async fn one(
     publisher: &Publisher,
     outcomes: &Dispatcher,
     request: TransferRequested,
+    started: Instant,
     scheduled: Instant,
 ) -> anyhow::Result<Sample> {
     let rx = outcomes.expect(&request.transfer_id);
@@ -313,7 +363,11 @@ async fn one(
                 request.transfer_id
             )
         })??;
-    Ok((scheduled.elapsed().as_micros() as u64, outcome))
+    Ok(Sample {
+        sent: scheduled - started,
+        micros: scheduled.elapsed().as_micros() as u64,
+        outcome,
+    })
 }
 
 async fn closed_loop(
@@ -322,20 +376,32 @@ async fn closed_loop(
     outcomes: &Dispatcher,
     workload: &Workload,
     concurrency: usize,
+    warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<(Vec<Sample>, f64)> {
     let started = Instant::now();
     let producers = (0..concurrency).map(|_| async {
         let mut samples = Vec::new();
-        while started.elapsed() < duration {
+        while started.elapsed() < warmup + duration {
             let request = workload.request(&mut rand::rng());
-            samples.push(one(config, publisher, outcomes, request, Instant::now()).await?);
+            let sample = one(
+                config,
+                publisher,
+                outcomes,
+                request,
+                started,
+                Instant::now(),
+            );
+            samples.push(sample.await?);
         }
         anyhow::Ok(samples)
     });
     let all = futures::future::try_join_all(producers).await?;
-    let seconds = started.elapsed().as_secs_f64();
-    Ok((all.into_iter().flatten().collect(), seconds))
+    Ok(measured(
+        all.into_iter().flatten().collect(),
+        started,
+        warmup,
+    ))
 }
 
 async fn open_loop(
@@ -344,21 +410,32 @@ async fn open_loop(
     outcomes: &Dispatcher,
     workload: &Workload,
     rate: f64,
+    warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<(Vec<Sample>, f64)> {
     let started = Instant::now();
-    let total = (rate * duration.as_secs_f64()).round() as usize;
+    let total = (rate * (warmup + duration).as_secs_f64()).round() as usize;
     let sends = (0..total).map(|i| {
         let scheduled = started + Duration::from_secs_f64(i as f64 / rate);
         let request = workload.request(&mut rand::rng());
         async move {
             tokio::time::sleep_until(scheduled.into()).await;
-            one(config, publisher, outcomes, request, scheduled).await
+            one(config, publisher, outcomes, request, started, scheduled).await
         }
     });
     let samples = futures::future::try_join_all(sends).await?;
-    let seconds = started.elapsed().as_secs_f64();
-    Ok((samples, seconds))
+    Ok(measured(samples, started, warmup))
+}
+
+/// The samples of requests sent after the warm-up, their send times counted from its end, and
+/// the seconds from then until the last outcome.
+fn measured(mut samples: Vec<Sample>, started: Instant, warmup: Duration) -> (Vec<Sample>, f64) {
+    samples.retain(|s| s.sent >= warmup);
+    for sample in &mut samples {
+        sample.sent -= warmup;
+    }
+    let seconds = started.elapsed().saturating_sub(warmup).as_secs_f64();
+    (samples, seconds)
 }
 
 /// The broker's and the database's ceiling for this workload, measured for a few seconds each.
@@ -593,6 +670,20 @@ fn print_results(r: &Results) {
         "  latency ms   p50 {:.1}  p95 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
         l.p50, l.p95, l.p99, l.p999, l.max
     );
+    if let Some(worst) = r
+        .seconds_sent
+        .iter()
+        .max_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms))
+    {
+        println!(
+            "  worst second #{} of {}: {} requests, p99 {:.1}  max {:.1}",
+            worst.second,
+            r.seconds_sent.len(),
+            worst.requests,
+            worst.p99_ms,
+            worst.max_ms
+        );
+    }
     for (outcome, n) in &r.outcomes {
         println!("  {n:>8}  {outcome}");
     }
@@ -616,4 +707,32 @@ fn print_results(r: &Results) {
         r.invariants.accounts,
         r.invariants.transfers
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(sent_ms: u64) -> Sample {
+        Sample {
+            sent: Duration::from_millis(sent_ms),
+            micros: 1_000,
+            outcome: Outcome::Rejected(twophase_messages::TransferRejected {
+                transfer_id: sent_ms.to_string(),
+                reason: "invalid_amount".into(),
+                detail: "zero".into(),
+                rejected_at: chrono::Utc::now(),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_warm_up_is_left_out_and_send_times_count_from_its_end() {
+        let started = Instant::now() - Duration::from_secs(12);
+        let samples = [0, 4_999, 5_000, 7_500, 11_000].map(sample).into();
+        let (kept, seconds) = measured(samples, started, Duration::from_secs(5));
+        let sent: Vec<u128> = kept.iter().map(|s| s.sent.as_millis()).collect();
+        assert_eq!(sent, [0, 2_500, 6_000]);
+        assert!((7.0..8.0).contains(&seconds), "{seconds}");
+    }
 }

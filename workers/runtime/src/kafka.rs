@@ -102,23 +102,27 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
+/// The configuration of the workers' producer, `[kafka.properties]` included.
+pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = client_config(kafka);
+    with_defaults(
+        &mut config,
+        &[
+            // No linger: a polled batch's replies are handed over together anyway, and while
+            // one produce request is in flight the next fills by itself. Waiting 2 ms more
+            // per hop cost a transfer 10–25% of its latency, with the same maximum throughput
+            // (BENCHMARKS.md).
+            ("linger.ms", "0"),
+            ("message.timeout.ms", "30000"),
+        ],
+    );
+    config.set("enable.idempotence", "true").set("acks", "all");
+    config
+}
+
 impl Publisher {
     pub fn new(kafka: &KafkaConfig) -> Result<Publisher, KafkaError> {
-        let mut config = client_config(kafka);
-        with_defaults(
-            &mut config,
-            &[
-                // Replies of a whole polled batch go out together; a few milliseconds of
-                // linger fill the produce requests without adding much to a lone message's
-                // latency.
-                ("linger.ms", "2"),
-                ("message.timeout.ms", "30000"),
-            ],
-        );
-        let producer = config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .create()?;
+        let producer = producer_config(kafka).create()?;
         Ok(Publisher { producer })
     }
 

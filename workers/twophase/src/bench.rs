@@ -489,13 +489,7 @@ async fn broker_ceiling(
         ],
     )
     .await?;
-    let mut config = client_config(kafka);
-    // The workers' producer settings, `[kafka.properties]` included.
-    twophase_runtime::kafka::with_defaults(&mut config, &[("linger.ms", "2")]);
-    let producer: FutureProducer = config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()?;
+    let producer: FutureProducer = twophase_runtime::kafka::producer_config(kafka).create()?;
     let consumer = |group: &str, topics: &[&str]| -> anyhow::Result<StreamConsumer> {
         let c: StreamConsumer = client_config(kafka)
             .set("group.id", format!("bench-ceiling-{run}-{group}"))

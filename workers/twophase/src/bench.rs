@@ -195,12 +195,12 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
             .expect("the bounds are valid")
     };
-    let mut all_seconds = histogram();
+    let mut overall = histogram();
     let mut by_second: BTreeMap<u64, hdrhistogram::Histogram<u64>> = BTreeMap::new();
     let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
     let mut completed = 0;
     for sample in &samples {
-        all_seconds.saturating_record(sample.micros);
+        overall.saturating_record(sample.micros);
         by_second
             .entry(sample.sent.as_secs())
             .or_insert_with(histogram)
@@ -226,11 +226,11 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
         transfers_per_second: samples.len() as f64 / seconds,
         completed_per_second: completed as f64 / seconds,
         latency_ms: Latency {
-            p50: ms(&all_seconds, 0.5),
-            p95: ms(&all_seconds, 0.95),
-            p99: ms(&all_seconds, 0.99),
-            p999: ms(&all_seconds, 0.999),
-            max: all_seconds.max() as f64 / 1000.0,
+            p50: ms(&overall, 0.5),
+            p95: ms(&overall, 0.95),
+            p99: ms(&overall, 0.99),
+            p999: ms(&overall, 0.999),
+            max: overall.max() as f64 / 1000.0,
         },
         seconds_sent: by_second
             .iter()

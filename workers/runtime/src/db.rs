@@ -101,7 +101,14 @@ impl Db {
             return Ok(Db::Sqlite(pool));
         }
         let options = PgConnectOptions::from_str(url)?
-            .options([("search_path", schema)])
+            // Every execution is planned for the table as it is then. A worker's tables start
+            // empty, and a generic plan made while they were small (a sequential scan) would be
+            // kept by the connection until the first autoanalyze: for the first minutes of a
+            // new deployment, every lookup by key would read the whole table.
+            .options([
+                ("search_path", schema),
+                ("plan_cache_mode", "force_custom_plan"),
+            ])
             // A batch's statements name as many placeholders as it has rows (padded to a few
             // sizes), so one statement has a text per size.
             .statement_cache_capacity(STATEMENT_CACHE);

@@ -131,19 +131,33 @@ async fn each_no_vote_fails_the_transfer_with_its_reason_and_moves_nothing() {
         (0..4).map(|_| request(fast, dest, "1", "USD")).collect();
     burst.extend((0..2).map(|_| request(spender, dest, "300", "USD")));
     let outcomes = env.run_transfers(&burst, Duration::from_secs(60)).await;
-    let refused_by = |rule: &str, from: &[TransferRequested]| {
-        from.iter()
-            .filter(|r| match &outcomes[&r.transfer_id] {
-                Outcome::Failed(f) => f
-                    .risk
-                    .as_ref()
-                    .is_some_and(|a| a.rules.iter().any(|x| x == rule)),
-                _ => false,
-            })
-            .count()
-    };
-    assert_eq!(refused_by("velocity", &burst[..4]), 1, "{outcomes:?}");
-    assert_eq!(refused_by("daily_limit", &burst[4..]), 1, "{outcomes:?}");
+    let refused_by =
+        |outcomes: &HashMap<String, Outcome>, rule: &str, from: &[TransferRequested]| {
+            from.iter()
+                .filter(|r| match &outcomes[&r.transfer_id] {
+                    Outcome::Failed(f) => f
+                        .risk
+                        .as_ref()
+                        .is_some_and(|a| a.rules.iter().any(|x| x == rule)),
+                    _ => false,
+                })
+                .count()
+        };
+    assert_eq!(
+        refused_by(&outcomes, "velocity", &burst[..4]),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        refused_by(&outcomes, "daily_limit", &burst[4..]),
+        1,
+        "{outcomes:?}"
+    );
+    // Four evaluations are now stored in the window, more than the limit the count stops at:
+    // the next ones are refused too.
+    let later: Vec<TransferRequested> = (0..2).map(|_| request(fast, dest, "1", "USD")).collect();
+    let outcomes = env.run_transfers(&later, Duration::from_secs(60)).await;
+    assert_eq!(refused_by(&outcomes, "velocity", &later), 2, "{outcomes:?}");
 
     for (id, balance) in [
         (poor, "5"),

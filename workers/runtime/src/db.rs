@@ -279,15 +279,16 @@ macro_rules! execute {
 }
 
 /// `sql` with `{rows}` replaced by the placeholders of `rows` rows of `width` values each,
-/// numbered from `$first`: `$1, $2, $3` for single values (an `IN ({rows})` list), `($1, $2),
-/// ($3, $4)` for rows of two or more (a `VALUES {rows}` list).
+/// numbered from `$first`: `$1, $2, $3` for single values in a list (`IN ({rows})`), `($1, $2),
+/// ($3, $4)` for rows of a `VALUES {rows}` list, or of two or more values anywhere.
 pub fn with_rows(sql: &str, first: usize, rows: usize, width: usize) -> String {
+    let grouped = width > 1 || sql.contains("VALUES {rows}");
     let mut list = String::with_capacity(rows * width * 5);
     for row in 0..rows {
         if row > 0 {
             list.push_str(", ");
         }
-        if width > 1 {
+        if grouped {
             list.push('(');
         }
         for column in 0..width {
@@ -297,7 +298,7 @@ pub fn with_rows(sql: &str, first: usize, rows: usize, width: usize) -> String {
             list.push('$');
             list.push_str(&(first + row * width + column).to_string());
         }
-        if width > 1 {
+        if grouped {
             list.push(')');
         }
     }
@@ -620,6 +621,10 @@ mod tests {
         assert_eq!(
             with_rows("a > $1 AND x IN ({rows})", 2, 2, 1),
             "a > $1 AND x IN ($2, $3)"
+        );
+        assert_eq!(
+            with_rows("FROM (VALUES {rows}) AS v", 3, 2, 1),
+            "FROM (VALUES ($3), ($4)) AS v"
         );
     }
 

@@ -91,6 +91,29 @@ fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
 impl Db {
     /// A pool whose connections see only `schema`.
     pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Db, sqlx::Error> {
+        Db::connect_with(url, schema, max_connections, &[]).await
+    }
+
+    /// A pool for a saga worker, whose statements all find their rows by key or by index, on
+    /// tables that start empty. PostgreSQL is told not to read a table whole where an index
+    /// serves: a connection keeps the plan it made for a statement's first runs, and one made
+    /// while the table was small (a sequential scan) would otherwise be kept until the first
+    /// autoanalyze, every lookup reading the whole table as it grew. (Planning every run
+    /// instead cost a sixth of the closed loop's throughput: BENCHMARKS.md.)
+    pub async fn connect_keyed(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+    ) -> Result<Db, sqlx::Error> {
+        Db::connect_with(url, schema, max_connections, &[("enable_seqscan", "off")]).await
+    }
+
+    async fn connect_with(
+        url: &str,
+        schema: &str,
+        max_connections: u32,
+        settings: &[(&str, &str)],
+    ) -> Result<Db, sqlx::Error> {
         if let Some(dir) = sqlite_dir(url) {
             std::fs::create_dir_all(&dir)?;
             // SQLite has one writer at a time; more connections would only wait on its lock.
@@ -101,14 +124,8 @@ impl Db {
             return Ok(Db::Sqlite(pool));
         }
         let options = PgConnectOptions::from_str(url)?
-            // Every execution is planned for the table as it is then. A worker's tables start
-            // empty, and a generic plan made while they were small (a sequential scan) would be
-            // kept by the connection until the first autoanalyze: for the first minutes of a
-            // new deployment, every lookup by key would read the whole table.
-            .options([
-                ("search_path", schema),
-                ("plan_cache_mode", "force_custom_plan"),
-            ])
+            .options([("search_path", schema)])
+            .options(settings.iter().copied())
             // A batch's statements name as many placeholders as it has rows (padded to a few
             // sizes), so one statement has a text per size.
             .statement_cache_capacity(STATEMENT_CACHE);

@@ -233,7 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Dev(args) => return crate::dev::run(config, args).await,
         Command::Coordinator => {
-            let db = pool(&config, twophase_coordinator::SCHEMA).await?;
+            let db = worker_pool(&config, twophase_coordinator::SCHEMA).await?;
             let mut settings = twophase_coordinator::Coordinator::settings(
                 config.kafka.clone(),
                 config.retry.clone(),
@@ -249,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             .await?;
         }
         Command::Account => {
-            let db = pool(&config, twophase_account::SCHEMA).await?;
+            let db = worker_pool(&config, twophase_account::SCHEMA).await?;
             let mut settings = twophase_account::AccountWorker::settings(
                 config.kafka.clone(),
                 config.retry.clone(),
@@ -258,7 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             twophase_account::AccountWorker::run(db, settings, publisher, token).await?;
         }
         Command::Risk => {
-            let db = pool(&config, twophase_risk::SCHEMA).await?;
+            let db = worker_pool(&config, twophase_risk::SCHEMA).await?;
             let mut settings =
                 twophase_risk::RiskWorker::settings(config.kafka.clone(), config.retry.clone());
             let (publisher, token) = start_worker(&config, &mut settings, &db, 9104).await?;
@@ -344,13 +344,31 @@ fn reconciler_settings(config: &Config) -> twophase_reconciler::Settings {
 }
 
 async fn pool(config: &Config, schema: &str) -> anyhow::Result<db::Db> {
-    db::Db::connect(
+    let connected = db::Db::connect(
         &config.database_url,
         schema,
         config.database_max_connections,
     )
-    .await
-    .with_context(|| {
+    .await;
+    named_on_error(config, connected)
+}
+
+/// A saga worker's pool ([`db::Db::connect_keyed`]).
+async fn worker_pool(config: &Config, schema: &str) -> anyhow::Result<db::Db> {
+    let connected = db::Db::connect_keyed(
+        &config.database_url,
+        schema,
+        config.database_max_connections,
+    )
+    .await;
+    named_on_error(config, connected)
+}
+
+fn named_on_error<T, E>(config: &Config, result: Result<T, E>) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    result.with_context(|| {
         format!(
             "connecting to {}",
             crate::config::redact_url(&config.database_url)

@@ -191,7 +191,7 @@ async fn start_workers(
     use twophase_coordinator::Coordinator;
     use twophase_risk::RiskWorker;
 
-    let connect = |schema: &'static str| Db::connect(&config.database_url, schema, 1);
+    let connect = |schema: &'static str| Db::connect_keyed(&config.database_url, schema, 1);
     let (kafka, retry) = (&config.kafka, &config.retry);
     let mut set = JoinSet::new();
     let coordinator_db = connect(twophase_coordinator::SCHEMA).await?;

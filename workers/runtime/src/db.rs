@@ -88,31 +88,43 @@ fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
         .statement_cache_capacity(STATEMENT_CACHE)
 }
 
+/// What a pool's statements find their rows by, which decides what PostgreSQL's planner may
+/// choose for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookups {
+    /// Anything: the planner's defaults (the audit store, reconciliation, the command line).
+    Any,
+    /// A key or an index, on tables that start empty: a saga worker's. PostgreSQL is told not
+    /// to read a table whole where an index serves: a connection keeps the plan it made for a
+    /// statement's first runs, and one made while the table was small (a sequential scan)
+    /// would otherwise be kept until the first autoanalyze, every lookup reading the whole
+    /// table as it grew. (Planning every run instead cost a sixth of the closed loop's
+    /// throughput: BENCHMARKS.md.)
+    Keyed,
+}
+
+impl Lookups {
+    fn planner_settings(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Lookups::Any => &[],
+            Lookups::Keyed => &[("enable_seqscan", "off")],
+        }
+    }
+}
+
 impl Db {
     /// A pool whose connections see only `schema`.
     pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Db, sqlx::Error> {
-        Db::connect_with(url, schema, max_connections, &[]).await
+        Db::connect_for(url, schema, max_connections, Lookups::Any).await
     }
 
-    /// A pool for a saga worker, whose statements all find their rows by key or by index, on
-    /// tables that start empty. PostgreSQL is told not to read a table whole where an index
-    /// serves: a connection keeps the plan it made for a statement's first runs, and one made
-    /// while the table was small (a sequential scan) would otherwise be kept until the first
-    /// autoanalyze, every lookup reading the whole table as it grew. (Planning every run
-    /// instead cost a sixth of the closed loop's throughput: BENCHMARKS.md.)
-    pub async fn connect_keyed(
+    /// A pool whose connections see only `schema` and run statements that find their rows by
+    /// `lookups`.
+    pub async fn connect_for(
         url: &str,
         schema: &str,
         max_connections: u32,
-    ) -> Result<Db, sqlx::Error> {
-        Db::connect_with(url, schema, max_connections, &[("enable_seqscan", "off")]).await
-    }
-
-    async fn connect_with(
-        url: &str,
-        schema: &str,
-        max_connections: u32,
-        settings: &[(&str, &str)],
+        lookups: Lookups,
     ) -> Result<Db, sqlx::Error> {
         if let Some(dir) = sqlite_dir(url) {
             std::fs::create_dir_all(&dir)?;
@@ -125,7 +137,7 @@ impl Db {
         }
         let options = PgConnectOptions::from_str(url)?
             .options([("search_path", schema)])
-            .options(settings.iter().copied())
+            .options(lookups.planner_settings().iter().copied())
             // A batch's statements name as many placeholders as it has rows (padded to a few
             // sizes), so one statement has a text per size.
             .statement_cache_capacity(STATEMENT_CACHE);

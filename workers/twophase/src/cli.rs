@@ -233,7 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Dev(args) => return crate::dev::run(config, args).await,
         Command::Coordinator => {
-            let db = worker_pool(&config, twophase_coordinator::SCHEMA).await?;
+            let db = pool(&config, twophase_coordinator::SCHEMA, db::Lookups::Keyed).await?;
             let mut settings = twophase_coordinator::Coordinator::settings(
                 config.kafka.clone(),
                 config.retry.clone(),
@@ -249,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             .await?;
         }
         Command::Account => {
-            let db = worker_pool(&config, twophase_account::SCHEMA).await?;
+            let db = pool(&config, twophase_account::SCHEMA, db::Lookups::Keyed).await?;
             let mut settings = twophase_account::AccountWorker::settings(
                 config.kafka.clone(),
                 config.retry.clone(),
@@ -258,7 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             twophase_account::AccountWorker::run(db, settings, publisher, token).await?;
         }
         Command::Risk => {
-            let db = worker_pool(&config, twophase_risk::SCHEMA).await?;
+            let db = pool(&config, twophase_risk::SCHEMA, db::Lookups::Keyed).await?;
             let mut settings =
                 twophase_risk::RiskWorker::settings(config.kafka.clone(), config.retry.clone());
             let (publisher, token) = start_worker(&config, &mut settings, &db, 9104).await?;
@@ -343,32 +343,15 @@ fn reconciler_settings(config: &Config) -> twophase_reconciler::Settings {
     }
 }
 
-async fn pool(config: &Config, schema: &str) -> anyhow::Result<db::Db> {
-    let connected = db::Db::connect(
+async fn pool(config: &Config, schema: &str, lookups: db::Lookups) -> anyhow::Result<db::Db> {
+    db::Db::connect_for(
         &config.database_url,
         schema,
         config.database_max_connections,
+        lookups,
     )
-    .await;
-    named_on_error(config, connected)
-}
-
-/// A saga worker's pool ([`db::Db::connect_keyed`]).
-async fn worker_pool(config: &Config, schema: &str) -> anyhow::Result<db::Db> {
-    let connected = db::Db::connect_keyed(
-        &config.database_url,
-        schema,
-        config.database_max_connections,
-    )
-    .await;
-    named_on_error(config, connected)
-}
-
-fn named_on_error<T, E>(config: &Config, result: Result<T, E>) -> anyhow::Result<T>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    result.with_context(|| {
+    .await
+    .with_context(|| {
         format!(
             "connecting to {}",
             crate::config::redact_url(&config.database_url)
@@ -403,7 +386,7 @@ async fn start_worker(
 
 async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u8> {
     use twophase_account::store;
-    let pool = pool(config, twophase_account::SCHEMA).await?;
+    let pool = pool(config, twophase_account::SCHEMA, db::Lookups::Any).await?;
     let show = |a: &twophase_account::Account| {
         println!(
             "{}  {}  {}  balance {}  held {}  available {}",

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use twophase_account::{store, AccountStatus};
 use twophase_messages::{Topics, TransferRequested};
-use twophase_runtime::db::{self, Db};
+use twophase_runtime::db::{self, Db, Lookups};
 use twophase_runtime::embedded::EmbeddedBroker;
 use twophase_runtime::{http, shutdown, CancellationToken, Publisher};
 use uuid::Uuid;
@@ -191,7 +191,8 @@ async fn start_workers(
     use twophase_coordinator::Coordinator;
     use twophase_risk::RiskWorker;
 
-    let connect = |schema: &'static str| Db::connect_keyed(&config.database_url, schema, 1);
+    let connect =
+        |schema: &'static str| Db::connect_for(&config.database_url, schema, 1, Lookups::Keyed);
     let (kafka, retry) = (&config.kafka, &config.retry);
     let mut set = JoinSet::new();
     let coordinator_db = connect(twophase_coordinator::SCHEMA).await?;

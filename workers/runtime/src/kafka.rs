@@ -239,11 +239,7 @@ mod tests {
             properties: [("linger.ms".to_owned(), "20".to_owned())].into(),
             ..KafkaConfig::default()
         };
-        let mut config = client_config(&kafka);
-        with_defaults(
-            &mut config,
-            &[("linger.ms", "2"), ("message.timeout.ms", "30000")],
-        );
+        let config = producer_config(&kafka);
         assert_eq!(config.get("linger.ms"), Some("20"));
         assert_eq!(config.get("message.timeout.ms"), Some("30000"));
     }

@@ -92,7 +92,7 @@ pub struct Results {
     pub completed_per_second: f64,
     pub latency_ms: Latency,
     /// Latency by the second each request was sent in: a tail from a stall shows as a few
-    /// bad seconds, a tail from queueing as a steady climb.
+    /// bad seconds, a tail from queueing as a steady level.
     pub seconds_sent: Vec<Second>,
     pub outcomes: BTreeMap<String, usize>,
     pub invariants: crate::invariants::Report,

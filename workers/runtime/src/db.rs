@@ -99,7 +99,9 @@ pub enum Lookups {
     /// statement's first runs, and one made while the table was small (a sequential scan)
     /// would otherwise be kept until the first autoanalyze, every lookup reading the whole
     /// table as it grew. (Planning every run instead cost a sixth of the closed loop's
-    /// throughput: BENCHMARKS.md.)
+    /// throughput: BENCHMARKS.md.) Nor is any statement compiled to machine code: a scan that
+    /// has no index to use (the in-flight gauges' count) is then costed past JIT's threshold,
+    /// and compiling it took 0.2–0.5 s of a core on every call.
     Keyed,
 }
 
@@ -107,7 +109,7 @@ impl Lookups {
     fn planner_settings(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Lookups::Any => &[],
-            Lookups::Keyed => &[("enable_seqscan", "off")],
+            Lookups::Keyed => &[("enable_seqscan", "off"), ("jit", "off")],
         }
     }
 }
@@ -655,6 +657,52 @@ mod tests {
             with_rows("FROM (VALUES {rows}) AS v", 3, 2, 1),
             "FROM (VALUES ($3), ($4)) AS v"
         );
+    }
+
+    /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a count that no index
+    /// serves, planned in a `Keyed` pool, is neither a plan PostgreSQL compiles to machine code
+    /// nor kept from using an index where one serves.
+    #[tokio::test]
+    async fn keyed_pools_use_indexes_and_compile_nothing() {
+        let Ok(url) = std::env::var("TWOPHASE_TEST_DATABASE_URL") else {
+            return;
+        };
+        let schema = format!("keyed_{}", uuid::Uuid::new_v4().simple());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        for sql in [
+            format!("CREATE SCHEMA {schema}"),
+            format!("CREATE TABLE {schema}.t (id int PRIMARY KEY, status text NOT NULL)"),
+            format!("INSERT INTO {schema}.t SELECT i, 'done' FROM generate_series(1, 100) i"),
+        ] {
+            sqlx::query(&sql).execute(&admin).await.unwrap();
+        }
+        let Db::Postgres(keyed) = Db::connect_for(&url, &schema, 1, Lookups::Keyed)
+            .await
+            .unwrap()
+        else {
+            unreachable!("a PostgreSQL URL")
+        };
+        let plan = |sql: &str| {
+            let keyed = keyed.clone();
+            let sql = format!("EXPLAIN (FORMAT JSON) {sql}");
+            async move {
+                let (plan,): (serde_json::Value,) =
+                    sqlx::query_as(&sql).fetch_one(&keyed).await.unwrap();
+                plan.to_string()
+            }
+        };
+        let count = plan("SELECT status, count(*) FROM t GROUP BY status").await;
+        assert!(!count.contains("\"JIT\""), "compiled: {count}");
+        let lookup = plan("SELECT status FROM t WHERE id = 7").await;
+        assert!(lookup.contains("Index Scan"), "not by its key: {lookup}");
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&admin)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -156,3 +156,61 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
         .iter()
         .any(|l| l.contains("decision=\"approved\"")));
 }
+
+/// The value of a series in a scrape (`name{labels}`), if exported.
+fn value(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Scrapes `port` until `series` has `expected`, or fails after 30 s with what it had.
+async fn wait_for_value(port: u16, series: &str, expected: f64) {
+    let started = Instant::now();
+    loop {
+        // Until the worker listens, there is no answer.
+        let found = get(port, "/metrics")
+            .await
+            .and_then(|(_, body)| value(&body, series));
+        if found == Some(expected) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{series} is {found:?}, not {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_in_flight_gauge_counts_a_transfer_waiting_for_its_votes() {
+    let mut env = TestEnv::new("in-flight").await;
+    let port = free_port();
+    env.start_with(
+        "coordinator",
+        &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
+    );
+    env.start("account");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let watcher = env.watcher().await;
+    let transfer = request(a, b, "10", "USD");
+    env.request(&transfer).await;
+
+    // No risk worker yet: the transfer waits for its vote.
+    let preparing = r#"twophase_sagas_in_flight{status="preparing"}"#;
+    wait_for_value(port, preparing, 1.0).await;
+
+    env.start("risk");
+    let outcomes = watcher
+        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+    common::assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
+    wait_for_value(port, preparing, 0.0).await;
+    for status in ["committing", "aborting"] {
+        let series = format!(r#"twophase_sagas_in_flight{{status="{status}"}}"#);
+        wait_for_value(port, &series, 0.0).await;
+    }
+}

@@ -349,12 +349,16 @@ pub async fn in_flight(
     tx: &mut Tx,
     stuck_after: i32,
 ) -> Result<(Vec<(String, i64)>, i64), sqlx::Error> {
+    // Each count names exactly the statuses of one timer's partial index, so that it reads the
+    // transfers in flight rather than every transfer there ever was.
     let by_status = query_as!(
         tx,
         (String, i64),
         fetch_all,
-        "SELECT status, count(*) FROM transfers
-         WHERE status IN ('preparing', 'committing', 'aborting') GROUP BY status",
+        "SELECT 'preparing', count(*) FROM transfers WHERE status = 'preparing'
+         UNION ALL
+         SELECT status, count(*) FROM transfers WHERE status IN ('committing', 'aborting')
+         GROUP BY status",
     )?;
     let (stuck,) = query_as!(
         tx,

@@ -27,6 +27,7 @@ use sqlx::sqlite::{
     Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
+use sqlx::Connection as _;
 use sqlx::{Decode, Encode, Type};
 
 /// The schemas, one per worker that keeps state. Do not change: they name PostgreSQL schemas
@@ -88,6 +89,10 @@ fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
         .statement_cache_capacity(STATEMENT_CACHE)
 }
 
+/// How long a pooled PostgreSQL connection may have been idle and still be used without
+/// testing it first.
+const UNTESTED_IDLE: Duration = Duration::from_secs(1);
+
 /// What a pool's statements find their rows by, which decides what PostgreSQL's planner may
 /// choose for them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +151,19 @@ impl Db {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx tests a connection when it returns to the pool, and by default again when it
+            // is taken: a round trip more on every transaction, a tenth of a saga worker's. A
+            // connection that came back moments ago was just tested; one that sat idle may
+            // have lost its server (a restart) and is tested before use.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > UNTESTED_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Db::Postgres(pool))
@@ -703,6 +721,44 @@ mod tests {
             .execute(&admin)
             .await
             .unwrap();
+    }
+
+    /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a pooled connection
+    /// whose server process went away while it sat idle (a database restart, an
+    /// administrator's `pg_terminate_backend`) is tested and replaced before a transaction
+    /// would be begun on it, although connections are not tested each time they are taken.
+    #[tokio::test]
+    async fn a_connection_that_lost_its_server_while_idle_is_replaced() {
+        let Ok(url) = std::env::var("TWOPHASE_TEST_DATABASE_URL") else {
+            return;
+        };
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        let db = Db::connect_for(&url, "public", 1, Lookups::Keyed)
+            .await
+            .unwrap();
+        let backend = |db: Db| async move {
+            let mut tx = db.begin().await.unwrap();
+            let (pid,): (i32,) =
+                query_as!(&mut tx, (i32,), fetch_one, "SELECT pg_backend_pid()").unwrap();
+            tx.commit().await.unwrap();
+            pid
+        };
+        let first = backend(db.clone()).await;
+        let (terminated,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1, 10000)")
+            .bind(first)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert!(terminated);
+        // What makes a connection suspect is the time it has been idle.
+        tokio::time::sleep(UNTESTED_IDLE + Duration::from_millis(200)).await;
+        let second = backend(db.clone()).await;
+        assert_ne!(first, second);
+        db.close().await;
     }
 
     #[tokio::test]

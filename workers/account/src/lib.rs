@@ -81,21 +81,12 @@ async fn refresh_gauges(db: Db, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match store::list(&db).await {
-            Ok(accounts) => {
-                let mut totals: std::collections::BTreeMap<&str, rust_decimal::Decimal> =
-                    Default::default();
-                for a in &accounts {
-                    *totals.entry(a.currency.as_str()).or_default() += a.balance;
+        match store::totals(&db).await {
+            Ok(totals) => {
+                for (currency, total) in totals.balance {
+                    twophase_runtime::metrics::set_balance_total(&currency, total);
                 }
-                for (currency, total) in totals {
-                    twophase_runtime::metrics::set_balance_total(currency, total);
-                }
-                let negative = accounts
-                    .iter()
-                    .filter(|a| a.available().is_sign_negative())
-                    .count();
-                twophase_runtime::metrics::set_negative_balance_accounts(negative as i64);
+                twophase_runtime::metrics::set_negative_balance_accounts(totals.overdrawn as i64);
             }
             Err(e) => tracing::warn!(error = %e, "balance gauges not refreshed"),
         }

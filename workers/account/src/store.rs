@@ -139,6 +139,35 @@ pub async fn list(db: &Db) -> Result<Vec<Account>, AccountError> {
     Ok(all)
 }
 
+/// What the balance gauges show: every account's balance summed per currency, and how many
+/// accounts have less than nothing available.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub balance: std::collections::BTreeMap<String, Decimal>,
+    pub overdrawn: usize,
+}
+
+/// Sums every account's balance. It reads the three columns it needs, in no order, where
+/// [`list`] reads every column and sorts every account by age.
+pub async fn totals(db: &Db) -> Result<Totals, AccountError> {
+    let mut tx = db.begin().await?;
+    let all = query_as!(
+        &mut tx,
+        (String, Amount, Amount),
+        fetch_all,
+        "SELECT currency, balance, held FROM accounts"
+    )?;
+    tx.commit().await?;
+    let mut totals = Totals::default();
+    for (currency, balance, held) in all {
+        *totals.balance.entry(currency).or_default() += balance.0;
+        if balance.0 < held.0 {
+            totals.overdrawn += 1;
+        }
+    }
+    Ok(totals)
+}
+
 /// The newest `limit` ledger entries of an account, newest first.
 pub async fn ledger(
     db: &Db,
@@ -331,4 +360,48 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
         }
     }
     Ok((accounts.len(), mismatches))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn totals_sum_balances_per_currency_and_count_the_overdrawn() {
+        let dir = std::env::temp_dir().join(format!("twophase-account-{}", Uuid::new_v4()));
+        let url = format!("sqlite:{}", dir.display());
+        twophase_runtime::db::migrate(&url).await.unwrap();
+        let db = Db::connect(&url, crate::SCHEMA, 1).await.unwrap();
+        assert_eq!(totals(&db).await.unwrap(), Totals::default());
+        let (a, b, c) = (
+            open(&db, "USD").await.unwrap(),
+            open(&db, "USD").await.unwrap(),
+            open(&db, "EUR").await.unwrap(),
+        );
+        for (account, amount) in [(&a, "10.25"), (&b, "0.75"), (&c, "3")] {
+            deposit(&db, account.account_id, amount, None)
+                .await
+                .unwrap();
+        }
+        // Invariant 2 keeps this from happening; the gauge is there to say if it ever does.
+        let mut tx = db.begin().await.unwrap();
+        execute!(
+            &mut tx,
+            "UPDATE accounts SET held = $1 WHERE account_id = $2",
+            Amount("1".parse().unwrap()),
+            b.account_id,
+        )
+        .unwrap();
+        tx.commit().await.unwrap();
+        let expected = Totals {
+            balance: [("EUR", "3"), ("USD", "11.00")]
+                .into_iter()
+                .map(|(c, a)| (c.to_owned(), a.parse().unwrap()))
+                .collect(),
+            overdrawn: 1,
+        };
+        assert_eq!(totals(&db).await.unwrap(), expected);
+        db.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

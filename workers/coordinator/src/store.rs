@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use twophase_messages::{Decision, Participant, RiskAssessment};
-use twophase_runtime::db::sqlx::{self, types::Json};
-use twophase_runtime::db::{Amount, Timestamp, Tx};
+use twophase_runtime::db::sqlx::{self, postgres::PgConnection, types::Json};
+use twophase_runtime::db::{column, Amount, Timestamp, Tx};
 use twophase_runtime::{execute_rows, query_as, query_rows, update_rows};
 use uuid::Uuid;
 
@@ -219,13 +219,131 @@ impl Sagas {
                 Some((&p.stored, request, *deadline))
             })
             .collect();
-        insert(tx, &inserts, now).await?;
         let updates: Vec<(&Stored, Option<Timestamp>)> = rows
             .iter()
             .filter_map(|p| Some((&p.stored, p.update?)))
             .collect();
-        update(tx, &updates, now).await
+        // A transfer inserted and then changed in the same batch (a reply that followed its
+        // request in the batch) needs its update to see its insert: a statement each.
+        let apart = rows
+            .iter()
+            .any(|p| p.insert.is_some() && p.update.is_some());
+        match tx {
+            Tx::Postgres(tx) if !apart => save_at_once(tx, &inserts, &updates, now).await,
+            _ => {
+                insert(tx, &inserts, now).await?;
+                update(tx, &updates, now).await
+            }
+        }
     }
+}
+
+/// On PostgreSQL, the new transfers and the changes in one statement ([`SAVE`]): one round
+/// trip rather than two, and one text whatever the batch holds, so that each connection plans
+/// it once.
+async fn save_at_once(
+    tx: &mut PgConnection,
+    inserts: &[(&Stored, &serde_json::Value, Timestamp)],
+    updates: &[(&Stored, Option<Timestamp>)],
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    let at = |t: Option<DateTime<Utc>>| t.map(|t| Timestamp::from(t).0);
+    sqlx::query(SAVE)
+        .bind(now)
+        .bind(column(inserts, |(s, ..)| s.saga.transfer_id))
+        .bind(column(inserts, |(s, ..)| s.request_hash.as_str()))
+        .bind(column(inserts, |(_, request, _)| Json(*request)))
+        .bind(column(inserts, |(s, ..)| {
+            s.saga.terms.as_ref().map(|t| t.from_account)
+        }))
+        .bind(column(inserts, |(s, ..)| {
+            s.saga.terms.as_ref().map(|t| t.to_account)
+        }))
+        .bind(column(inserts, |(s, ..)| {
+            s.saga.terms.as_ref().map(|t| t.amount)
+        }))
+        .bind(column(inserts, |(s, ..)| {
+            s.saga.terms.as_ref().map(|t| t.currency.as_str())
+        }))
+        .bind(column(inserts, |(s, ..)| s.saga.status.as_str()))
+        .bind(column(inserts, |(s, ..)| s.saga.reason.as_deref()))
+        .bind(column(inserts, |(s, ..)| s.saga.reason_detail.as_deref()))
+        .bind(column(inserts, |(s, ..)| s.traceparent.as_deref()))
+        .bind(column(inserts, |(s, ..)| s.tracestate.as_deref()))
+        .bind(column(inserts, |(s, ..)| s.request_message_id))
+        .bind(column(inserts, |(.., deadline)| deadline.0))
+        .bind(column(inserts, |(s, ..)| at(s.saga.finished_at)))
+        .bind(column(updates, |(s, _)| s.saga.transfer_id))
+        .bind(column(updates, |(s, _)| s.saga.status.as_str()))
+        .bind(column(updates, |(s, _)| decision_str(s.saga.risk_vote)))
+        .bind(column(updates, |(s, _)| decision_str(s.saga.source_vote)))
+        .bind(column(updates, |(s, _)| {
+            decision_str(s.saga.destination_vote)
+        }))
+        .bind(column(updates, |(s, _)| assessment(&s.saga)))
+        .bind(column(updates, |(s, _)| s.saga.reason.as_deref()))
+        .bind(column(updates, |(s, _)| {
+            s.saga.failed_participant.map(Participant::as_str)
+        }))
+        .bind(column(updates, |(s, _)| s.saga.captured))
+        .bind(column(updates, |(s, _)| s.saga.credited))
+        .bind(column(updates, |(s, _)| s.saga.released))
+        .bind(column(updates, |(s, _)| s.saga.credit_cancelled))
+        .bind(column(updates, |(s, _)| at(s.saga.finished_at)))
+        .bind(column(updates, |(s, _)| s.resend_attempts))
+        .bind(column(updates, |(s, _)| decided_at(s, now).map(|t| t.0)))
+        .bind(column(updates, |(_, next_resend_at)| {
+            next_resend_at.map(|t| t.0)
+        }))
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// [`save_at_once`]'s statement: each list bound as arrays, one per column, and unnested; an
+/// empty list writes nothing. `$1` is the time of the batch. No row is both inserted and
+/// updated, so the order in which PostgreSQL runs the two parts does not matter.
+const SAVE: &str = "WITH inserted AS (
+        INSERT INTO transfers (transfer_id, request_hash, request, from_account, to_account, amount,
+                               currency, status, reason, reason_detail, traceparent, tracestate,
+                               request_message_id, prepare_deadline, finished_at, created_at, updated_at)
+        SELECT *, $1, $1
+        FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::uuid[], $6::uuid[], $7::numeric[],
+                    $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                    $14::uuid[], $15::timestamptz[], $16::timestamptz[])
+    ), updated AS (
+        UPDATE transfers SET status = v.status, risk_vote = v.risk_vote,
+               source_vote = v.source_vote, destination_vote = v.destination_vote,
+               risk_assessment = v.risk_assessment, reason = v.reason,
+               failed_participant = v.failed_participant, captured = v.captured,
+               credited = v.credited, released = v.released,
+               credit_cancelled = v.credit_cancelled, finished_at = v.finished_at,
+               resend_attempts = v.resend_attempts, decided_at = v.decided_at,
+               next_resend_at = v.next_resend_at, updated_at = $1
+        FROM unnest($17::uuid[], $18::text[], $19::text[], $20::text[], $21::text[], $22::jsonb[],
+                    $23::text[], $24::text[], $25::bool[], $26::bool[], $27::bool[], $28::bool[],
+                    $29::timestamptz[], $30::int[], $31::timestamptz[], $32::timestamptz[])
+            AS v (transfer_id, status, risk_vote, source_vote, destination_vote, risk_assessment,
+                  reason, failed_participant, captured, credited, released, credit_cancelled,
+                  finished_at, resend_attempts, decided_at, next_resend_at)
+        WHERE transfers.transfer_id = v.transfer_id
+    )
+    SELECT 1";
+
+/// When a transfer was decided: as recorded, or now if it was decided in this batch.
+fn decided_at(stored: &Stored, now: Timestamp) -> Option<Timestamp> {
+    match (stored.decided_at, stored.saga.status) {
+        (Some(at), _) => Some(Timestamp::from(at)),
+        (None, Status::Preparing) => None,
+        (None, _) => Some(now),
+    }
+}
+
+/// The risk worker's assessment as stored.
+fn assessment(saga: &Saga) -> Option<Json<serde_json::Value>> {
+    saga.risk
+        .as_ref()
+        .map(|r| Json(serde_json::to_value(r).expect("assessments serialize")))
 }
 
 /// Inserts new transfers: each with its request and prepare deadline.
@@ -270,11 +388,6 @@ pub async fn update(
     rows: &[(&Stored, Option<Timestamp>)],
     now: Timestamp,
 ) -> Result<(), sqlx::Error> {
-    let decided_at = |stored: &Stored| match (stored.decided_at, stored.saga.status) {
-        (Some(at), _) => Some(Timestamp::from(at)),
-        (None, Status::Preparing) => None,
-        (None, _) => Some(now),
-    };
     update_rows!(
         tx,
         "WITH v (transfer_id, status, risk_vote, source_vote, destination_vote, risk_assessment,
@@ -297,11 +410,7 @@ pub async fn update(
             decision_str(stored.saga.risk_vote),
             decision_str(stored.saga.source_vote),
             decision_str(stored.saga.destination_vote),
-            stored
-                .saga
-                .risk
-                .as_ref()
-                .map(|r| Json(serde_json::to_value(r).expect("assessments serialize"))),
+            assessment(&stored.saga),
             &stored.saga.reason,
             stored.saga.failed_participant.map(Participant::as_str),
             stored.saga.captured,
@@ -310,7 +419,7 @@ pub async fn update(
             stored.saga.credit_cancelled,
             stored.saga.finished_at.map(Timestamp::from),
             stored.resend_attempts,
-            decided_at(stored),
+            decided_at(stored, now),
             *next_resend_at,
             now,
         ),

@@ -354,6 +354,13 @@ pub fn with_rows(sql: &str, first: usize, rows: usize, width: usize) -> String {
     sql.replace("{rows}", &list)
 }
 
+/// One column of `rows` as an array parameter, for a PostgreSQL statement that reads its rows
+/// from one array per column (`unnest($1::uuid[], $2::text[])`): one text and one plan whatever
+/// the number of rows, where a `VALUES` list has a text per size.
+pub fn column<'a, R, T>(rows: &'a [R], value: impl FnMut(&'a R) -> T) -> Vec<T> {
+    rows.iter().map(value).collect()
+}
+
 /// How many placeholder groups a statement over `rows` rows is given: the next of a few sizes
 /// (1, 2, 3, 4, 6, 8, 12, 16, …), so that each statement has only a few texts and PostgreSQL
 /// plans each text once, rather than a text per batch size planned at every run.

@@ -5,8 +5,11 @@
 //! is recorded as `voided`, and the late prepare is then refused, so no hold is left hanging.
 //!
 //! Commands that arrived together are applied together: the rows they touch are read and
-//! locked with one query per table (accounts in id order), each command is applied in order
-//! to those rows in memory, and what changed is written back with one statement per table.
+//! locked (holds, credits, then accounts in id order), each command is applied in order to
+//! those rows in memory, and what changed is written back. On PostgreSQL the reads are one
+//! query and the writes one statement, their rows bound as arrays; on SQLite, where a statement
+//! is a call into the library rather than a round trip, they take one statement per table and
+//! kind of change.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,8 +18,9 @@ use twophase_messages::{
     reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, Decision, Message,
     Participant, Vote,
 };
+use twophase_runtime::db::sqlx::postgres::PgConnection;
 use twophase_runtime::db::sqlx::types::Json;
-use twophase_runtime::db::{sqlx, Amount, Timestamp, Tx};
+use twophase_runtime::db::{column, sqlx, Amount, Timestamp, Tx};
 use twophase_runtime::HandlerError;
 use twophase_runtime::{execute_rows, query_rows, update_rows};
 use uuid::Uuid;
@@ -140,16 +144,23 @@ impl Rows {
             .collect();
         named.sort_unstable();
         named.dedup();
-        let stored = query_rows!(
-            &mut *tx,
-            (Uuid, String, String, Json<serde_json::Value>),
-            "SELECT transfer_id, action, reply_type, reply FROM processed_commands
-             WHERE (transfer_id, action) IN ({rows})",
-            &named,
-            |(id, action)| (*id, *action),
-        )?;
-        let mut replies = HashMap::with_capacity(stored.len());
-        for (transfer_id, action, reply_type, Json(reply)) in stored {
+        let mut account_ids: Vec<Uuid> =
+            commands.iter().map(|c| c.command.body.account_id).collect();
+        account_ids.sort_unstable();
+        account_ids.dedup();
+        let wanted = Wanted {
+            named,
+            holds: transfers(commands, Entry::Hold),
+            credits: transfers(commands, Entry::Credit),
+            accounts: account_ids,
+        };
+        let found = match tx {
+            Tx::Postgres(tx) => wanted.read_at_once(tx).await?,
+            Tx::Sqlite(_) => wanted.read_each(tx).await?,
+        };
+
+        let mut replies = HashMap::with_capacity(found.replies.len());
+        for (transfer_id, action, reply_type, Json(reply)) in found.replies {
             let Some(action) = AccountAction::ALL
                 .into_iter()
                 .find(|a| a.as_str() == action)
@@ -164,37 +175,22 @@ impl Rows {
                 .map_err(|e| HandlerError::Permanent(e.into()))?;
             replies.insert((transfer_id, action), reply);
         }
-
-        let holds = load_entries(tx, Entry::Hold, commands).await?;
-        let credits = load_entries(tx, Entry::Credit, commands).await?;
-
-        let mut account_ids: Vec<Uuid> = commands
-            .iter()
-            .map(|c| c.command.body.account_id)
-            .chain(holds.values().map(|e| e.account_id))
+        let holds = entry_rows(found.holds)?;
+        let credits = entry_rows(found.credits)?;
+        let accounts = found
+            .accounts
+            .into_iter()
+            .map(|(id, currency, status, balance, held)| {
+                let row = AccountRow {
+                    currency,
+                    status,
+                    balance: balance.0,
+                    held: held.0,
+                    changed: false,
+                };
+                (id, row)
+            })
             .collect();
-        account_ids.sort_unstable();
-        account_ids.dedup();
-        let accounts = query_rows!(
-            &mut *tx,
-            (Uuid, String, String, Amount, Amount),
-            "SELECT account_id, currency, status, balance, held FROM accounts
-             WHERE account_id IN ({rows}) ORDER BY account_id FOR UPDATE",
-            &account_ids,
-            |id| (*id),
-        )?
-        .into_iter()
-        .map(|(id, currency, status, balance, held)| {
-            let row = AccountRow {
-                currency,
-                status,
-                balance: balance.0,
-                held: held.0,
-                changed: false,
-            };
-            (id, row)
-        })
-        .collect();
 
         Ok(Rows {
             now: Timestamp::now(),
@@ -419,8 +415,58 @@ impl Rows {
         Ok(ack(body, action))
     }
 
-    /// Writes back what the commands changed: one statement per table and kind of change.
+    /// Writes back what the commands changed.
     async fn save(self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        match tx {
+            Tx::Postgres(tx) => self.save_at_once(tx).await,
+            Tx::Sqlite(_) => self.save_each(tx).await,
+        }
+    }
+
+    /// On PostgreSQL, every change in one statement ([`SAVE`]): one round trip, where a
+    /// statement per table and kind of change took seven, and one text whatever the batch
+    /// holds, so that each connection plans it once.
+    async fn save_at_once(self, tx: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let accounts: Vec<(&Uuid, &AccountRow)> =
+            self.accounts.iter().filter(|(_, a)| a.changed).collect();
+        let mut query = sqlx::query(SAVE)
+            .bind(self.now)
+            .bind(column(&accounts, |(id, _)| **id))
+            .bind(column(&accounts, |(_, a)| a.balance))
+            .bind(column(&accounts, |(_, a)| a.held));
+        for rows in [&self.holds, &self.credits] {
+            let inserted = written(rows, Write::Insert);
+            let updated = written(rows, Write::Update);
+            query = query
+                .bind(column(&inserted, |(id, _)| **id))
+                .bind(column(&inserted, |(_, e)| e.account_id))
+                .bind(column(&inserted, |(_, e)| e.amount))
+                .bind(column(&inserted, |(_, e)| e.currency.as_str()))
+                .bind(column(&inserted, |(_, e)| e.status))
+                .bind(column(&updated, |(id, _)| **id))
+                .bind(column(&updated, |(_, e)| e.status));
+        }
+        query
+            .bind(column(&self.ledger, |l| l.account_id))
+            .bind(column(&self.ledger, |l| l.transfer_id))
+            .bind(column(&self.ledger, |l| l.kind))
+            .bind(column(&self.ledger, |l| l.amount))
+            .bind(column(&self.ledger, |l| l.currency.as_str()))
+            .bind(column(&self.ledger, |l| l.balance_after))
+            .bind(column(&self.processed, |p| p.transfer_id))
+            .bind(column(&self.processed, |p| p.action))
+            .bind(column(&self.processed, |p| p.account_id))
+            .bind(column(&self.processed, |p| p.message_id))
+            .bind(column(&self.processed, |p| p.reply_type))
+            .bind(column(&self.processed, |p| Json(&p.reply)))
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    /// On SQLite, where a statement is a call into the library rather than a round trip to a
+    /// server, one statement per table and kind of change.
+    async fn save_each(self, tx: &mut Tx) -> Result<(), sqlx::Error> {
         let now = self.now;
         let accounts: Vec<(&Uuid, &AccountRow)> =
             self.accounts.iter().filter(|(_, a)| a.changed).collect();
@@ -469,12 +515,8 @@ impl Rows {
     }
 }
 
-/// The holds or credits the commands name, locked.
-async fn load_entries(
-    tx: &mut Tx,
-    entry: Entry,
-    commands: &[Command<'_>],
-) -> Result<HashMap<Uuid, EntryRow>, HandlerError> {
+/// The transfers whose holds or credits the commands name, in id order.
+fn transfers(commands: &[Command<'_>], entry: Entry) -> Vec<Uuid> {
     let mut transfers: Vec<Uuid> = commands
         .iter()
         .filter(|c| Entry::of(c.command.action) == entry)
@@ -482,18 +524,166 @@ async fn load_entries(
         .collect();
     transfers.sort_unstable();
     transfers.dedup();
+    transfers
+}
+
+/// A stored reply: transfer, action, reply type, reply.
+type ReplyFound = (Uuid, String, String, Json<serde_json::Value>);
+/// A hold or credit: transfer, status, amount, account, currency.
+type EntryFound = (Uuid, String, Amount, Uuid, String);
+/// An account: id, currency, status, balance, held.
+type AccountFound = (Uuid, String, String, Amount, Amount);
+
+/// What a batch of commands reads: the replies of the commands it names, if applied before;
+/// their holds and credits; and the accounts they name or their holds were taken on.
+struct Wanted<'a> {
+    named: Vec<(Uuid, &'a str)>,
+    holds: Vec<Uuid>,
+    credits: Vec<Uuid>,
+    accounts: Vec<Uuid>,
+}
+
+/// What was found, locked: holds, credits, then accounts in id order.
+#[derive(Default)]
+struct Found {
+    replies: Vec<ReplyFound>,
+    holds: Vec<EntryFound>,
+    credits: Vec<EntryFound>,
+    accounts: Vec<AccountFound>,
+}
+
+impl Wanted<'_> {
+    /// On PostgreSQL, in one query ([`LOAD`]): one round trip rather than four, and one text
+    /// whatever the batch holds.
+    async fn read_at_once(&self, tx: &mut PgConnection) -> Result<Found, sqlx::Error> {
+        let rows: Vec<LoadRow> = sqlx::query_as(LOAD)
+            .bind(column(&self.named, |(id, _)| *id))
+            .bind(column(&self.named, |(_, action)| *action))
+            .bind(&self.holds)
+            .bind(&self.credits)
+            .bind(&self.accounts)
+            .fetch_all(tx)
+            .await?;
+        let mut found = Found::default();
+        for (kind, id, state, amount, held, account_id, text, reply) in rows {
+            let missing = || sqlx::Error::Decode(format!("{kind} {id} is missing a column").into());
+            let entry = || -> Result<EntryFound, sqlx::Error> {
+                let amount = amount.ok_or_else(missing)?;
+                Ok((
+                    id,
+                    state.clone(),
+                    amount,
+                    account_id.ok_or_else(missing)?,
+                    text.clone(),
+                ))
+            };
+            match kind.as_str() {
+                "reply" => found
+                    .replies
+                    .push((id, state, text, reply.ok_or_else(missing)?)),
+                "hold" => found.holds.push(entry()?),
+                "credit" => found.credits.push(entry()?),
+                "account" => {
+                    let balance = amount.ok_or_else(missing)?;
+                    found
+                        .accounts
+                        .push((id, text, state, balance, held.ok_or_else(missing)?));
+                }
+                _ => return Err(sqlx::Error::Decode(format!("unknown row {kind}").into())),
+            }
+        }
+        Ok(found)
+    }
+
+    /// On SQLite, one query each.
+    async fn read_each(&self, tx: &mut Tx) -> Result<Found, sqlx::Error> {
+        let replies = query_rows!(
+            &mut *tx,
+            ReplyFound,
+            "SELECT transfer_id, action, reply_type, reply FROM processed_commands
+             WHERE (transfer_id, action) IN ({rows})",
+            &self.named,
+            |(id, action)| (*id, *action),
+        )?;
+        let holds = read_entries(tx, Entry::Hold, &self.holds).await?;
+        let credits = read_entries(tx, Entry::Credit, &self.credits).await?;
+        let mut account_ids = self.accounts.clone();
+        account_ids.extend(holds.iter().map(|(_, _, _, account_id, _)| *account_id));
+        account_ids.sort_unstable();
+        account_ids.dedup();
+        let accounts = query_rows!(
+            &mut *tx,
+            AccountFound,
+            "SELECT account_id, currency, status, balance, held FROM accounts
+             WHERE account_id IN ({rows}) ORDER BY account_id FOR UPDATE",
+            &account_ids,
+            |id| (*id),
+        )?;
+        Ok(Found {
+            replies,
+            holds,
+            credits,
+            accounts,
+        })
+    }
+}
+
+/// The holds or credits of `transfers`, locked, on SQLite.
+async fn read_entries(
+    tx: &mut Tx,
+    entry: Entry,
+    transfers: &[Uuid],
+) -> Result<Vec<EntryFound>, sqlx::Error> {
     let sql = format!(
         "SELECT transfer_id, status, amount, account_id, currency FROM {}
          WHERE transfer_id IN ({{rows}}) ORDER BY transfer_id FOR UPDATE",
         entry.table()
     );
-    let found = query_rows!(
-        tx,
-        (Uuid, String, Amount, Uuid, String),
-        &sql,
-        &transfers,
-        |id| (*id),
-    )?;
+    query_rows!(tx, EntryFound, &sql, transfers, |id| (*id),)
+}
+
+/// A row of [`LOAD`]: what it is (`reply`, `hold`, `credit` or `account`), its id, then
+/// - a reply: its action, -, -, -, its type, the reply;
+/// - a hold or credit: its status, amount, -, account, currency, -;
+/// - an account: its status, balance, held, -, currency, -.
+type LoadRow = (
+    String,
+    Uuid,
+    String,
+    Option<Amount>,
+    Option<Amount>,
+    Option<Uuid>,
+    String,
+    Option<Json<serde_json::Value>>,
+);
+
+/// [`Wanted::read_at_once`]'s query: the replies of the commands named by `$1` and `$2`
+/// (transfers and actions), the holds of the transfers in `$3` and the credits of those in `$4`,
+/// then the accounts in `$5` and those the holds were taken on. The parts run in that order, so
+/// rows are locked in the order the other statements lock them: holds, credits, accounts by id.
+const LOAD: &str = "SELECT 'reply', transfer_id, action, NULL::numeric, NULL::numeric, NULL::uuid, reply_type, reply
+    FROM processed_commands
+    WHERE (transfer_id, action) IN (SELECT * FROM unnest($1::uuid[], $2::text[]))
+    UNION ALL
+    SELECT * FROM (
+        SELECT 'hold', transfer_id, status, amount, NULL::numeric, account_id, currency, NULL::jsonb
+        FROM holds WHERE transfer_id = ANY($3) ORDER BY transfer_id FOR UPDATE
+    ) AS holds
+    UNION ALL
+    SELECT * FROM (
+        SELECT 'credit', transfer_id, status, amount, NULL::numeric, account_id, currency, NULL::jsonb
+        FROM credits WHERE transfer_id = ANY($4) ORDER BY transfer_id FOR UPDATE
+    ) AS credits
+    UNION ALL
+    SELECT * FROM (
+        SELECT 'account', account_id, status, balance, held, NULL::uuid, currency, NULL::jsonb
+        FROM accounts
+        WHERE account_id = ANY($5::uuid[] || ARRAY(SELECT account_id FROM holds WHERE transfer_id = ANY($3)))
+        ORDER BY account_id FOR UPDATE
+    ) AS accounts";
+
+/// The holds or credits found, by transfer.
+fn entry_rows(found: Vec<EntryFound>) -> Result<HashMap<Uuid, EntryRow>, HandlerError> {
     let mut rows = HashMap::with_capacity(found.len());
     for (transfer_id, status, amount, account_id, currency) in found {
         let status = ENTRY_STATUSES
@@ -519,18 +709,12 @@ async fn save_entries(
     rows: &HashMap<Uuid, EntryRow>,
     now: Timestamp,
 ) -> Result<(), sqlx::Error> {
-    let written = |write| {
-        let mut rows: Vec<(&Uuid, &EntryRow)> =
-            rows.iter().filter(|(_, e)| e.write == write).collect();
-        rows.sort_unstable_by_key(|(id, _)| **id);
-        rows
-    };
     let sql = format!(
         "INSERT INTO {} (transfer_id, account_id, amount, currency, status, created_at, updated_at)
          VALUES {{rows}}",
         entry.table()
     );
-    execute_rows!(&mut *tx, &sql, &written(Write::Insert), |(id, e)| (
+    execute_rows!(&mut *tx, &sql, &written(rows, Write::Insert), |(id, e)| (
         **id,
         e.account_id,
         Amount(e.amount),
@@ -545,11 +729,53 @@ async fn save_entries(
          FROM v WHERE {table}.transfer_id = v.transfer_id",
         table = entry.table()
     );
-    update_rows!(&mut *tx, &sql, &written(Write::Update), |(id, e)| (
+    update_rows!(&mut *tx, &sql, &written(rows, Write::Update), |(id, e)| (
         **id, e.status, now
     ),)?;
     Ok(())
 }
+
+/// The holds or credits that need `write`, in id order.
+fn written(rows: &HashMap<Uuid, EntryRow>, write: Write) -> Vec<(&Uuid, &EntryRow)> {
+    let mut rows: Vec<(&Uuid, &EntryRow)> = rows.iter().filter(|(_, e)| e.write == write).collect();
+    rows.sort_unstable_by_key(|(id, _)| **id);
+    rows
+}
+
+/// [`Rows::save_at_once`]'s statement: each list bound as arrays, one per column, and
+/// unnested; an empty list writes nothing. `$1` is the time of the batch. The rows it updates
+/// were locked when the batch read them, and those it inserts are new, so the order in which
+/// PostgreSQL runs the parts does not matter. The ledger's entries are numbered in the order
+/// they were posted.
+const SAVE: &str = "WITH accounts_set AS (
+        UPDATE accounts SET balance = v.balance, held = v.held, updated_at = $1
+        FROM unnest($2::uuid[], $3::numeric[], $4::numeric[]) AS v (account_id, balance, held)
+        WHERE accounts.account_id = v.account_id
+    ), holds_new AS (
+        INSERT INTO holds (transfer_id, account_id, amount, currency, status, created_at, updated_at)
+        SELECT *, $1, $1 FROM unnest($5::uuid[], $6::uuid[], $7::numeric[], $8::text[], $9::text[])
+    ), holds_set AS (
+        UPDATE holds SET status = v.status, updated_at = $1
+        FROM unnest($10::uuid[], $11::text[]) AS v (transfer_id, status)
+        WHERE holds.transfer_id = v.transfer_id
+    ), credits_new AS (
+        INSERT INTO credits (transfer_id, account_id, amount, currency, status, created_at, updated_at)
+        SELECT *, $1, $1 FROM unnest($12::uuid[], $13::uuid[], $14::numeric[], $15::text[], $16::text[])
+    ), credits_set AS (
+        UPDATE credits SET status = v.status, updated_at = $1
+        FROM unnest($17::uuid[], $18::text[]) AS v (transfer_id, status)
+        WHERE credits.transfer_id = v.transfer_id
+    ), ledger_new AS (
+        INSERT INTO ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
+        SELECT account_id, transfer_id, kind, amount, currency, balance_after, $1
+        FROM unnest($19::uuid[], $20::uuid[], $21::text[], $22::numeric[], $23::text[], $24::numeric[])
+            WITH ORDINALITY AS v (account_id, transfer_id, kind, amount, currency, balance_after, posted)
+        ORDER BY posted
+    ), processed_new AS (
+        INSERT INTO processed_commands (transfer_id, action, account_id, message_id, reply_type, reply, processed_at)
+        SELECT *, $1 FROM unnest($25::uuid[], $26::text[], $27::uuid[], $28::uuid[], $29::text[], $30::jsonb[])
+    )
+    SELECT 1";
 
 fn vote(body: &AccountCommandBody, participant: Participant, no: Option<&str>) -> Message {
     Message::Vote(Vote {

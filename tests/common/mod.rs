@@ -11,12 +11,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::ConnectOptions;
 use twophase::client::{self, Outcome, OutcomeWatcher};
 use twophase_messages::{Topics, TransferRequested};
 use twophase_runtime::db::{Amount, Db};
@@ -53,24 +50,6 @@ impl Drop for Worker {
     }
 }
 
-/// A fresh PostgreSQL database on the server of `admin_url`; its URL.
-async fn fresh_postgres(admin_url: &str, db_name: &str) -> String {
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(admin_url)
-        .await
-        .expect("the test database server answers");
-    sqlx::query(&format!("CREATE DATABASE {db_name}"))
-        .execute(&admin)
-        .await
-        .expect("a test database can be created");
-    admin.close().await;
-    let options = PgConnectOptions::from_str(admin_url)
-        .unwrap()
-        .database(db_name);
-    options.to_url_lossy().to_string()
-}
-
 impl TestEnv {
     /// A fresh database (migrated) and a fresh topic prefix (topics created).
     pub async fn new(name: &str) -> TestEnv {
@@ -86,7 +65,13 @@ impl TestEnv {
         let (database_url, brokers, broker) = match real {
             (Ok(admin_url), Ok(brokers)) => {
                 let db_name = format!("t_{}_{suffix}", name.replace('-', "_"));
-                (fresh_postgres(&admin_url, &db_name).await, brokers, None)
+                (
+                    twophase_runtime::db::create_database(&admin_url, &db_name)
+                        .await
+                        .expect("a test database can be created"),
+                    brokers,
+                    None,
+                )
             }
             _ => {
                 let broker =

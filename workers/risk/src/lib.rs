@@ -13,8 +13,8 @@ use std::sync::Arc;
 use chrono::{NaiveDate, NaiveTime};
 use rust_decimal::Decimal;
 use twophase_messages::{reasons, Decision, EvaluateRisk, Message, Participant, Topics, Vote};
-use twophase_runtime::db::sqlx::types::Json;
-use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
+use twophase_runtime::db::sqlx::{self, postgres::PgConnection, types::Json};
+use twophase_runtime::db::{column, Amount, Db, Timestamp, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{execute_rows, query_rows, update_rows};
 use twophase_runtime::{CancellationToken, Handled, Handler, HandlerError, Outgoing, Publisher};
@@ -74,20 +74,8 @@ impl RiskWorker {
         tx: &mut Tx,
         requests: &[(&EvaluateRisk, &Incoming)],
     ) -> Result<Vec<(Vote, bool)>, HandlerError> {
-        let transfers: Vec<Uuid> = requests.iter().map(|(r, _)| r.transfer_id).collect();
-        let mut stored: HashMap<Uuid, Vote> = query_rows!(
-            &mut *tx,
-            (Uuid, Json<Vote>),
-            "SELECT transfer_id, reply FROM evaluations WHERE transfer_id IN ({rows})",
-            &transfers,
-            |id| (*id),
-        )?
-        .into_iter()
-        .map(|(id, Json(vote))| (id, vote))
-        .collect();
-
         let now = Timestamp::now();
-        let mut history = History::load(tx, &self.config, requests, now).await?;
+        let (mut history, mut stored) = History::load(tx, &self.config, requests, now).await?;
         let mut votes = Vec::with_capacity(requests.len());
         let mut new = Vec::new();
         for (request, incoming) in requests {
@@ -117,35 +105,21 @@ impl RiskWorker {
             );
             history.add(request, approved);
             stored.insert(request.transfer_id, vote.clone());
-            new.push((*request, incoming.envelope.id, assessment, vote.clone()));
+            new.push(Evaluation {
+                request,
+                message_id: incoming.envelope.id,
+                assessment,
+                vote: vote.clone(),
+            });
             votes.push((vote, true));
         }
-        execute_rows!(
-            &mut *tx,
-            "INSERT INTO evaluations (transfer_id, from_account, to_account, amount, currency, score,
-                                      level, rules, decision, message_id, reply, evaluated_at)
-             VALUES {rows}",
-            &new,
-            |(request, message_id, assessment, vote)| (
-                request.transfer_id,
-                request.from_account,
-                request.to_account,
-                Amount(request.amount),
-                &request.currency,
-                i16::from(assessment.score),
-                assessment.level.as_str(),
-                Json(&assessment.rules),
-                if vote.decision == Decision::Yes {
-                    "yes"
-                } else {
-                    "no"
-                },
-                *message_id,
-                Json(vote),
-                now,
-            ),
-        )?;
-        history.save(tx).await?;
+        match tx {
+            Tx::Postgres(tx) => history.save_at_once(tx, &new, now).await?,
+            Tx::Sqlite(_) => {
+                insert_evaluations(tx, &new, now).await?;
+                history.save(tx).await?;
+            }
+        }
         Ok(votes)
     }
 }
@@ -169,56 +143,53 @@ struct DailyTotal {
 }
 
 impl History {
+    /// Reads the history of the batch's source accounts, and the votes already given for its
+    /// transfers (a command seen before gets its stored vote).
     async fn load(
         tx: &mut Tx,
         config: &RiskConfig,
         requests: &[(&EvaluateRisk, &Incoming)],
         now: Timestamp,
-    ) -> Result<History, twophase_runtime::db::sqlx::Error> {
+    ) -> Result<(History, HashMap<Uuid, Vote>), sqlx::Error> {
         let window_start = now.0
             - chrono::TimeDelta::from_std(config.velocity_window).unwrap_or(chrono::TimeDelta::MAX);
         let day = now.0.date_naive();
         let mut accounts: Vec<Uuid> = requests.iter().map(|(r, _)| r.from_account).collect();
         accounts.sort_unstable();
         accounts.dedup();
-        // The rule asks only whether an account has reached the limit, so counting stops
-        // there: an account that sends all day costs no more to check than one that does not.
-        let in_window = query_rows!(
-            &mut *tx,
-            (Uuid, i64),
-            "SELECT column1, (SELECT count(*) FROM (SELECT 1 FROM evaluations
-                 WHERE from_account = v.column1 AND evaluated_at > $1 LIMIT $2) AS w)
-             FROM (VALUES {rows}) AS v",
-            [
-                Timestamp::from(window_start),
-                i64::from(config.velocity_max_transfers)
-            ],
-            &accounts,
-            |id| (*id),
-        )?
-        .into_iter()
-        .map(|(account, n)| (account, u32::try_from(n).unwrap_or(u32::MAX)))
-        .collect();
-        let mut today: HashMap<(Uuid, String), DailyTotal> = query_rows!(
-            &mut *tx,
-            (Uuid, String, Amount),
-            "SELECT account_id, currency, approved FROM daily_totals
-             WHERE day = $1 AND account_id IN ({rows})
-             ORDER BY account_id, currency FOR UPDATE",
-            [day],
-            &accounts,
-            |id| (*id),
-        )?
-        .into_iter()
-        .map(|(account, currency, approved)| {
-            let total = DailyTotal {
-                approved: approved.0,
-                new: false,
-                changed: false,
-            };
-            ((account, currency), total)
-        })
-        .collect();
+        let wanted = Wanted {
+            transfers: requests.iter().map(|(r, _)| r.transfer_id).collect(),
+            accounts,
+            window_start: Timestamp::from(window_start),
+            limit: i64::from(config.velocity_max_transfers),
+            day,
+        };
+        let found = match tx {
+            Tx::Postgres(tx) => wanted.read_at_once(tx).await?,
+            Tx::Sqlite(_) => wanted.read_each(tx).await?,
+        };
+        let stored = found
+            .votes
+            .into_iter()
+            .map(|(id, Json(vote))| (id, vote))
+            .collect();
+        let in_window = found
+            .in_window
+            .into_iter()
+            .map(|(account, n)| (account, u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect();
+        let mut today: HashMap<(Uuid, String), DailyTotal> = found
+            .today
+            .into_iter()
+            .map(|(account, currency, approved)| {
+                let total = DailyTotal {
+                    approved: approved.0,
+                    new: false,
+                    changed: false,
+                };
+                ((account, currency), total)
+            })
+            .collect();
 
         let mut missing: Vec<Uuid> = requests
             .iter()
@@ -247,11 +218,12 @@ impl History {
                 changed: true,
             });
         }
-        Ok(History {
+        let history = History {
             day,
             in_window,
             today,
-        })
+        };
+        Ok((history, stored))
     }
 
     /// The history of `request`'s account, this request excluded.
@@ -282,12 +254,52 @@ impl History {
         }
     }
 
-    /// Writes the new and changed daily totals.
-    async fn save(self, tx: &mut Tx) -> Result<(), twophase_runtime::db::sqlx::Error> {
-        let mut written: Vec<(&(Uuid, String), &DailyTotal)> =
+    /// The daily totals to write: the new ones, then the changed ones, each in key order.
+    fn written(&self) -> (Vec<TotalWritten<'_>>, Vec<TotalWritten<'_>>) {
+        let mut written: Vec<TotalWritten<'_>> =
             self.today.iter().filter(|(_, t)| t.changed).collect();
         written.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let (new, changed): (Vec<_>, Vec<_>) = written.into_iter().partition(|(_, t)| t.new);
+        written.into_iter().partition(|(_, t)| t.new)
+    }
+
+    /// On PostgreSQL, the batch's evaluations and the new and changed daily totals in one
+    /// statement ([`SAVE`]): one round trip rather than three, and one text whatever the batch
+    /// holds.
+    async fn save_at_once(
+        self,
+        tx: &mut PgConnection,
+        evaluations: &[Evaluation<'_>],
+        now: Timestamp,
+    ) -> Result<(), sqlx::Error> {
+        let (new, changed) = self.written();
+        sqlx::query(SAVE)
+            .bind(now)
+            .bind(self.day)
+            .bind(column(evaluations, |e| e.request.transfer_id))
+            .bind(column(evaluations, |e| e.request.from_account))
+            .bind(column(evaluations, |e| e.request.to_account))
+            .bind(column(evaluations, |e| e.request.amount))
+            .bind(column(evaluations, |e| e.request.currency.as_str()))
+            .bind(column(evaluations, |e| i16::from(e.assessment.score)))
+            .bind(column(evaluations, |e| e.assessment.level.as_str()))
+            .bind(column(evaluations, |e| Json(&e.assessment.rules)))
+            .bind(column(evaluations, Evaluation::decision))
+            .bind(column(evaluations, |e| e.message_id))
+            .bind(column(evaluations, |e| Json(&e.vote)))
+            .bind(column(&new, |((account, _), _)| *account))
+            .bind(column(&new, |((_, currency), _)| currency.as_str()))
+            .bind(column(&new, |(_, total)| total.approved))
+            .bind(column(&changed, |((account, _), _)| *account))
+            .bind(column(&changed, |((_, currency), _)| currency.as_str()))
+            .bind(column(&changed, |(_, total)| total.approved))
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    /// On SQLite, the new and changed daily totals, a statement each.
+    async fn save(self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        let (new, changed) = self.written();
         let day = self.day;
         execute_rows!(
             &mut *tx,
@@ -306,6 +318,192 @@ impl History {
         )?;
         Ok(())
     }
+}
+
+/// A daily total to write: its account and currency, and the total.
+type TotalWritten<'a> = (&'a (Uuid, String), &'a DailyTotal);
+
+/// A new evaluation to store.
+struct Evaluation<'a> {
+    request: &'a EvaluateRisk,
+    message_id: Uuid,
+    assessment: Assessment,
+    vote: Vote,
+}
+
+impl Evaluation<'_> {
+    fn decision(&self) -> &'static str {
+        match self.vote.decision {
+            Decision::Yes => "yes",
+            Decision::No => "no",
+        }
+    }
+}
+
+/// What a batch reads: the votes given before for `transfers`; for `accounts`, how many
+/// evaluations each had since `window_start` (counted up to `limit`) and its approved totals
+/// on `day`, locked.
+struct Wanted {
+    transfers: Vec<Uuid>,
+    accounts: Vec<Uuid>,
+    window_start: Timestamp,
+    limit: i64,
+    day: NaiveDate,
+}
+
+#[derive(Default)]
+struct Found {
+    votes: Vec<(Uuid, Json<Vote>)>,
+    in_window: Vec<(Uuid, i64)>,
+    today: Vec<(Uuid, String, Amount)>,
+}
+
+impl Wanted {
+    /// On PostgreSQL, in one query ([`LOAD`]): one round trip rather than three, and one text
+    /// whatever the batch holds.
+    async fn read_at_once(&self, tx: &mut PgConnection) -> Result<Found, sqlx::Error> {
+        let rows: Vec<LoadRow> = sqlx::query_as(LOAD)
+            .bind(&self.transfers)
+            .bind(&self.accounts)
+            .bind(self.window_start)
+            .bind(self.limit)
+            .bind(self.day)
+            .fetch_all(tx)
+            .await?;
+        let mut found = Found::default();
+        for (kind, id, currency, amount, count, vote) in rows {
+            let missing = || sqlx::Error::Decode(format!("{kind} {id} is missing a column").into());
+            match kind.as_str() {
+                "vote" => found.votes.push((id, vote.ok_or_else(missing)?)),
+                "window" => found.in_window.push((id, count.ok_or_else(missing)?)),
+                "today" => found.today.push((
+                    id,
+                    currency.ok_or_else(missing)?,
+                    amount.ok_or_else(missing)?,
+                )),
+                _ => return Err(sqlx::Error::Decode(format!("unknown row {kind}").into())),
+            }
+        }
+        Ok(found)
+    }
+
+    /// On SQLite, one query each.
+    async fn read_each(&self, tx: &mut Tx) -> Result<Found, sqlx::Error> {
+        let votes = query_rows!(
+            &mut *tx,
+            (Uuid, Json<Vote>),
+            "SELECT transfer_id, reply FROM evaluations WHERE transfer_id IN ({rows})",
+            &self.transfers,
+            |id| (*id),
+        )?;
+        // Counted up to the limit, as in `LOAD`.
+        let in_window = query_rows!(
+            &mut *tx,
+            (Uuid, i64),
+            "SELECT column1, (SELECT count(*) FROM (SELECT 1 FROM evaluations
+                 WHERE from_account = v.column1 AND evaluated_at > $1 LIMIT $2) AS w)
+             FROM (VALUES {rows}) AS v",
+            [self.window_start, self.limit],
+            &self.accounts,
+            |id| (*id),
+        )?;
+        let today = query_rows!(
+            &mut *tx,
+            (Uuid, String, Amount),
+            "SELECT account_id, currency, approved FROM daily_totals
+             WHERE day = $1 AND account_id IN ({rows})
+             ORDER BY account_id, currency FOR UPDATE",
+            [self.day],
+            &self.accounts,
+            |id| (*id),
+        )?;
+        Ok(Found {
+            votes,
+            in_window,
+            today,
+        })
+    }
+}
+
+/// A row of [`LOAD`]: what it is (`vote`, `window` or `today`), the transfer or account, then
+/// its currency and approved total (`today`), its count (`window`) or its vote (`vote`).
+type LoadRow = (
+    String,
+    Uuid,
+    Option<String>,
+    Option<Amount>,
+    Option<i64>,
+    Option<Json<Vote>>,
+);
+
+/// [`Wanted::read_at_once`]'s query: the votes of the transfers in `$1`; for each account in
+/// `$2`, its evaluations since `$3` counted up to `$4` (the rule asks only whether an account
+/// has reached the limit, so counting stops there: an account that sends all day costs no
+/// more to check than one that does not), and its totals on `$5`, locked.
+const LOAD: &str = "SELECT 'vote', transfer_id, NULL::text, NULL::numeric, NULL::bigint, reply
+    FROM evaluations WHERE transfer_id = ANY($1)
+    UNION ALL
+    SELECT 'window', a.account_id, NULL::text, NULL::numeric,
+           (SELECT count(*) FROM (SELECT 1 FROM evaluations
+                WHERE from_account = a.account_id AND evaluated_at > $3 LIMIT $4) AS w),
+           NULL::jsonb
+    FROM unnest($2::uuid[]) AS a (account_id)
+    UNION ALL
+    SELECT * FROM (
+        SELECT 'today', account_id, currency, approved, NULL::bigint, NULL::jsonb
+        FROM daily_totals WHERE day = $5 AND account_id = ANY($2)
+        ORDER BY account_id, currency FOR UPDATE
+    ) AS today";
+
+/// [`History::save_at_once`]'s statement: the new evaluations, the new daily totals and the
+/// changed ones, each list bound as arrays, one per column, and unnested; `$1` is the time of
+/// the batch and `$2` its day. No total is both new and changed.
+const SAVE: &str = "WITH evaluated AS (
+        INSERT INTO evaluations (transfer_id, from_account, to_account, amount, currency, score,
+                                 level, rules, decision, message_id, reply, evaluated_at)
+        SELECT *, $1 FROM unnest($3::uuid[], $4::uuid[], $5::uuid[], $6::numeric[], $7::text[],
+                                 $8::smallint[], $9::text[], $10::jsonb[], $11::text[],
+                                 $12::uuid[], $13::jsonb[])
+    ), totals_new AS (
+        INSERT INTO daily_totals (account_id, day, currency, approved)
+        SELECT account_id, $2, currency, approved
+        FROM unnest($14::uuid[], $15::text[], $16::numeric[]) AS v (account_id, currency, approved)
+    ), totals_set AS (
+        UPDATE daily_totals SET approved = v.approved
+        FROM unnest($17::uuid[], $18::text[], $19::numeric[]) AS v (account_id, currency, approved)
+        WHERE daily_totals.account_id = v.account_id AND daily_totals.day = $2
+              AND daily_totals.currency = v.currency
+    )
+    SELECT 1";
+
+/// On SQLite, the new evaluations in one statement.
+async fn insert_evaluations(
+    tx: &mut Tx,
+    evaluations: &[Evaluation<'_>],
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    execute_rows!(
+        &mut *tx,
+        "INSERT INTO evaluations (transfer_id, from_account, to_account, amount, currency, score,
+                                  level, rules, decision, message_id, reply, evaluated_at)
+         VALUES {rows}",
+        evaluations,
+        |e| (
+            e.request.transfer_id,
+            e.request.from_account,
+            e.request.to_account,
+            Amount(e.request.amount),
+            &e.request.currency,
+            i16::from(e.assessment.score),
+            e.assessment.level.as_str(),
+            Json(&e.assessment.rules),
+            e.decision(),
+            e.message_id,
+            Json(&e.vote),
+            now,
+        ),
+    )?;
+    Ok(())
 }
 
 /// The request of a risk command.
@@ -381,13 +579,30 @@ mod tests {
     }
 
     /// The daily limit counts what was approved earlier today: evaluations stored before the
-    /// account had a daily total, those of the same batch, and those of earlier batches.
+    /// account had a daily total, those of the same batch, and those of earlier batches. On a
+    /// new SQLite database, and on a new PostgreSQL one where `scripts/test.sh` provides the
+    /// server: each has its own statements.
     #[tokio::test]
     async fn the_daily_limit_counts_every_approval_of_the_day() {
         let dir = std::env::temp_dir().join(format!("twophase-risk-{}", Uuid::new_v4()));
-        let url = format!("sqlite:{}", dir.display());
-        twophase_runtime::db::migrate(&url).await.unwrap();
-        let db = Db::connect(&url, SCHEMA, 1).await.unwrap();
+        let mut urls = vec![format!("sqlite:{}", dir.display())];
+        if let Ok(admin_url) = std::env::var("TWOPHASE_TEST_DATABASE_URL") {
+            let name = format!("t_risk_daily_{}", Uuid::new_v4().simple());
+            urls.push(
+                twophase_runtime::db::create_database(&admin_url, &name)
+                    .await
+                    .unwrap(),
+            );
+        }
+        for url in urls {
+            daily_limit_counts_every_approval_of_the_day(&url).await;
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    async fn daily_limit_counts_every_approval_of_the_day(url: &str) {
+        twophase_runtime::db::migrate(url).await.unwrap();
+        let db = Db::connect(url, SCHEMA, 1).await.unwrap();
         let mut config = RiskConfig::default();
         config
             .daily_limit
@@ -439,6 +654,5 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!(total.0, "490".parse::<Decimal>().unwrap());
         worker.db.close().await;
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

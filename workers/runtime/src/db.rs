@@ -267,6 +267,21 @@ pub async fn migrate(url: &str) -> Result<(), sqlx::migrate::MigrateError> {
     Ok(())
 }
 
+/// Creates the database `name` on the PostgreSQL server of `admin_url` (whose user may create
+/// databases) and returns its URL. For tests, each of which starts on a database of its own.
+pub async fn create_database(admin_url: &str, name: &str) -> Result<String, sqlx::Error> {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let options = PgConnectOptions::from_str(admin_url)?.database(name);
+    Ok(sqlx::ConnectOptions::to_url_lossy(&options).to_string())
+}
+
 /// The query text for SQLite: row locks dropped (its write transaction locks the database).
 pub fn sqlite_text(sql: &str) -> Cow<'_, str> {
     if sql.contains(" FOR UPDATE") {

@@ -4,18 +4,20 @@
 # topics or tables weigh on this one), and for each set-up (one copy of each worker; two
 # account workers) runs the closed loop at each concurrency in BENCH_CONCURRENCY (the best is
 # the maximum sustained throughput; the ceiling reference is taken at the highest), then the
-# open loop at half that maximum; last, the embedded default's demo. Results go to
-# target/bench/*.json.
+# open loop at half that maximum, then at each rate in BENCH_RATES (none by default: the
+# latency by rate); last, the embedded default's demo. Results go to target/bench/*.json.
 #
 #   scripts/bench.sh                 everything
 #   BENCH_SECONDS=60 scripts/bench.sh
 #   BENCH_CONCURRENCY="64 2048" scripts/bench.sh
+#   BENCH_RATES="450 650" scripts/bench.sh   (also open loops at 450/s and 650/s)
 #   TWOPHASE_BIN=path/to/twophase scripts/bench.sh   (skip the build)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds="${BENCH_SECONDS:-30}"
 read -r -a concurrencies <<<"${BENCH_CONCURRENCY:-64 512 2048}"
+read -r -a rates <<<"${BENCH_RATES:-}"
 out=target/bench
 mkdir -p "$out"
 
@@ -100,6 +102,10 @@ TOML
   rate=$(python3 -c "import sys; print(round(float(sys.argv[1]) / 2, 1))" "$best")
   echo "== $name: open loop at half the maximum ($best completed/s), ${rate}/s, ${seconds}s"
   "$T" bench --rate "$rate" --duration "${seconds}s" --json "$out/$name-open.json"
+  for rate in "${rates[@]}"; do
+    echo "== $name: open loop at ${rate}/s, ${seconds}s"
+    "$T" bench --rate "$rate" --duration "${seconds}s" --json "$out/$name-open-$rate.json"
+  done
   stop_workers
 }
 

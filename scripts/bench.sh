@@ -102,9 +102,10 @@ TOML
   rate=$(python3 -c "import sys; print(round(float(sys.argv[1]) / 2, 1))" "$best")
   echo "== $name: open loop at half the maximum ($best completed/s), ${rate}/s, ${seconds}s"
   "$T" bench --rate "$rate" --duration "${seconds}s" --json "$out/$name-open.json"
-  for rate in "${rates[@]}"; do
-    echo "== $name: open loop at ${rate}/s, ${seconds}s"
-    "$T" bench --rate "$rate" --duration "${seconds}s" --json "$out/$name-open-$rate.json"
+  local fixed
+  for fixed in "${rates[@]}"; do
+    echo "== $name: open loop at ${fixed}/s, ${seconds}s"
+    "$T" bench --rate "$fixed" --duration "${seconds}s" --json "$out/$name-open-$fixed.json"
   done
   stop_workers
 }

@@ -17,8 +17,12 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use tracing::field::{Field, Visit};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::field::{MakeVisitor, RecordFields, VisitOutput};
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
+use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter};
@@ -66,6 +70,7 @@ pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
         .with((!json).then(|| {
             // Colours on a terminal only: a log file gets plain text.
             fmt::layer()
+                .fmt_fields(LogFields)
                 .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr)
         }))
@@ -76,6 +81,85 @@ pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
         EXPORTING.store(true, Ordering::Relaxed);
     }
     Ok(Telemetry { provider })
+}
+
+/// The fields of the human-readable log: as `tracing-subscriber` formats them, without the span
+/// attributes meant for the trace exporter alone. `otel.*` names and kinds the exported span,
+/// and `messaging.system`, `messaging.operation.type` and `messaging.consumer.group.name` are
+/// the same on every line a worker writes; a line keeps the topic, partition, offset and ids
+/// that tell one message from another. (They were most of each line's 600-odd bytes.) The
+/// exported spans and the JSON log keep every attribute.
+#[derive(Debug, Clone, Copy, Default)]
+struct LogFields;
+
+impl LogFields {
+    fn logged(field: &Field) -> bool {
+        let name = field.name();
+        !(name.starts_with("otel.")
+            || matches!(
+                name,
+                "messaging.system" | "messaging.operation.type" | "messaging.consumer.group.name"
+            ))
+    }
+}
+
+impl<'writer> FormatFields<'writer> for LogFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        writer: Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = Logged(DefaultFields::new().make_visitor(writer));
+        fields.record(&mut visitor);
+        visitor.0.finish()
+    }
+}
+
+/// Passes on to the default field formatter only the fields [`LogFields`] logs.
+struct Logged<V>(V);
+
+impl<V: Visit> Visit for Logged<V> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if LogFields::logged(field) {
+            self.0.record_f64(field, value);
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if LogFields::logged(field) {
+            self.0.record_i64(field, value);
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if LogFields::logged(field) {
+            self.0.record_u64(field, value);
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if LogFields::logged(field) {
+            self.0.record_bool(field, value);
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if LogFields::logged(field) {
+            self.0.record_str(field, value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if LogFields::logged(field) {
+            self.0.record_error(field, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if LogFields::logged(field) {
+            self.0.record_debug(field, value);
+        }
+    }
 }
 
 fn export_configured() -> bool {
@@ -307,6 +391,60 @@ mod tests {
         set_trace(&mut c, None);
         let c = c.traceparent.unwrap();
         assert!(trace_id_of(&c).is_some(), "still a valid traceparent: {c}");
+    }
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_leave_out_the_exporters_attributes_and_keep_the_messages_own() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            fmt::layer()
+                .fmt_fields(LogFields)
+                .with_ansi(false)
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "consume",
+                otel.name = "process t.saga.replies",
+                otel.kind = "consumer",
+                messaging.system = "kafka",
+                messaging.operation.type = "process",
+                messaging.destination.name = "t.saga.replies",
+                messaging.consumer.group.name = "t-coordinator",
+                messaging.kafka.partition = 2,
+                messaging.kafka.offset = 48603,
+                transfer.id = tracing::field::Empty,
+            );
+            span.record("transfer.id", "ece51eb8");
+            span.in_scope(|| tracing::info!(status = "completed", "transfer advanced"));
+        });
+        let line = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        for kept in [
+            "consume{messaging.destination.name=\"t.saga.replies\" messaging.kafka.partition=2 \
+             messaging.kafka.offset=48603 transfer.id=\"ece51eb8\"}",
+            "transfer advanced status=\"completed\"",
+        ] {
+            assert!(line.contains(kept), "{kept} missing from {line}");
+        }
+        for left_out in ["otel.", "kafka\"", "process\"", "t-coordinator"] {
+            assert!(!line.contains(left_out), "{left_out} in {line}");
+        }
     }
 
     #[test]

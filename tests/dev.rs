@@ -7,7 +7,8 @@ use std::process::Command;
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-fn twophase(args: &[&str]) -> (i32, String) {
+/// The exit code, stdout and stderr of `twophase args`.
+fn twophase(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_twophase"))
         .args(args)
         .env_remove("TWOPHASE_CONFIG")
@@ -23,11 +24,12 @@ fn twophase(args: &[&str]) -> (i32, String) {
     (
         out.status.code().unwrap(),
         String::from_utf8(out.stdout).unwrap(),
+        stderr.into_owned(),
     )
 }
 
 fn demo(dir: &Path, n: usize) -> Value {
-    let (code, stdout) = twophase(&[
+    let (code, stdout, stderr) = twophase(&[
         "dev",
         "--data-dir",
         dir.to_str().unwrap(),
@@ -37,13 +39,16 @@ fn demo(dir: &Path, n: usize) -> Value {
     ]);
     let summary: Value = serde_json::from_str(&stdout).expect("the summary is JSON");
     assert_eq!(code, 0, "{summary:#}");
+    // A run that went well logs no error, at its end (shutdown) included.
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
     summary
 }
 
 /// Every account with its balance, as `twophase accounts list --json` shows it.
 fn accounts(dir: &Path) -> Vec<(String, Decimal)> {
     let url = format!("sqlite:{}", dir.display());
-    let (code, stdout) = twophase(&["--database-url", &url, "accounts", "list", "--json"]);
+    let (code, stdout, _) = twophase(&["--database-url", &url, "accounts", "list", "--json"]);
     assert_eq!(code, 0);
     let list: Vec<Value> = serde_json::from_str(&stdout).unwrap();
     list.iter()

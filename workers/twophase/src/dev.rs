@@ -176,6 +176,9 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
         result??;
     }
     accounts_db.close().await;
+    // Every client goes before the cluster it talks to, or its last words are an error that
+    // all brokers are down.
+    drop(publisher);
     drop(broker);
     Ok(code)
 }

@@ -11,6 +11,9 @@
 #   BENCH_SECONDS=60 scripts/bench.sh
 #   BENCH_CONCURRENCY="64 2048" scripts/bench.sh
 #   BENCH_RATES="450 650" scripts/bench.sh   (also open loops at 450/s and 650/s)
+#   BENCH_PARTITIONS=copies scripts/bench.sh (each topic gets as many partitions as the set-up
+#                                             runs copies of a worker: 1, then 2; a number
+#                                             sets it for both; by default the project's 4)
 #   TWOPHASE_BIN=path/to/twophase scripts/bench.sh   (skip the build)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,6 +21,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seconds="${BENCH_SECONDS:-30}"
 read -r -a concurrencies <<<"${BENCH_CONCURRENCY:-64 512 2048}"
 read -r -a rates <<<"${BENCH_RATES:-}"
+partitions="${BENCH_PARTITIONS:-}"
+if [[ -n $partitions && $partitions != copies && ! $partitions =~ ^[1-9][0-9]*$ ]]; then
+  echo "bench.sh: BENCH_PARTITIONS must be a number or 'copies', not '$partitions'" >&2
+  exit 2
+fi
 out=target/bench
 mkdir -p "$out"
 
@@ -67,6 +75,11 @@ run_setup() {
   export TWOPHASE_KAFKA__BROKERS="$brokers"
   export TWOPHASE_KAFKA__TOPIC_PREFIX="$id."
   export TWOPHASE_KAFKA__GROUP_PREFIX="$id"
+  case "$partitions" in
+    "") ;;
+    copies) export TWOPHASE_KAFKA__PARTITIONS="$account_workers" ;;
+    *) export TWOPHASE_KAFKA__PARTITIONS="$partitions" ;;
+  esac
   # The workload sends from each of its 100 accounts far faster, and more in a day, than the
   # risk rules allow a person: up to 1,000 a second from one account, and no daily limit to
   # speak of. The velocity window is a second so that, as with the default rule (30 a
@@ -116,6 +129,7 @@ run_setup two-account-workers 2
 echo "== embedded default: twophase dev --demo 5000"
 # The embedded default as a newcomer gets it: none of the set-ups' settings.
 env -u TWOPHASE_DATABASE_URL -u TWOPHASE_KAFKA__BROKERS -u TWOPHASE_KAFKA__TOPIC_PREFIX \
-  -u TWOPHASE_KAFKA__GROUP_PREFIX -u TWOPHASE_CONFIG -u TWOPHASE_METRICS_LISTEN \
+  -u TWOPHASE_KAFKA__GROUP_PREFIX -u TWOPHASE_KAFKA__PARTITIONS -u TWOPHASE_CONFIG \
+  -u TWOPHASE_METRICS_LISTEN \
   "$T" dev --data-dir "$(mktemp -d)" --demo 5000 --json >"$out/embedded.json"
 python3 -c "import json; s=json.load(open('$out/embedded.json')); print({k: s[k] for k in ('terminal', 'transfers_per_second', 'latency_p50_ms', 'latency_p99_ms')})"

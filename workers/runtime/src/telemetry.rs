@@ -87,7 +87,7 @@ pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
 /// attributes meant for the trace exporter alone. `otel.*` names and kinds the exported span,
 /// and `messaging.system`, `messaging.operation.type` and `messaging.consumer.group.name` are
 /// the same on every line a worker writes; a line keeps the topic, partition, offset and ids
-/// that tell one message from another. (They were most of each line's 600-odd bytes.) The
+/// that tell one message from another. (They were nearly a third of each 600-odd-byte line.) The
 /// exported spans and the JSON log keep every attribute.
 #[derive(Debug, Clone, Copy, Default)]
 struct LogFields;

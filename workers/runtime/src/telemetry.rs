@@ -67,13 +67,8 @@ pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
     let result = tracing_subscriber::registry()
         .with(filter)
         .with(json.then(|| fmt::layer().json().with_writer(std::io::stderr)))
-        .with((!json).then(|| {
-            // Colours on a terminal only: a log file gets plain text.
-            fmt::layer()
-                .fmt_fields(LogFields)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr)
-        }))
+        // Colours on a terminal only: a log file gets plain text.
+        .with((!json).then(|| text_layer(std::io::stderr, std::io::stderr().is_terminal())))
         .with(otel)
         .try_init();
     // A second init (tests starting several workers in one process) keeps the first.
@@ -81,6 +76,18 @@ pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
         EXPORTING.store(true, Ordering::Relaxed);
     }
     Ok(Telemetry { provider })
+}
+
+/// The human-readable log, written to `writer`, in colour if `ansi`.
+fn text_layer<S, W>(writer: W, ansi: bool) -> fmt::Layer<S, LogFields, fmt::format::Format, W>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    W: for<'w> fmt::MakeWriter<'w> + 'static,
+{
+    fmt::layer()
+        .fmt_fields(LogFields)
+        .with_ansi(ansi)
+        .with_writer(writer)
 }
 
 /// The fields of the human-readable log: as `tracing-subscriber` formats them, without the span
@@ -390,12 +397,8 @@ mod tests {
     fn log_lines_leave_out_the_exporters_attributes_and_keep_the_messages_own() {
         let buffer = Buffer::default();
         let writer = buffer.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            fmt::layer()
-                .fmt_fields(LogFields)
-                .with_ansi(false)
-                .with_writer(move || writer.clone()),
-        );
+        let subscriber =
+            tracing_subscriber::registry().with(text_layer(move || writer.clone(), false));
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "consume",

@@ -154,15 +154,31 @@ struct Pending {
 
 impl Sagas {
     /// Reads and locks the rows of `transfer_ids` (those that exist), in id order.
+    ///
+    /// On PostgreSQL the ids go as one array: one text whatever the batch holds, planned once
+    /// per connection. A list of placeholders was a text per batch size, and PostgreSQL
+    /// planned it again at every run.
     pub async fn lock(tx: &mut Tx, transfer_ids: &[Uuid]) -> Result<Sagas, sqlx::Error> {
         let mut ids = transfer_ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        let sql = format!(
-            "SELECT {COLUMNS} FROM transfers WHERE transfer_id IN ({{rows}})
-             ORDER BY transfer_id FOR UPDATE"
-        );
-        let found = query_rows!(tx, Row, &sql, &ids, |id| (*id))?;
+        let found: Vec<Row> = match tx {
+            _ if ids.is_empty() => Vec::new(),
+            Tx::Postgres(tx) => {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM transfers WHERE transfer_id = ANY($1)
+                     ORDER BY transfer_id FOR UPDATE"
+                );
+                sqlx::query_as(&sql).bind(&ids).fetch_all(&mut **tx).await?
+            }
+            Tx::Sqlite(_) => {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM transfers WHERE transfer_id IN ({{rows}})
+                     ORDER BY transfer_id FOR UPDATE"
+                );
+                query_rows!(tx, Row, &sql, &ids, |id| (*id))?
+            }
+        };
         let mut rows = HashMap::with_capacity(found.len());
         for row in found {
             let stored = Stored::try_from(row)?;

@@ -162,22 +162,24 @@ impl Sagas {
         let mut ids = transfer_ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
+        if ids.is_empty() {
+            return Ok(Sagas::default());
+        }
+        // The stores differ only in how the ids are given.
+        let select = |ids_given: &str| {
+            format!(
+                "SELECT {COLUMNS} FROM transfers WHERE transfer_id {ids_given}
+                 ORDER BY transfer_id FOR UPDATE"
+            )
+        };
         let found: Vec<Row> = match tx {
-            _ if ids.is_empty() => Vec::new(),
             Tx::Postgres(tx) => {
-                let sql = format!(
-                    "SELECT {COLUMNS} FROM transfers WHERE transfer_id = ANY($1)
-                     ORDER BY transfer_id FOR UPDATE"
-                );
-                sqlx::query_as(&sql).bind(&ids).fetch_all(&mut **tx).await?
+                sqlx::query_as(&select("= ANY($1)"))
+                    .bind(&ids)
+                    .fetch_all(&mut **tx)
+                    .await?
             }
-            Tx::Sqlite(_) => {
-                let sql = format!(
-                    "SELECT {COLUMNS} FROM transfers WHERE transfer_id IN ({{rows}})
-                     ORDER BY transfer_id FOR UPDATE"
-                );
-                query_rows!(tx, Row, &sql, &ids, |id| (*id))?
-            }
+            Tx::Sqlite(_) => query_rows!(tx, Row, &select("IN ({rows})"), &ids, |id| (*id))?,
         };
         let mut rows = HashMap::with_capacity(found.len());
         for row in found {

@@ -174,10 +174,9 @@ async fn worker(services: Services<'_>) -> anyhow::Result<u8> {
         .metrics_listen
         .filter(|m| *m != services.audit.listen)
     {
-        let bound = http::serve(metrics, health.clone(), token.clone())
+        http::serve(metrics, health.clone(), token.clone())
             .await
             .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
-        tracing::info!(%bound, "serving /metrics and /healthz");
     }
     let settings = consumer::Settings {
         kafka: services.kafka.clone(),

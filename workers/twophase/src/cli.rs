@@ -377,10 +377,9 @@ async fn start_worker(
     let listen = config
         .metrics_listen
         .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], default_port)));
-    let bound = http::serve(listen, settings.health.clone(), token.clone())
+    http::serve(listen, settings.health.clone(), token.clone())
         .await
         .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
-    tracing::info!(%bound, worker = settings.name, "serving /metrics and /healthz");
     Ok((publisher, token))
 }
 

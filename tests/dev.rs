@@ -69,6 +69,10 @@ fn the_demo_settles_every_transfer_and_a_restart_keeps_the_books() {
     assert_eq!(first["terminal"], 200, "{first:#}");
     assert_eq!(first["discrepancies"], Value::Array(vec![]), "{first:#}");
     assert_eq!(first["accounts_checked"], 21);
+    // The first transfer went out once the workers held their partitions, and the summary
+    // says how long that took.
+    let ready = first["workers_ready_seconds"].as_f64();
+    assert!(ready.is_some_and(|s| s > 0.0), "{first:#}");
     // The reconciler's report for the day: clean, with the demo's completed transfers counted.
     let reconciliation = &first["reconciliation"];
     assert_eq!(reconciliation["status"], "completed", "{reconciliation:#}");

@@ -8,7 +8,6 @@
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use axum::{Json, Router};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
@@ -43,7 +43,7 @@ pub struct Health {
 }
 
 struct HealthInner {
-    assigned: AtomicBool,
+    assigned: watch::Sender<bool>,
     database: Option<DatabaseCheck>,
     database_timeout: Duration,
 }
@@ -84,8 +84,6 @@ impl Health {
         Health::build(Some(check), DEFAULT_DATABASE_TIMEOUT)
     }
 
-    /// The same checks with another limit on the database's answer. A builder step: clones
-    /// taken before it do not share the new handle's state.
     /// A handle whose database check pings `db`.
     pub fn of_database(db: &crate::db::Db) -> Health {
         let db = db.clone();
@@ -101,6 +99,8 @@ impl Health {
         })
     }
 
+    /// The same checks with another limit on the database's answer. A builder step: clones
+    /// taken before it do not share the new handle's state.
     pub fn database_timeout(self, timeout: Duration) -> Health {
         let database = self.inner.database.clone();
         let health = Health::build(database, timeout);
@@ -111,7 +111,7 @@ impl Health {
     fn build(database: Option<DatabaseCheck>, database_timeout: Duration) -> Health {
         Health {
             inner: Arc::new(HealthInner {
-                assigned: AtomicBool::new(false),
+                assigned: watch::Sender::new(false),
                 database,
                 database_timeout,
             }),
@@ -120,11 +120,18 @@ impl Health {
 
     /// Whether the consumer holds at least one partition; set from the rebalance callback.
     pub fn set_assigned(&self, assigned: bool) {
-        self.inner.assigned.store(assigned, Ordering::Relaxed);
+        self.inner.assigned.send_replace(assigned);
     }
 
     pub fn is_assigned(&self) -> bool {
-        self.inner.assigned.load(Ordering::Relaxed)
+        *self.inner.assigned.borrow()
+    }
+
+    /// Resolves once the consumer holds at least one partition (at once if it does now).
+    pub async fn assigned(&self) {
+        let mut assigned = self.inner.assigned.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = assigned.wait_for(|assigned| *assigned).await;
     }
 
     /// Runs the checks.
@@ -222,7 +229,7 @@ async fn healthz(State(health): State<Health>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -249,6 +256,24 @@ mod tests {
             .await
             .unwrap();
         (addr, shutdown)
+    }
+
+    #[tokio::test]
+    async fn assigned_resolves_once_a_clone_reports_an_assignment() {
+        let health = Health::new();
+        let rebalance_callback = health.clone();
+        let waiting = health.assigned();
+        tokio::pin!(waiting);
+        assert!(
+            futures::poll!(&mut waiting).is_pending(),
+            "no partitions yet: still waiting"
+        );
+        rebalance_callback.set_assigned(true);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the assignment ends the wait");
+        // Already assigned: no wait at all.
+        assert!(health.assigned().now_or_never().is_some());
     }
 
     #[tokio::test]

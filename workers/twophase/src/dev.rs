@@ -3,8 +3,9 @@
 //! It starts librdkafka's mock cluster in process, keeps every worker's state in SQLite files
 //! under a data directory, runs the coordinator, account, risk and audit workers on them (the
 //! same code as in production; only the connection strings differ), serves the audit API with
-//! `/metrics` and `/healthz`, and opens demo accounts on first start. With `--demo N` it also publishes N random transfers, shows their progress and
-//! ends with a summary.
+//! `/metrics` and `/healthz`, and opens demo accounts on first start. With `--demo N` it also
+//! publishes N random transfers once the workers hold their partitions, shows their progress
+//! and ends with a summary.
 //!
 //! The mock cluster keeps messages in memory only, so a restart begins with an empty broker
 //! while SQLite keeps balances and history. Transfers caught in flight by a restart heal on
@@ -34,6 +35,8 @@ use crate::config::Config;
 /// Balance of each demo account when it is opened.
 const DEMO_BALANCE: &str = "10000.00";
 const DEMO_ACCOUNTS: usize = 20;
+/// How long the demo waits for the workers to hold their partitions.
+const READY_WITHIN: Duration = Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
@@ -53,6 +56,9 @@ pub struct DevArgs {
 #[derive(Debug, Serialize)]
 pub struct Summary {
     pub transfers: usize,
+    /// Seconds from the workers' start until each saga worker held its partitions, before the
+    /// first transfer was sent: not part of `seconds` nor of any latency.
+    pub workers_ready_seconds: f64,
     /// Transfers that reached an outcome.
     pub terminal: usize,
     /// Outcomes by `status` or `status/reason`.
@@ -79,11 +85,13 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
         .await
         .with_context(|| format!("preparing the data directory {}", args.data_dir.display()))?;
     let accounts_db = Db::connect(&config.database_url, twophase_account::SCHEMA, 1).await?;
-    let (active, frozen) = demo_accounts(&accounts_db).await?;
+    let accounts = demo_accounts(&accounts_db).await?;
 
     let shutdown = shutdown::on_signal();
     let publisher = Publisher::new(&config.kafka)?;
-    let (mut workers, health) = start_workers(&config, &publisher, &shutdown).await?;
+    let (mut workers, saga_workers) = start_workers(&config, &publisher, &shutdown).await?;
+    // `/healthz` reports the coordinator's.
+    let health = saga_workers.coordinator.clone();
     // One address serves the audit API beside /metrics and /healthz.
     let listen = config
         .metrics_listen
@@ -126,12 +134,13 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     eprintln!("  metrics    http://{http}/metrics   health http://{http}/healthz");
     eprintln!("  audit      http://{http}/audit/logs   http://{http}/transfers/ID/timeline");
     eprintln!(
-        "  accounts   {} demo accounts with {DEMO_BALANCE} USD each, and {frozen} (frozen)",
-        active.len()
+        "  accounts   {} demo accounts with {DEMO_BALANCE} USD each, and {} (frozen)",
+        accounts.active.len(),
+        accounts.frozen
     );
     eprintln!(
         "  try        twophase --brokers {} transfer --from {} --to {} --amount 12.34 --currency USD --wait",
-        config.kafka.brokers, active[0], active[1]
+        config.kafka.brokers, accounts.active[0], accounts.active[1]
     );
 
     let code = match args.demo {
@@ -141,8 +150,8 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
                 &reconciler,
                 &publisher,
                 &accounts_db,
-                &active,
-                frozen,
+                &saga_workers,
+                &accounts,
                 n,
             )
             .await;
@@ -183,13 +192,33 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
-/// Starts every worker on its own pool; returns them with the coordinator's health handle,
-/// which `/healthz` serves.
+/// The health handles of the saga workers, each set from its consumer's rebalance callback.
+struct SagaWorkers {
+    /// When they were started.
+    started: Instant,
+    coordinator: http::Health,
+    account: http::Health,
+    risk: http::Health,
+}
+
+impl SagaWorkers {
+    /// Resolves once each of them holds its partitions. A new consumer group gets them only
+    /// after the embedded broker's `group.initial.rebalance.delay.ms` (3 s, Kafka's default).
+    async fn ready(&self) {
+        tokio::join!(
+            self.coordinator.assigned(),
+            self.account.assigned(),
+            self.risk.assigned()
+        );
+    }
+}
+
+/// Starts every worker on its own pool; returns them with their health handles.
 async fn start_workers(
     config: &Config,
     publisher: &Publisher,
     shutdown: &CancellationToken,
-) -> anyhow::Result<(JoinSet<anyhow::Result<()>>, http::Health)> {
+) -> anyhow::Result<(JoinSet<anyhow::Result<()>>, SagaWorkers)> {
     use twophase_account::AccountWorker;
     use twophase_coordinator::Coordinator;
     use twophase_risk::RiskWorker;
@@ -197,11 +226,19 @@ async fn start_workers(
     let connect =
         |schema: &'static str| Db::connect_for(&config.database_url, schema, 1, Lookups::Keyed);
     let (kafka, retry) = (&config.kafka, &config.retry);
+    let started = Instant::now();
     let mut set = JoinSet::new();
     let coordinator_db = connect(twophase_coordinator::SCHEMA).await?;
     let mut coordinator = Coordinator::settings(kafka.clone(), retry.clone());
     coordinator.health = http::Health::of_database(&coordinator_db);
-    let health = coordinator.health.clone();
+    let account = AccountWorker::settings(kafka.clone(), retry.clone());
+    let risk = RiskWorker::settings(kafka.clone(), retry.clone());
+    let health = SagaWorkers {
+        started,
+        coordinator: coordinator.health.clone(),
+        account: account.health.clone(),
+        risk: risk.health.clone(),
+    };
     set.spawn(Coordinator::run(
         coordinator_db,
         config.coordinator.clone(),
@@ -211,23 +248,30 @@ async fn start_workers(
     ));
     set.spawn(AccountWorker::run(
         connect(twophase_account::SCHEMA).await?,
-        AccountWorker::settings(kafka.clone(), retry.clone()),
+        account,
         publisher.clone(),
         shutdown.clone(),
     ));
     set.spawn(RiskWorker::run(
         connect(twophase_risk::SCHEMA).await?,
         config.risk.clone(),
-        RiskWorker::settings(kafka.clone(), retry.clone()),
+        risk,
         publisher.clone(),
         shutdown.clone(),
     ));
     Ok((set, health))
 }
 
-/// The demo accounts: opened on first start, found again afterwards. Returns the active ones
-/// and one frozen account, which refuses credits (so some demo transfers fail their votes).
-async fn demo_accounts(db: &Db) -> anyhow::Result<(Vec<Uuid>, Uuid)> {
+/// The demo's accounts.
+struct DemoAccounts {
+    /// At least two.
+    active: Vec<Uuid>,
+    /// It refuses credits, so some demo transfers fail their votes.
+    frozen: Uuid,
+}
+
+/// The demo accounts: opened on first start, found again afterwards.
+async fn demo_accounts(db: &Db) -> anyhow::Result<DemoAccounts> {
     let mut accounts = store::list(db).await?;
     if accounts.is_empty() {
         for _ in 0..DEMO_ACCOUNTS {
@@ -248,7 +292,7 @@ async fn demo_accounts(db: &Db) -> anyhow::Result<(Vec<Uuid>, Uuid)> {
         .find(|a| a.status == "frozen")
         .map(|a| a.account_id);
     match (active.len(), frozen) {
-        (2.., Some(frozen)) => Ok((active, frozen)),
+        (2.., Some(frozen)) => Ok(DemoAccounts { active, frozen }),
         _ => anyhow::bail!(
             "the data directory holds accounts that are not the demo's; use another --data-dir"
         ),
@@ -257,12 +301,8 @@ async fn demo_accounts(db: &Db) -> anyhow::Result<(Vec<Uuid>, Uuid)> {
 
 /// A random transfer request: mostly valid, one in fifty invalid, one in thirty to the frozen
 /// account.
-fn random_request(
-    rng: &mut impl Rng,
-    i: usize,
-    active: &[Uuid],
-    frozen: Uuid,
-) -> TransferRequested {
+fn random_request(rng: &mut impl Rng, i: usize, accounts: &DemoAccounts) -> TransferRequested {
+    let DemoAccounts { active, frozen } = accounts;
     let from = active[rng.random_range(0..active.len())];
     let mut to = active[rng.random_range(0..active.len())];
     while to == from {
@@ -273,7 +313,7 @@ fn random_request(
     if i % 50 == 7 {
         amount = "0.001".into();
     } else if i % 30 == 3 {
-        to = frozen;
+        to = *frozen;
     }
     TransferRequested {
         transfer_id: Uuid::new_v4().to_string(),
@@ -290,13 +330,24 @@ async fn demo(
     reconciler: &twophase_reconciler::Settings,
     publisher: &Publisher,
     accounts_db: &Db,
-    active: &[Uuid],
-    frozen: Uuid,
+    saga_workers: &SagaWorkers,
+    accounts: &DemoAccounts,
     n: usize,
 ) -> anyhow::Result<Summary> {
+    // Transfers sent before the workers hold their partitions would wait for them, and the
+    // summary would time the start-up rather than the transfers.
+    tokio::time::timeout(READY_WITHIN, saga_workers.ready())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the workers held no partitions {} s after starting",
+                READY_WITHIN.as_secs()
+            )
+        })?;
+    let workers_ready_seconds = saga_workers.started.elapsed().as_secs_f64();
     let mut rng = rand::rng();
     let requests: Vec<TransferRequested> = (0..n)
-        .map(|i| random_request(&mut rng, i, active, frozen))
+        .map(|i| random_request(&mut rng, i, accounts))
         .collect();
     let watcher = OutcomeWatcher::start(&config.kafka).await?;
     let bar = ProgressBar::new(n as u64).with_style(
@@ -352,6 +403,7 @@ async fn demo(
     let reconciliation = twophase_reconciler::reconcile(reconciler, today).await;
     Ok(Summary {
         transfers: n,
+        workers_ready_seconds,
         terminal,
         outcomes,
         latency_p50_ms: latencies.value_at_quantile(0.5),
@@ -367,8 +419,8 @@ async fn demo(
 
 fn print_summary(s: &Summary) {
     println!(
-        "{} of {} transfers settled in {:.1} s ({:.0} transfers/s)",
-        s.terminal, s.transfers, s.seconds, s.transfers_per_second
+        "workers ready after {:.1} s; {} of {} transfers settled in {:.1} s ({:.0} transfers/s)",
+        s.workers_ready_seconds, s.terminal, s.transfers, s.seconds, s.transfers_per_second
     );
     for (outcome, count) in &s.outcomes {
         println!("  {count:>6}  {outcome}");

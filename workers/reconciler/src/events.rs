@@ -10,7 +10,7 @@ use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use twophase_messages::{Envelope, Message};
-use twophase_runtime::kafka::client_config;
+use twophase_runtime::kafka::consumer_config;
 use twophase_runtime::KafkaConfig;
 use uuid::Uuid;
 
@@ -128,7 +128,7 @@ pub(crate) fn read_outcomes(
         topic: topic.to_owned(),
         source,
     };
-    let consumer: BaseConsumer = client_config(kafka)
+    let consumer: BaseConsumer = consumer_config(kafka)
         // A group id is required of a consumer, but it never joins the group nor commits.
         .set(
             "group.id",

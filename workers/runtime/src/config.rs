@@ -59,6 +59,10 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// Extra librdkafka properties for every client, e.g. `"security.protocol" = "SSL"`.
     pub properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties for consumers only, on top of `properties`, e.g.
+    /// `"fetch.wait.max.ms" = "100"` (librdkafka warns of a consumer property given to a
+    /// producer).
+    pub consumer_properties: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -70,6 +74,7 @@ impl Default for KafkaConfig {
             partitions: 4,
             replication_factor: 1,
             properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
         }
     }
 }

@@ -23,6 +23,16 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
+/// The base configuration of a consumer: [`client_config`] plus the user's consumer-only
+/// properties.
+pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = client_config(kafka);
+    for (key, value) in &kafka.consumer_properties {
+        config.set(key, value);
+    }
+    config
+}
+
 /// Tuning defaults, each set unless the user's `kafka.properties` names it. Settings that
 /// correctness depends on (idempotence, acks, manual offset storage) are set outright instead.
 pub fn with_defaults<'a>(

@@ -35,7 +35,7 @@ use crate::config::{KafkaConfig, RetryConfig};
 use crate::db::{Db, Tx};
 use crate::error::HandlerError;
 use crate::http::Health;
-use crate::kafka::{client_config, with_defaults, Outgoing, Publisher};
+use crate::kafka::{consumer_config, with_defaults, Outgoing, Publisher};
 use crate::metrics;
 use crate::telemetry;
 
@@ -248,7 +248,7 @@ pub fn member_config(
     name: &str,
     retry: &RetryConfig,
 ) -> ClientConfig {
-    let mut config = client_config(kafka);
+    let mut config = consumer_config(kafka);
     with_defaults(
         &mut config,
         &[

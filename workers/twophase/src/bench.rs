@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use twophase_account::store;
 use twophase_messages::TransferRequested;
 use twophase_runtime::db::{Db, Timestamp};
-use twophase_runtime::kafka::client_config;
+use twophase_runtime::kafka::consumer_config;
 use twophase_runtime::{execute, execute_rows, KafkaConfig, Publisher};
 use uuid::Uuid;
 
@@ -491,7 +491,7 @@ async fn broker_ceiling(
     .await?;
     let producer: FutureProducer = twophase_runtime::kafka::producer_config(kafka).create()?;
     let consumer = |group: &str, topics: &[&str]| -> anyhow::Result<StreamConsumer> {
-        let c: StreamConsumer = client_config(kafka)
+        let c: StreamConsumer = consumer_config(kafka)
             .set("group.id", format!("bench-ceiling-{run}-{group}"))
             .set("auto.offset.reset", "earliest")
             .create()?;

@@ -9,7 +9,7 @@ use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::Instrument;
 use twophase_messages::{Envelope, Message, Topics, TransferRequested};
-use twophase_runtime::kafka::client_config;
+use twophase_runtime::kafka::consumer_config;
 use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
 
 /// A transfer's outcome as a producer sees it.
@@ -80,7 +80,7 @@ impl TopicTail {
     /// Starts at the current end of every partition of `topic`, so that nothing published
     /// after this returns is missed.
     pub async fn start(kafka: &KafkaConfig, topic: String) -> anyhow::Result<TopicTail> {
-        let consumer: StreamConsumer = client_config(kafka)
+        let consumer: StreamConsumer = consumer_config(kafka)
             .set(
                 "group.id",
                 format!("twophase-tail-{}", uuid::Uuid::new_v4()),

@@ -35,6 +35,8 @@ use crate::config::Config;
 /// Balance of each demo account when it is opened.
 const DEMO_BALANCE: &str = "10000.00";
 const DEMO_ACCOUNTS: usize = 20;
+/// The longest a consumer's fetch waits on the embedded broker, in milliseconds.
+const EMBEDDED_FETCH_WAIT_MS: &str = "25";
 /// How long the demo waits for the workers to hold their partitions.
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
@@ -80,6 +82,14 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     let broker = EmbeddedBroker::start(&topics.all(), config.kafka.partitions)
         .context("starting the embedded Kafka cluster")?;
     config.kafka.brokers = broker.bootstrap_servers().to_owned();
+    // A fetch that finds nothing new waits out `fetch.wait.max.ms` on the embedded broker
+    // (librdkafka's mock cluster does not answer early when a message arrives meanwhile, as
+    // Kafka does), so with the default 500 ms each hop of a transfer could take half a second.
+    config
+        .kafka
+        .consumer_properties
+        .entry("fetch.wait.max.ms".into())
+        .or_insert_with(|| EMBEDDED_FETCH_WAIT_MS.into());
     config.database_url = format!("sqlite:{}", args.data_dir.display());
     db::migrate(&config.database_url)
         .await

@@ -26,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use twophase_messages::envelope::headers;
 use twophase_messages::{Envelope, Topics};
-use twophase_runtime::kafka::{self, client_config};
+use twophase_runtime::kafka::{self, consumer_config};
 use twophase_runtime::telemetry;
 use twophase_runtime::worker::dlq_headers;
 use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
@@ -373,7 +373,7 @@ fn read_blocking(
     since: Option<DateTime<Utc>>,
 ) -> anyhow::Result<Vec<DeadLetter>> {
     let timeout = Duration::from_secs(10);
-    let consumer: BaseConsumer = client_config(kafka)
+    let consumer: BaseConsumer = consumer_config(kafka)
         // A group id only because librdkafka routes fetched records through the group queue:
         // the client only assign()s, so it never joins this group and commits nothing to it.
         .set(

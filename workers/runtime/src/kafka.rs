@@ -253,4 +253,36 @@ mod tests {
         assert_eq!(config.get("linger.ms"), Some("20"));
         assert_eq!(config.get("message.timeout.ms"), Some("30000"));
     }
+
+    #[test]
+    fn consumer_properties_reach_consumers_only_and_win_over_the_shared_ones() {
+        let kafka = KafkaConfig {
+            properties: [
+                ("fetch.wait.max.ms".to_owned(), "100".to_owned()),
+                ("socket.timeout.ms".to_owned(), "5000".to_owned()),
+            ]
+            .into(),
+            consumer_properties: [
+                ("fetch.wait.max.ms".to_owned(), "25".to_owned()),
+                ("session.timeout.ms".to_owned(), "30000".to_owned()),
+            ]
+            .into(),
+            ..KafkaConfig::default()
+        };
+        let consumer = consumer_config(&kafka);
+        assert_eq!(consumer.get("fetch.wait.max.ms"), Some("25"));
+        assert_eq!(consumer.get("socket.timeout.ms"), Some("5000"));
+        // A worker's own tuning defaults give way to them too.
+        let member = crate::worker::member_config(
+            &kafka,
+            "group",
+            "test",
+            &crate::config::RetryConfig::default(),
+        );
+        assert_eq!(member.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(member.get("fetch.wait.max.ms"), Some("25"));
+        let producer = producer_config(&kafka);
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        assert_eq!(producer.get("fetch.wait.max.ms"), Some("100"));
+    }
 }

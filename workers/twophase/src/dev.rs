@@ -180,6 +180,14 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
         }
         None => {
             eprintln!("  Ctrl-C stops");
+            // Transfers sent before this line wait for it; none is lost.
+            tokio::spawn(async move {
+                saga_workers.ready().await;
+                eprintln!(
+                    "  ready      the workers hold their partitions ({:.1} s)",
+                    saga_workers.started.elapsed().as_secs_f64()
+                );
+            });
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 // A worker that stops on its own is an error: take everything down.

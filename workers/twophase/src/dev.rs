@@ -358,7 +358,8 @@ async fn demo(
         .await
         .map_err(|_| {
             anyhow::anyhow!(
-                "the workers held no partitions {} s after starting",
+                "the coordinator, account and risk workers did not all hold their partitions \
+                 {} s after starting",
                 READY_WITHIN.as_secs()
             )
         })?;

@@ -12,8 +12,8 @@
 //!
 //! `--ceiling` measures, in the same run, what the same machine allows with no logic at all: the
 //! saga's twelve messages per transfer pushed through the same broker in the same produce →
-//! consume → produce pattern, and the database's commit rate for the same number of
-//! transactions per transfer.
+//! consume → produce pattern, and the rows per second the database takes when written as the
+//! workers write a batch, as many rows per transfer as the saga writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,6 @@
 //! Kafka clients: the producer every worker publishes with, consumers, topic creation.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -17,9 +18,7 @@ use crate::telemetry;
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);
-    for (key, value) in &kafka.properties {
-        config.set(key, value);
-    }
+    set_all(&mut config, &kafka.properties);
     config
 }
 
@@ -27,14 +26,19 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
 /// properties.
 pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut config = client_config(kafka);
-    for (key, value) in &kafka.consumer_properties {
-        config.set(key, value);
-    }
+    set_all(&mut config, &kafka.consumer_properties);
     config
 }
 
-/// Tuning defaults, each set unless the user's `kafka.properties` names it. Settings that
-/// correctness depends on (idempotence, acks, manual offset storage) are set outright instead.
+fn set_all(config: &mut ClientConfig, properties: &BTreeMap<String, String>) {
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+}
+
+/// Tuning defaults, each set unless the user's properties name it (`kafka.properties`, and for
+/// a consumer `kafka.consumer_properties`). Settings that correctness depends on (idempotence,
+/// acks, manual offset storage) are set outright instead.
 pub fn with_defaults<'a>(
     config: &'a mut ClientConfig,
     defaults: &[(&str, &str)],

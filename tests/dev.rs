@@ -107,3 +107,37 @@ fn the_demo_settles_every_transfer_and_a_restart_keeps_the_books() {
     let total: Decimal = accounts(&dir).iter().map(|a| a.1).sum();
     assert_eq!(total, Decimal::from(200_000));
 }
+
+#[test]
+fn a_worker_that_cannot_start_ends_the_demo_with_its_own_error() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A typo in a consumer property: librdkafka refuses it when each worker creates its
+    // consumer, after the demo has started waiting for the workers.
+    let config = dir.join("typo.toml");
+    std::fs::write(
+        &config,
+        "[kafka.consumer_properties]\n\"fetch.wait.max.mss\" = \"10\"\n",
+    )
+    .unwrap();
+    let data = dir.join("data");
+    let (code, stdout, stderr) = twophase(&[
+        "--config",
+        config.to_str().unwrap(),
+        "dev",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--demo",
+        "5",
+        "--json",
+    ]);
+    assert_ne!(code, 0, "{stdout}");
+    assert!(stdout.is_empty(), "no summary: {stdout}");
+    // The user is told what the worker was told, not that the workers are late.
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr}"));
+    assert!(error.contains("Kafka consumer"), "{error}");
+    assert!(error.contains("fetch.wait.max.mss"), "{error}");
+}

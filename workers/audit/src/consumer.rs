@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use chrono::Utc;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -87,7 +88,8 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
             "auto.commit.interval.ms",
             settings.commit_interval.as_millis().max(1).to_string(),
         )
-        .create_with_context(context)?;
+        .create_with_context(context)
+        .context("the audit worker's Kafka consumer")?;
     let topics = topics(&settings.kafka);
     let pattern = replays_pattern(&settings.kafka.topic_prefix);
     let mut subscription: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context as _;
 use chrono::Utc;
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
@@ -304,7 +305,8 @@ pub async fn run<H: Handler>(
         settings.name,
         &settings.retry,
     )
-    .create_with_context(context)?;
+    .create_with_context(context)
+    .with_context(|| format!("the {} worker's Kafka consumer", settings.name))?;
     metrics::init_worker(settings.name, &settings.topics);
     // A poison message waits for its dead-letter topic to take it: make sure each exists.
     let dead_letters: Vec<String> = settings

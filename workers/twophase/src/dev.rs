@@ -155,16 +155,24 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
 
     let code = match args.demo {
         Some(n) => {
-            let summary = demo(
-                &config,
-                &reconciler,
-                &publisher,
-                &accounts_db,
-                &saga_workers,
-                &accounts,
-                n,
-            )
-            .await;
+            let summary = tokio::select! {
+                summary = demo(
+                    &config,
+                    &reconciler,
+                    &publisher,
+                    &accounts_db,
+                    &saga_workers,
+                    &accounts,
+                    n,
+                ) => summary,
+                // A worker that stops on its own ends the demo with its error at once, rather
+                // than leaving the demo to wait out its deadline for transfers nobody settles.
+                Some(result) = workers.join_next() => Err(match result {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => anyhow::anyhow!("a worker stopped before the demo was done"),
+                    Err(e) => e.into(),
+                }),
+            };
             shutdown.cancel();
             let summary = summary?;
             if args.json {

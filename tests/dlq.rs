@@ -172,7 +172,11 @@ struct Poison {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on() {
     let mut env = TestEnv::new("poison").await;
-    env.start_all(1);
+    let coordinator_port = common::free_port();
+    let listen = format!("127.0.0.1:{coordinator_port}");
+    env.start_with("coordinator", &[("TWOPHASE_METRICS_LISTEN", &listen)]);
+    env.start("account");
+    env.start("risk");
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;
     let raw = RawProducer::new(&env);
@@ -385,6 +389,27 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
         list(&env, "saga.commands.risk", &[]).await,
         Vec::<Value>::new()
     );
+
+    // The coordinator counts what it set aside, by topic and class, for the dead-letter alert.
+    let counted = |topic: String, class: &'static str| async move {
+        let series = [("topic", topic.as_str()), ("error_class", class)];
+        common::metric(coordinator_port, "twophase_dead_letters_total", &series).await
+    };
+    assert_eq!(counted(topics.requests(), "decode").await, Some(4.0));
+    assert_eq!(counted(topics.replies(), "permanent").await, Some(1.0));
+    assert_eq!(counted(topics.requests(), "permanent").await, Some(0.0));
+    let handled = [
+        ("worker", "coordinator"),
+        ("topic", &*topics.requests()),
+        ("outcome", "dead_lettered"),
+    ];
+    let dead_lettered = common::metric(
+        coordinator_port,
+        "twophase_messages_handled_total",
+        &handled,
+    )
+    .await;
+    assert_eq!(dead_lettered, Some(4.0));
 
     // --limit keeps the oldest; --since in the future finds nothing; text output is one line each.
     let first_two = list(&env, &full_requests_dlq, &["--limit", "2"]).await;

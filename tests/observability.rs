@@ -6,16 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{request, TestEnv};
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, request, TestEnv};
 
 /// `GET path` on a worker's loopback port.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {

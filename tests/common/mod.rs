@@ -343,6 +343,35 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
     Some((status, body.to_owned()))
 }
 
+/// A loopback port nothing listens on right now, for a worker's `/metrics` and `/healthz`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of the series `name` whose labels include every one of `labels`, in a scrape of
+/// the worker's `/metrics` on loopback `port`; nothing if it does not answer or has no such
+/// series.
+pub async fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (_, scrape) = http_get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "/metrics",
+    )
+    .await?;
+    scrape.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = series.split_once('{')?;
+        let pairs: Vec<&str> = series_labels.trim_end_matches('}').split(',').collect();
+        let wanted = labels
+            .iter()
+            .all(|(k, v)| pairs.contains(&format!("{k}=\"{v}\"").as_str()));
+        (series_name == name && wanted).then(|| value.parse().ok())?
+    })
+}
+
 pub fn request(from: Uuid, to: Uuid, amount: &str, currency: &str) -> TransferRequested {
     TransferRequested {
         transfer_id: Uuid::new_v4().to_string(),

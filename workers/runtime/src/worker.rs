@@ -609,7 +609,7 @@ impl<H: Handler> ConsumeLoop<H> {
             Err(e) => {
                 let first = Utc::now();
                 return self
-                    .dead_letter(raw, "decode", &e, 1, first)
+                    .dead_letter(raw, "decode", &e, 1, first, Instant::now())
                     .instrument(self.span(raw, None))
                     .await;
             }
@@ -704,7 +704,7 @@ impl<H: Handler> ConsumeLoop<H> {
                     HandlerError::Transient(_) => "retries_exhausted",
                 };
                 return self
-                    .dead_letter(raw, class, error.cause(), attempt, first_failure)
+                    .dead_letter(raw, class, error.cause(), attempt, first_failure, started)
                     .await;
             }
             let wait = self.settings.retry.backoff(attempt);
@@ -743,7 +743,9 @@ impl<H: Handler> ConsumeLoop<H> {
         Ok(Processed::Done)
     }
 
-    /// Publishes the record to its dead-letter topic, retrying until the broker takes it.
+    /// Publishes the record to its dead-letter topic, retrying until the broker takes it, and
+    /// counts it. `class` is one of [`metrics::ERROR_CLASSES`]; `started` is when its handling
+    /// started.
     async fn dead_letter(
         &self,
         raw: &BorrowedMessage<'_>,
@@ -751,6 +753,7 @@ impl<H: Handler> ConsumeLoop<H> {
         error: &anyhow::Error,
         attempts: u32,
         first_failure: chrono::DateTime<Utc>,
+        started: Instant,
     ) -> Processed {
         tracing::error!(
             class,
@@ -793,7 +796,16 @@ impl<H: Handler> ConsumeLoop<H> {
                 )
                 .await
             {
-                Ok(()) => return Processed::Done,
+                Ok(()) => {
+                    metrics::dead_letter(raw.topic(), class);
+                    metrics::message_handled(
+                        self.settings.name,
+                        raw.topic(),
+                        metrics::outcome::DEAD_LETTERED,
+                        started.elapsed().as_secs_f64(),
+                    );
+                    return Processed::Done;
+                }
                 Err(e) => {
                     let wait = self.settings.retry.backoff(attempt);
                     tracing::warn!(error = %e, ?wait, "dead letter not accepted; retrying");

@@ -24,7 +24,7 @@ use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::sqlite::{
-    Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    Sqlite, SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
 use sqlx::Connection as _;
@@ -633,11 +633,16 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_) => true,
+        // SQLite: 5 busy, 6 locked (and their extended codes), 2067/1555 unique.
+        sqlx::Error::Database(db) if db.try_downcast_ref::<SqliteError>().is_some() => {
+            let code = db.code().unwrap_or_default();
+            db.is_unique_violation()
+                || matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5) | Ok(6))
+        }
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: 08 connection exception; 40 transaction rollback (serialization,
             // deadlock); 53 insufficient resources; 57P0x shutting down or starting.
-            // SQLite: 5 busy, 6 locked (and their extended codes), 2067/1555 unique.
             code.starts_with("08")
                 || code.starts_with("40")
                 || code.starts_with("53")
@@ -646,8 +651,6 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
                 // Statement timeout or cancellation, lock not available: load, not the message.
                 || code == "57014"
                 || code == "55P03"
-                || db.is_unique_violation()
-                || matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5) | Ok(6))
         }
         _ => false,
     }
@@ -780,6 +783,70 @@ mod tests {
         tokio::time::sleep(UNTESTED_IDLE + Duration::from_millis(200)).await;
         let second = backend(db.clone()).await;
         assert_ne!(first, second);
+        db.close().await;
+    }
+
+    /// The error each statement fails with, on a fresh transaction of `db`.
+    async fn errors_of(db: &Db, statements: &[&str]) -> Vec<sqlx::Error> {
+        let mut errors = Vec::new();
+        for sql in statements {
+            let mut tx = db.begin().await.unwrap();
+            errors.push(execute!(&mut tx, sql).expect_err(sql));
+        }
+        errors
+    }
+
+    #[tokio::test]
+    async fn on_sqlite_a_busy_file_or_a_lost_race_is_transient_and_a_bad_statement_is_not() {
+        let dir = std::env::temp_dir().join(format!("twophase-db-{}", uuid::Uuid::new_v4()));
+        let db = Db::connect(&format!("sqlite:{}", dir.display()), "scratch", 1)
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        execute!(&mut tx, "CREATE TABLE t (id INTEGER PRIMARY KEY)").unwrap();
+        execute!(&mut tx, "INSERT INTO t VALUES (1)").unwrap();
+        tx.commit().await.unwrap();
+        let [race, bad] = <[sqlx::Error; 2]>::try_from(
+            errors_of(&db, &["INSERT INTO t VALUES (1)", "SELECT * FROM nowhere"]).await,
+        )
+        .unwrap();
+        assert!(is_transient(&race), "{race}");
+        assert!(!is_transient(&bad), "{bad}");
+        db.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a lost race is
+    /// retried; bad data and a missing grant are not, although their codes are all digits, as
+    /// SQLite's are.
+    #[tokio::test]
+    async fn on_postgresql_a_lost_race_is_transient_and_bad_data_is_not() {
+        let Ok(url) = std::env::var("TWOPHASE_TEST_DATABASE_URL") else {
+            return;
+        };
+        let db = Db::connect(&url, "public", 1).await.unwrap();
+        let cases = [
+            ("40001", true),  // serialization failure
+            ("40P01", true),  // deadlock
+            ("23505", true),  // unique violation: the winner's row is there on retry
+            ("22021", false), // a character the encoding cannot hold (a NUL in text)
+            ("22022", false), // indicator overflow
+            ("42501", false), // insufficient privilege
+            ("22P02", false), // invalid text representation
+        ];
+        let raise: Vec<String> = cases
+            .iter()
+            .map(|(code, _)| {
+                format!("DO $$ BEGIN RAISE EXCEPTION 'raised' USING ERRCODE = '{code}'; END $$")
+            })
+            .collect();
+        let raise: Vec<&str> = raise.iter().map(String::as_str).collect();
+        let errors = errors_of(&db, &raise).await;
+        for ((code, transient), error) in cases.iter().zip(&errors) {
+            let raised = error.as_database_error().and_then(|d| d.code());
+            assert_eq!(raised.as_deref(), Some(*code), "{error}");
+            assert_eq!(is_transient(error), *transient, "{code}");
+        }
         db.close().await;
     }
 

@@ -179,6 +179,15 @@ async fn a_clean_day_after_a_mixed_run_has_no_discrepancies_and_exact_totals() {
     for (r, reason) in &rejected {
         assert_outcome(&outcomes[&r.transfer_id], "rejected", Some(reason));
     }
+    // A producer reusing a completed transfer's id for another request is refused. The refusal
+    // answers that request: the transfer still completed, and its legs still match.
+    let mut reused = completed[0].clone();
+    reused.amount = "99.00".into();
+    assert_outcome(
+        &env.transfer(&reused).await,
+        "rejected",
+        Some(reasons::CONFLICT),
+    );
 
     let (code, report) = reconcile_cli(&env, today()).await;
     assert_eq!(report.discrepancies, vec![], "{}", report.to_table());

@@ -9,7 +9,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
-use twophase_messages::{Envelope, Message};
+use twophase_messages::{reasons, Envelope, Message};
 use twophase_runtime::kafka::consumer_config;
 use twophase_runtime::KafkaConfig;
 use uuid::Uuid;
@@ -75,6 +75,9 @@ impl OutcomeEvent {
                 at: m.failed_at,
                 terms: None,
             },
+            // The refusal of a request that reused a transfer's id with another body answers
+            // that request; the transfer it names has an outcome of its own.
+            Message::TransferRejected(m) if m.reason == reasons::CONFLICT => return None,
             Message::TransferRejected(m) => OutcomeEvent {
                 transfer_id: m.transfer_id,
                 ending: Ending::Rejected,

@@ -220,6 +220,18 @@ async fn the_same_request_twice_is_one_transfer_and_a_changed_body_conflicts() {
     // Published again: the outcome is published again, and nothing moves twice.
     let again = env.transfer(&req).await;
     assert_eq!(again, first);
+    // The same ids spelled otherwise are the same request, and its outcome carries the
+    // transfer id in lower case.
+    let mut shouted = req.clone();
+    shouted.transfer_id = req.transfer_id.to_uppercase();
+    shouted.from_account = shouted.from_account.to_uppercase();
+    let watcher = env.watcher().await;
+    env.request(&shouted).await;
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(outcomes.get(&req.transfer_id), Some(&first));
     let mut changed = req.clone();
     changed.amount = "20".into();
     let conflict = env.transfer(&changed).await;

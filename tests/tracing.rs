@@ -178,14 +178,15 @@ async fn one_transfer_is_one_trace_across_every_worker() {
     let b = env.open_account("USD", "0").await;
     let events = env.topics.events();
 
-    // `twophase transfer` starts the trace.
+    // `twophase transfer` starts the trace. Its id is given in upper case; the outcome it
+    // waits for carries the id in lower case.
     let transfer = Uuid::new_v4().to_string();
     let output = env
         .command()
         .envs(otel)
         .args(["transfer", "--from", &a.to_string(), "--to", &b.to_string()])
         .args(["--amount", "10", "--currency", "USD", "--wait"])
-        .args(["--id", &transfer])
+        .args(["--id", &transfer.to_uppercase()])
         .output()
         .unwrap();
     assert_eq!(

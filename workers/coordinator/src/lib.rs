@@ -166,7 +166,7 @@ impl Coordinator {
             if existing.request_hash != hash {
                 tracing::warn!(%transfer_id, "transfer id reused with a different request: rejected as a conflict");
                 let rejected = TransferRejected {
-                    transfer_id: request.transfer_id.clone(),
+                    transfer_id: transfer_id.to_string(),
                     reason: reasons::CONFLICT.to_owned(),
                     detail: "this transfer_id was already used for a different request".into(),
                     rejected_at: envelope.time,
@@ -174,7 +174,7 @@ impl Coordinator {
                 let id_seed = format!("conflict:{transfer_id}:{hash}");
                 return Ok(Handled::replies(vec![self.outcome(
                     envelope,
-                    &request.transfer_id,
+                    &transfer_id.to_string(),
                     &id_seed,
                     Message::TransferRejected(rejected),
                 )]));

@@ -75,10 +75,22 @@ pub fn fingerprint(request: &TransferRequested) -> String {
         .parse::<Decimal>()
         .map(|d| d.normalize().to_string())
         .unwrap_or_else(|_| request.amount.clone());
+    // So is a UUID however it is spelled (upper case, braces, no hyphens): by its
+    // lower-case hyphenated form, which is what most producers send and fingerprints hold.
+    let uuid = |value: &str| {
+        Uuid::parse_str(value)
+            .map(|id| id.to_string())
+            .unwrap_or_else(|_| value.to_owned())
+    };
+    let (transfer_id, from_account, to_account) = (
+        uuid(&request.transfer_id),
+        uuid(&request.from_account),
+        uuid(&request.to_account),
+    );
     let fields = [
-        request.transfer_id.as_str(),
-        request.from_account.as_str(),
-        request.to_account.as_str(),
+        transfer_id.as_str(),
+        from_account.as_str(),
+        to_account.as_str(),
         amount.as_str(),
         request.currency.as_str(),
         request.reference.as_deref().unwrap_or(""),
@@ -147,5 +159,23 @@ mod tests {
         let mut c = a.clone();
         c.to_account = Uuid::new_v4().to_string();
         assert_ne!(fingerprint(&a), fingerprint(&c));
+    }
+
+    #[test]
+    fn fingerprints_compare_uuids_by_value() {
+        let a = request("12.30", "USD");
+        let mut b = a.clone();
+        b.transfer_id = a.transfer_id.to_uppercase();
+        b.from_account = Uuid::parse_str(&a.from_account)
+            .unwrap()
+            .simple()
+            .to_string();
+        b.to_account = format!("{{{}}}", a.to_account);
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let mut c = a.clone();
+        c.transfer_id = "not-a-uuid".into();
+        let mut d = a.clone();
+        d.transfer_id = "NOT-A-UUID".into();
+        assert_ne!(fingerprint(&c), fingerprint(&d));
     }
 }

@@ -458,8 +458,14 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
 }
 
 async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
+    // Outcomes carry a transfer id in its lower-case hyphenated form, whatever form the
+    // request spelled it in: so the request does too, and the wait looks for that.
+    let transfer_id = match args.id {
+        Some(id) => Uuid::parse_str(&id).map_or(id, |id| id.to_string()),
+        None => Uuid::new_v4().to_string(),
+    };
     let request = TransferRequested {
-        transfer_id: args.id.unwrap_or_else(|| Uuid::new_v4().to_string()),
+        transfer_id,
         from_account: args.from,
         to_account: args.to,
         amount: args.amount,

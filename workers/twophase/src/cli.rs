@@ -95,7 +95,7 @@ enum Command {
     Reconciler(twophase_reconciler::ReconcilerArgs),
     /// Measure throughput and latency against a running system, then check the invariants.
     Bench(crate::bench::BenchArgs),
-    /// Print the effective configuration (the database password masked).
+    /// Print the effective configuration (passwords, secrets and private keys masked).
     Config,
 }
 

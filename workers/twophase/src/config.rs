@@ -62,26 +62,68 @@ impl Config {
         self
     }
 
-    /// The configuration as TOML with the database password masked, for `twophase config`.
+    /// The configuration as TOML with its secrets masked, for `twophase config`: the database
+    /// password, and librdkafka properties that hold a password, a secret or a private key.
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database_url = redact_url(&self.database_url);
+        for properties in [
+            &mut shown.kafka.properties,
+            &mut shown.kafka.consumer_properties,
+        ] {
+            for (key, value) in properties.iter_mut() {
+                if is_secret_property(key) {
+                    *value = MASK.to_owned();
+                }
+            }
+        }
         toml::to_string_pretty(&shown).expect("the configuration serializes")
     }
 }
 
-/// `scheme://user:secret@host/db` → `scheme://user:***@host/db`.
+/// What a secret is shown as.
+const MASK: &str = "***";
+
+/// Whether a librdkafka property holds a secret: `sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, `ssl.key.pem`, `sasl.oauthbearer.config` (which may carry
+/// credentials) and the like.
+fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key == "ssl.key.pem"
+        || key == "sasl.oauthbearer.config"
+}
+
+/// `scheme://user:secret@host/db?password=secret` → `scheme://user:***@host/db?password=***`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (address, query) = match url.split_once('?') {
+        Some((address, query)) => (address, Some(query)),
+        None => (url, None),
     };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
+    let mut shown = match address.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((credentials, host)) => match credentials.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:{MASK}@{host}"),
+                None => address.to_owned(),
+            },
+            None => address.to_owned(),
+        },
+        None => address.to_owned(),
     };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    if let Some(query) = query {
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|parameter| match parameter.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => {
+                    format!("{name}={MASK}")
+                }
+                _ => parameter.to_owned(),
+            })
+            .collect();
+        shown = format!("{shown}?{}", parameters.join("&"));
     }
+    shown
 }
 
 #[cfg(test)]
@@ -110,10 +152,34 @@ mod tests {
             "postgres://app:***@db:5432/x"
         );
         assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
-        let c = Config {
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=s3cr%40t&user=app"),
+            "postgres://app@db/x?sslmode=require&password=***&user=app"
+        );
+        let mut c = Config {
             database_url: "postgres://a:hunter2@h/d".into(),
             ..Config::default()
         };
-        assert!(!c.redacted_toml().contains("hunter2"));
+        for (key, secret) in [
+            ("sasl.password", "hunter3"),
+            ("ssl.key.password", "hunter4"),
+            ("sasl.oauthbearer.client.secret", "hunter5"),
+            ("ssl.key.pem", "-----BEGIN PRIVATE KEY----- hunter6"),
+        ] {
+            c.kafka.properties.insert(key.into(), secret.into());
+        }
+        c.kafka
+            .consumer_properties
+            .insert("SASL.PASSWORD".into(), "hunter7".into());
+        c.kafka
+            .properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        let shown = c.redacted_toml();
+        for n in 2..=7 {
+            assert!(!shown.contains(&format!("hunter{n}")), "{shown}");
+        }
+        // What is not a secret is shown as it is, to check a deployment by.
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+        assert!(shown.contains("sasl.password"), "{shown}");
     }
 }

@@ -708,8 +708,7 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
         loop {
             let outcome = tokio::time::timeout(Duration::from_secs(30), again.next())
                 .await
-                .expect("each duplicate vote gets the outcome again")
-                .unwrap();
+                .expect("each duplicate vote gets the outcome again");
             if let Outcome::Completed(c) = &outcome {
                 if c.transfer_id == transfer_id {
                     break;

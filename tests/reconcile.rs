@@ -539,8 +539,7 @@ async fn run_load(
     while !pending.is_empty() {
         let outcome = tokio::time::timeout(Duration::from_secs(60), watcher.next())
             .await
-            .expect("an outcome within a minute")
-            .unwrap();
+            .expect("an outcome within a minute");
         let id = match &outcome {
             Outcome::Completed(m) => m.transfer_id.to_string(),
             Outcome::Failed(m) => m.transfer_id.to_string(),

@@ -247,6 +247,41 @@ async fn the_same_request_twice_is_one_transfer_and_a_changed_body_conflicts() {
     env.check_invariants().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_on_the_outcome_topic_that_is_not_an_outcome_does_not_hide_the_next_one() {
+    let mut env = TestEnv::new("foreign-event").await;
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let watcher = env.watcher().await;
+    // What a newer coordinator might publish, and what a stray producer might.
+    let newer = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header {
+            key: "ce_type",
+            value: Some("twophase.transfer.settled"),
+        })
+        .insert(rdkafka::message::Header {
+            key: "ce_id",
+            value: Some(&Uuid::new_v4().to_string()),
+        });
+    for (payload, headers) in [
+        (&b"{}"[..], newer),
+        (&b"not JSON"[..], rdkafka::message::OwnedHeaders::new()),
+    ] {
+        env.publisher
+            .send_raw(&env.topics.events(), None, payload, headers)
+            .await
+            .unwrap();
+    }
+    let transfer = request(a, b, "10", "USD");
+    env.request(&transfer).await;
+    let outcomes = watcher
+        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
+}
+
 /// Publishes an account command by hand and waits for the worker's reply to it.
 async fn send_command(
     env: &TestEnv,

@@ -312,7 +312,8 @@ impl Dispatcher {
         let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Outcome>>>> = Default::default();
         let map = Arc::clone(&waiting);
         tokio::spawn(async move {
-            while let Ok(outcome) = watcher.next().await {
+            loop {
+                let outcome = watcher.next().await;
                 let id = outcome.transfer_id();
                 if let Some(tx) = map.lock().expect("not poisoned").remove(&id) {
                     let _ = tx.send(outcome);

@@ -142,14 +142,20 @@ impl OutcomeWatcher {
         })
     }
 
-    /// The next outcome event (other events, such as `commit_stuck`, are skipped).
-    pub async fn next(&self) -> anyhow::Result<Outcome> {
+    /// The next outcome event. Other events, such as `commit_stuck`, are skipped, and so are
+    /// records this version cannot read (a newer coordinator's event type or schema version, a
+    /// stray record): none of them is the outcome anyone here waits for.
+    pub async fn next(&self) -> Outcome {
         loop {
-            match self.tail.next().await?.1 {
-                Message::TransferCompleted(m) => return Ok(Outcome::Completed(m)),
-                Message::TransferFailed(m) => return Ok(Outcome::Failed(m)),
-                Message::TransferRejected(m) => return Ok(Outcome::Rejected(m)),
-                _ => continue,
+            match self.tail.next().await {
+                Ok((_, Message::TransferCompleted(m))) => return Outcome::Completed(m),
+                Ok((_, Message::TransferFailed(m))) => return Outcome::Failed(m),
+                Ok((_, Message::TransferRejected(m))) => return Outcome::Rejected(m),
+                Ok(_) => continue,
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "skipping a record on the outcome topic that is not an outcome this version reads"
+                ),
             }
         }
     }
@@ -165,9 +171,8 @@ impl OutcomeWatcher {
         let mut seen = HashMap::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while !waiting.is_empty() {
-            let outcome = match tokio::time::timeout_at(deadline, self.next()).await {
-                Ok(outcome) => outcome?,
-                Err(_) => break,
+            let Ok(outcome) = tokio::time::timeout_at(deadline, self.next()).await else {
+                break;
             };
             let id = outcome.transfer_id();
             if waiting.remove(&id) {

@@ -411,7 +411,7 @@ async fn demo(
                 continue;
             }
             outcome = tokio::time::timeout_at(deadline, watcher.next()) => match outcome {
-                Ok(outcome) => outcome?,
+                Ok(outcome) => outcome,
                 Err(_) => break,
             },
         };

@@ -101,7 +101,8 @@ pub fn parse_filter<'a>(
                 // Transfer and account ids are stored in their canonical form.
                 filter.entity_id = Some(crate::record::normalize_transfer_id(value));
             }
-            "event_type" => filter.event_type = Some(value.to_owned()),
+            // As stored (PostgreSQL refuses a NUL in a text parameter).
+            "event_type" => filter.event_type = Some(crate::record::text(value)),
             "severity" => {
                 let Some(severity) = Severity::parse(value) else {
                     let all: Vec<&str> = Severity::ALL.iter().map(|s| s.as_str()).collect();
@@ -282,11 +283,16 @@ mod tests {
             ("end_time", "2026-11-24T10:00:00Z"),
             ("page", "3"),
             ("page_size", "100"),
+            ("event_type", "twophase.transfer\0.requested"),
         ])
         .unwrap();
         assert_eq!(
             f.entity_id.as_deref(),
             Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
+        assert_eq!(
+            f.event_type.as_deref(),
+            Some("twophase.transfer\u{FFFD}.requested")
         );
         assert_eq!(
             f.start_time.unwrap().0.to_rfc3339(),

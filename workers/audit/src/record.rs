@@ -247,8 +247,9 @@ fn has_nul(value: &Value) -> bool {
     }
 }
 
-/// Text as stored: PostgreSQL text cannot hold NUL either.
-fn text(s: &str) -> String {
+/// Text as stored: PostgreSQL text cannot hold NUL either, so a NUL is stored as U+FFFD, and a
+/// query for text is asked in the same form.
+pub(crate) fn text(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
 }
 

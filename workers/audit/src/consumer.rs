@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use chrono::Utc;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
@@ -23,11 +23,10 @@ use twophase_messages::envelope::headers as ce;
 use twophase_messages::Topics;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::http::Health;
-use twophase_runtime::kafka::with_defaults;
 use twophase_runtime::worker::{commit_stored, member_config, MemberContext};
 use twophase_runtime::{metrics, telemetry, KafkaConfig, RetryConfig};
 
-use crate::record::{self, Source, REPLAYS_TOPIC};
+use crate::record::{self, Source};
 use crate::store;
 
 /// What the loop needs.
@@ -47,42 +46,18 @@ impl Settings {
     }
 }
 
-/// Every topic the audit consumer reads by name: the saga topics, their dead-letter topics and
-/// `reconciliation.reports`. `ops.replays` is subscribed by pattern ([`replays_pattern`]), so
-/// that it is picked up whenever the first replay creates it.
+/// Every topic the audit consumer reads: the saga topics, their dead-letter topics,
+/// `reconciliation.reports` and `ops.replays` (each made at start-up if missing).
 pub fn topics(kafka: &KafkaConfig) -> Vec<String> {
     Topics::new(&kafka.topic_prefix).all()
-}
-
-/// A subscription pattern (librdkafka: a leading `^`) matching only `<prefix>ops.replays`.
-pub fn replays_pattern(prefix: &str) -> String {
-    let mut pattern = String::from("^");
-    for c in format!("{prefix}{REPLAYS_TOPIC}").chars() {
-        // Topic names hold letters, digits, `.`, `_` and `-`; of these only `.` means
-        // something in a pattern, and the rest is escaped in case.
-        if ".[]{}()*+?^$|\\".contains(c) {
-            pattern.push('\\');
-        }
-        pattern.push(c);
-    }
-    pattern.push('$');
-    pattern
 }
 
 /// Runs the consume loop until `shutdown` is cancelled; the batch in hand is written before it
 /// returns.
 pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let group = settings.group_id();
-    // librdkafka reports a subscription pattern that matches no topic as an error; for the
-    // ops.replays pattern that is the normal state until the first replay.
-    let context =
-        MemberContext::new(group.clone(), settings.health.clone()).expecting_missing(REPLAYS_TOPIC);
+    let context = MemberContext::new(group.clone(), settings.health.clone());
     let mut config = member_config(&settings.kafka, &group, crate::WORKER, &settings.retry);
-    // How soon a topic matching the ops.replays pattern is noticed once it is created.
-    with_defaults(
-        &mut config,
-        &[("topic.metadata.refresh.interval.ms", "30000")],
-    );
     let consumer: StreamConsumer<MemberContext> = config
         .set(
             "auto.commit.interval.ms",
@@ -91,13 +66,9 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
         .create_with_context(context)
         .context("the audit worker's Kafka consumer")?;
     let topics = topics(&settings.kafka);
-    let pattern = replays_pattern(&settings.kafka.topic_prefix);
-    let mut subscription: Vec<&str> = topics.iter().map(String::as_str).collect();
-    subscription.push(&pattern);
+    let subscription: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&subscription)?;
-    let mut labelled = topics.clone();
-    labelled.push(format!("{}{REPLAYS_TOPIC}", settings.kafka.topic_prefix));
-    metrics::init_worker(crate::WORKER, &labelled);
+    metrics::init_worker(crate::WORKER, &topics);
     tracing::info!(group = %group, ?subscription, "auditing");
 
     let prefix = settings.kafka.topic_prefix.clone();
@@ -209,14 +180,7 @@ async fn collect(
 }
 
 fn consumer_error(e: &KafkaError) {
-    match e {
-        // The ops.replays pattern matching no topic yet (see `MemberContext::error`): the saga
-        // topics are created before the consumer starts, so this is not one of them going away.
-        KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition) => {
-            tracing::debug!(error = %e, "consumer error")
-        }
-        _ => tracing::warn!(error = %e, "consumer error"),
-    }
+    tracing::warn!(error = %e, "consumer error");
 }
 
 /// Writes a batch, retrying until it is committed; false if shutdown came first.
@@ -276,16 +240,5 @@ fn store_offsets(consumer: &StreamConsumer<MemberContext>, batch: &[OwnedMessage
         if let Err(e) = consumer.store_offset(topic, partition, offset) {
             tracing::debug!(error = %e, topic, partition, offset, "offset not stored (partition revoked?)");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_replays_pattern_matches_only_the_replays_topic() {
-        assert_eq!(replays_pattern("acme-1."), r"^acme-1\.ops\.replays$");
-        assert_eq!(replays_pattern(""), r"^ops\.replays$");
     }
 }

@@ -176,23 +176,11 @@ pub mod dlq_headers {
 pub struct MemberContext {
     group: String,
     health: Health,
-    /// A topic whose absence is expected (a pattern subscription waiting for its first topic).
-    expected_missing: Option<String>,
 }
 
 impl MemberContext {
     pub fn new(group: String, health: Health) -> MemberContext {
-        MemberContext {
-            group,
-            health,
-            expected_missing: None,
-        }
-    }
-
-    /// Reports `topic` not existing (yet) at debug level rather than as an error.
-    pub fn expecting_missing(mut self, topic: &str) -> MemberContext {
-        self.expected_missing = Some(topic.to_owned());
-        self
+        MemberContext { group, health }
     }
 }
 
@@ -202,13 +190,7 @@ impl ClientContext for MemberContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if self
-            .expected_missing
-            .as_deref()
-            .is_some_and(|topic| reason.contains(topic))
-        {
-            tracing::debug!(%error, reason, "topic not there yet");
-        } else if reason.starts_with("Subscribed topic not available") {
+        if reason.starts_with("Subscribed topic not available") {
             // Right after topics are created the broker may not know them yet.
             tracing::warn!(%error, reason, "librdkafka error");
         } else {

@@ -855,6 +855,10 @@ async fn bad_input_is_refused_with_a_clear_sentence_and_nothing_is_published() {
     .await;
     expect(&out, 0, "nothing to replay");
     assert_eq!(high_watermark(&env, &env.topics.replies()).await, 0);
+
+    // Brokers that cannot be reached are named.
+    let out = twophase(&env, &["--brokers", "127.0.0.1:1", "topics", "create"]).await;
+    expect(&out, 3, "reaching the Kafka brokers at 127.0.0.1:1");
 }
 
 /// A partition's messages that arrive together are applied in one transaction; when one of

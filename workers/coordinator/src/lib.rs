@@ -356,9 +356,10 @@ impl Coordinator {
             }
             match self.fire_timers().await {
                 Ok(out) if !out.is_empty() => {
-                    // If publishing fails the rows stay due and the next tick tries again.
+                    // The sagas' changes are committed: if publishing fails, their commands
+                    // go out again at each saga's next resend, which is already set.
                     if let Err(e) = publisher.publish_all(&out).await {
-                        tracing::warn!(error = %e, "timer messages not published; retrying next tick");
+                        tracing::warn!(error = %e, "timer messages not published; they are re-sent at the sagas' next resend");
                     }
                 }
                 Ok(_) => {}

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -204,12 +205,14 @@ fn envelope_headers(envelope: &Envelope) -> OwnedHeaders {
 }
 
 /// Creates the topics that do not exist yet. Existing topics are left as they are, and when
-/// every topic exists no admin request is made (the embedded broker serves none).
-pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), KafkaError> {
+/// every topic exists no admin request is made (the embedded broker serves none). An error
+/// names the brokers, or the topic that could not be made.
+pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
     let metadata = admin
         .inner()
-        .fetch_metadata(None, Duration::from_secs(10))?;
+        .fetch_metadata(None, Duration::from_secs(10))
+        .with_context(|| format!("reaching the Kafka brokers at {}", kafka.brokers))?;
     let existing: Vec<&str> = metadata
         .topics()
         .iter()
@@ -235,8 +238,8 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                tracing::error!(topic, ?code, "could not create topic");
-                return Err(KafkaError::AdminOp(code));
+                return Err(KafkaError::AdminOp(code))
+                    .with_context(|| format!("creating topic {topic}"));
             }
         }
     }

@@ -296,9 +296,13 @@ pub async fn run<H: Handler>(
         .iter()
         .map(|t| twophase_messages::Topics::dead_letters(t))
         .collect();
-    crate::kafka::ensure_topics(&settings.kafka, &dead_letters).await?;
+    crate::kafka::ensure_topics(&settings.kafka, &dead_letters)
+        .await
+        .with_context(|| format!("the {} worker's dead-letter topics", settings.name))?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics)?;
+    consumer
+        .subscribe(&topics)
+        .with_context(|| format!("the {} worker: subscribing to {topics:?}", settings.name))?;
     tracing::info!(worker = settings.name, group = %settings.group_id(), ?topics, "consuming");
 
     let loop_ = ConsumeLoop {

@@ -60,6 +60,14 @@ as_pg() {
   fi
 }
 
+# The cluster's superuser: the OS user that runs it, as the Unix socket's peer
+# authentication wants.
+if [[ $EUID -eq 0 ]]; then
+  PG_SUPERUSER=postgres
+else
+  PG_SUPERUSER="$(id -un)"
+fi
+
 # Newest installed server, e.g. /usr/lib/postgresql/15/bin ('' if none).
 find_bindir() {
   local candidates=(/usr/lib/postgresql/*/bin/postgres)
@@ -131,9 +139,9 @@ EOF
 init_cluster() {
   [[ -f $PG_DATA/PG_VERSION ]] && return 0
   echo "postgres.sh: creating cluster in $PG_DATA" >&2
-  # Unix socket: peer auth (admin as the 'postgres' OS user);
+  # Unix socket: peer auth (admin as the OS user that runs the cluster);
   # TCP: password (scram) auth only.
-  as_pg "$BINDIR/initdb" -D "$PG_DATA" -U postgres -E UTF8 --locale=C.UTF-8 \
+  as_pg "$BINDIR/initdb" -D "$PG_DATA" -U "$PG_SUPERUSER" -E UTF8 --locale=C.UTF-8 \
     --auth-local=peer --auth-host=scram-sha-256 >/dev/null
   printf "\ninclude_if_exists = 'twophase.conf'\n" | as_pg tee -a "$PG_DATA/postgresql.conf" >/dev/null
 }
@@ -158,7 +166,7 @@ wait_ready() {
 # Idempotent: cheap enough to run on every start, and repairs a cluster whose
 # role or database was dropped by hand.
 ensure_role_and_db() {
-  local psql=("$BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_RUN" -p "$PORT" -U postgres -d postgres)
+  local psql=("$BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_RUN" -p "$PORT" -U "$PG_SUPERUSER" -d postgres)
   as_pg "${psql[@]}" <<EOF >/dev/null
 DO \$\$
 BEGIN

@@ -12,10 +12,12 @@ export TWOPHASE_DATABASE_URL TWOPHASE_KAFKA__BROKERS
 
 $T migrate
 $T topics create >/dev/null
+logs="${TWOPHASE_SERVICES_DIR:-.services}"
+mkdir -p "$logs"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait' EXIT
 for worker in coordinator account risk; do
-  $T "$worker" 2>>".services/$worker.log" &
+  $T "$worker" 2>>"$logs/$worker.log" &
   pids+=($!)
 done
 

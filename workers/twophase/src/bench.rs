@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::FutureExt as _;
 use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -30,7 +32,7 @@ use tokio::sync::oneshot;
 use twophase_account::store;
 use twophase_messages::TransferRequested;
 use twophase_runtime::db::{Db, Timestamp};
-use twophase_runtime::kafka::consumer_config;
+use twophase_runtime::kafka::{client_config, consumer_config};
 use twophase_runtime::{execute, execute_rows, KafkaConfig, Publisher};
 use uuid::Uuid;
 
@@ -129,8 +131,24 @@ const ROWS_PER_TRANSFER: usize = 21;
 const CEILING_SESSIONS: usize = 3;
 const CEILING_ROWS_PER_COMMIT: usize = 512;
 
-pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
+/// Refuses arguments that cannot give a measurement, before anything is opened or sent.
+fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    anyhow::ensure!(
+        !args.duration.is_zero(),
+        "--duration must be longer than zero"
+    );
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number of requests a second"
+        );
+        anyhow::ensure!(
+            rate * args.duration.as_secs_f64() >= 1.0,
+            "--rate {rate}/s sends no request in --duration {}: raise either",
+            humantime::format_duration(args.duration)
+        );
+    }
     for (name, share) in [
         ("hot", args.hot),
         ("insufficient", args.insufficient),
@@ -141,6 +159,11 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
             "--{name} must be between 0 and 1"
         );
     }
+    Ok(())
+}
+
+pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
+    check_args(&args)?;
     let accounts_db = Db::connect(&config.database_url, twophase_account::SCHEMA, 4)
         .await
         .context("connecting to the account store")?;
@@ -162,7 +185,6 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
 
     let (mode, samples, seconds) = match (args.concurrency, args.rate) {
         (_, Some(rate)) => {
-            anyhow::ensure!(rate > 0.0, "--rate must be positive");
             let (s, secs) = open_loop(
                 config,
                 &publisher,
@@ -473,23 +495,33 @@ async fn broker_ceiling(
     duration: Duration,
 ) -> anyhow::Result<f64> {
     let run = Uuid::new_v4().simple().to_string();
-    let topic = |name: &str| format!("bench-ceiling-{run}.{name}");
-    let (requests, commands, replies, events) = (
-        topic("requests"),
-        topic("commands"),
-        topic("replies"),
-        topic("events"),
-    );
-    twophase_runtime::kafka::ensure_topics(
-        kafka,
-        &[
-            requests.clone(),
-            commands.clone(),
-            replies.clone(),
-            events.clone(),
-        ],
-    )
-    .await?;
+    let topics = ["requests", "commands", "replies", "events"]
+        .map(|name| format!("bench-ceiling-{run}.{name}"));
+    twophase_runtime::kafka::ensure_topics(kafka, &topics).await?;
+    let measured = relay_chain(kafka, &run, &topics, in_flight, duration).await;
+    // The run's topics go with it, measured or not: a long-lived cluster keeps no litter.
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    match admin.delete_topics(&names, &AdminOptions::new()).await {
+        Ok(results) => {
+            for (topic, code) in results.into_iter().filter_map(Result::err) {
+                eprintln!("the ceiling's topic {topic} was not deleted: {code}");
+            }
+        }
+        Err(e) => eprintln!("the ceiling's topics {names:?} were not deleted: {e}"),
+    }
+    measured
+}
+
+/// The chain of [`broker_ceiling`] on its four topics (requests, commands, replies, events):
+/// transfers settled per second.
+async fn relay_chain(
+    kafka: &KafkaConfig,
+    run: &str,
+    [requests, commands, replies, events]: &[String; 4],
+    in_flight: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
     let producer: FutureProducer = twophase_runtime::kafka::producer_config(kafka).create()?;
     let consumer = |group: &str, topics: &[&str]| -> anyhow::Result<StreamConsumer> {
         let c: StreamConsumer = consumer_config(kafka)
@@ -499,9 +531,9 @@ async fn broker_ceiling(
         c.subscribe(topics)?;
         Ok(c)
     };
-    let coordinator = consumer("coordinator", &[&requests, &replies])?;
-    let participant = consumer("participant", &[&commands])?;
-    let outcomes = consumer("outcomes", &[&events])?;
+    let coordinator = consumer("coordinator", &[requests, replies])?;
+    let participant = consumer("participant", &[commands])?;
+    let outcomes = consumer("outcomes", &[events])?;
     let stop = tokio_util::sync::CancellationToken::new();
     let relay_coordinator = {
         let (producer, stop) = (producer.clone(), stop.clone());
@@ -718,6 +750,36 @@ mod tests {
                 detail: "zero".into(),
                 rejected_at: chrono::Utc::now(),
             }),
+        }
+    }
+
+    #[test]
+    fn arguments_that_cannot_measure_anything_are_refused() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let check = |line: &[&str]| {
+            let command = <Command as clap::Parser>::try_parse_from(
+                std::iter::once("bench").chain(line.iter().copied()),
+            )
+            .unwrap();
+            check_args(&command.args).map_err(|e| e.to_string())
+        };
+        assert_eq!(check(&["--rate", "500"]), Ok(()));
+        assert_eq!(check(&["--concurrency", "64", "--duration", "1s"]), Ok(()));
+        for (line, says) in [
+            (&["--rate", "inf"][..], "--rate must be a positive number"),
+            (&["--rate", "NaN"], "--rate must be a positive number"),
+            (&["--rate", "0"], "--rate must be a positive number"),
+            (&["--rate", "0.5", "--duration", "1s"], "sends no request"),
+            (&["--duration", "0s"], "--duration must be longer than zero"),
+            (&["--accounts", "1"], "--accounts must be at least 2"),
+            (&["--hot", "1.5"], "--hot must be between 0 and 1"),
+        ] {
+            let refused = check(line).expect_err(&format!("{line:?} is refused"));
+            assert!(refused.contains(says), "{line:?}: {refused}");
         }
     }
 

@@ -444,6 +444,69 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     assert_eq!(published[1].1["discrepancy_counts"]["stale_hold"], 1);
 }
 
+/// A transfer the coordinator completed but whose outcome is not on the topic (published after
+/// the range the run reads: the broker was down, or the coordinator restarted before publishing
+/// it) is still checked, against the coordinator's terms.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_completed_transfer_whose_outcome_was_not_read_is_still_checked() {
+    let env = TestEnv::new("recon-unread").await;
+    let a = env.open_account("USD", "100.00").await;
+    let b = env.open_account("USD", "0").await;
+    let transfer = Uuid::new_v4();
+    let now = Timestamp::now();
+    let mut tx = env.db.begin().await.unwrap();
+    // Its debit, with the balance it gives; its credit lost.
+    execute!(
+        &mut tx,
+        "INSERT INTO account.ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
+         VALUES ($1, $2, 'debit', $3, 'USD', $4, $5)",
+        a,
+        transfer,
+        Amount(dec("7.00")),
+        Amount(dec("93.00")),
+        now
+    )
+    .unwrap();
+    execute!(
+        &mut tx,
+        "UPDATE account.accounts SET balance = $1 WHERE account_id = $2",
+        Amount(dec("93.00")),
+        a
+    )
+    .unwrap();
+    execute!(
+        &mut tx,
+        "INSERT INTO coordinator.transfers (transfer_id, request_hash, request, from_account, to_account,
+                                            amount, currency, status, created_at, decided_at,
+                                            finished_at, updated_at)
+         VALUES ($1, 'planted', $2, $3, $4, $5, 'USD', 'completed', $6, $6, $6, $6)",
+        transfer,
+        Json(serde_json::json!({})),
+        a,
+        b,
+        Amount(dec("7.00")),
+        now
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let report = twophase_reconciler::reconcile(&settings(&env), today()).await;
+    assert_eq!(
+        rows(&report),
+        vec![(
+            Kind::MissingCredit,
+            Some(b),
+            Some(transfer),
+            Some(dec("7.00")),
+            Some(Decimal::ZERO),
+            Some(dec("-7.00"))
+        )],
+        "{}",
+        report.to_table()
+    );
+    assert_eq!(report.in_flight_entries, 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_that_cannot_finish_exits_3_and_says_why() {
     let env = TestEnv::new("recon-failed").await;

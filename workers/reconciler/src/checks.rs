@@ -263,22 +263,58 @@ async fn cross_check(
 
     found.extend(check_transfers(outcomes, &by_transfer));
 
-    // Entries of the window that no outcome read explains: in flight, or unexpected.
+    // Entries of the window that no outcome read explains: completed with its outcome
+    // published late, in flight, or unexpected.
     for (id, entries) in unexplained(window, outcomes, &by_transfer) {
-        let status = query_as!(
+        let row = query_as!(
             &mut tx,
-            (String,),
+            (
+                String,
+                Option<Uuid>,
+                Option<Uuid>,
+                Option<Amount>,
+                Option<String>
+            ),
             fetch_optional,
-            "SELECT status FROM coordinator.transfers WHERE transfer_id = $1",
+            "SELECT status, from_account, to_account, amount, currency
+             FROM coordinator.transfers WHERE transfer_id = $1",
             id,
         )
-        .map_err(ReconcileError::db("reading a transfer's status"))?
-        .map(|(s,)| s);
-        match status.as_deref() {
-            Some("committing") | Some("completed") => {
+        .map_err(ReconcileError::db("reading a transfer's status"))?;
+        let status = row.as_ref().map(|r| r.0.as_str());
+        match (status, &row) {
+            // Completed in this snapshot, but no outcome was read for it: it was published
+            // after the range read (the broker was down, or the coordinator restarted before
+            // publishing it). Its legs are checked against the coordinator's terms, which the
+            // outcome would have carried, so that no completed transfer goes unchecked.
+            (
+                Some("completed"),
+                Some((_, Some(from_account), Some(to_account), Some(amount), Some(currency))),
+            ) => {
+                let terms = Terms {
+                    from_account: *from_account,
+                    to_account: *to_account,
+                    amount: amount.0,
+                    currency: currency.clone(),
+                };
+                let all = query_as!(
+                    &mut tx,
+                    EntryRow,
+                    fetch_all,
+                    &format!(
+                        "SELECT {ENTRY_COLUMNS} FROM account.ledger WHERE transfer_id = $1 \
+                         ORDER BY entry_id"
+                    ),
+                    id,
+                )
+                .map_err(ReconcileError::db("reading a transfer's ledger entries"))?;
+                let all: Vec<Entry> = all.into_iter().filter_map(Entry::of).collect();
+                check_legs(found, id, &terms, &all);
+            }
+            (Some("committing"), _) => {
                 report.in_flight_entries += entries.len() as u64;
             }
-            other => {
+            (other, _) => {
                 let why = match other {
                     Some(status) => format!("the transfer is {status}"),
                     None => "the coordinator has no such transfer".to_owned(),
@@ -519,20 +555,7 @@ fn check_transfers(
         };
         let entries = by_transfer.get(&id).map(Vec::as_slice).unwrap_or_default();
         match (&event.terms, event.ending) {
-            (Some(terms), Ending::Completed) => {
-                for (leg, role, account, missing) in [
-                    ("debit", "source", terms.from_account, Kind::MissingDebit),
-                    (
-                        "credit",
-                        "destination",
-                        terms.to_account,
-                        Kind::MissingCredit,
-                    ),
-                ] {
-                    let legs: Vec<&Entry> = entries.iter().filter(|e| e.kind == leg).collect();
-                    check_leg(&mut found, id, terms, leg, role, account, missing, &legs);
-                }
-            }
+            (Some(terms), Ending::Completed) => check_legs(&mut found, id, terms, entries),
             (_, ending) => {
                 for e in entries {
                     found.push(
@@ -555,6 +578,22 @@ fn check_transfers(
         }
     }
     found
+}
+
+/// A completed transfer's debit of its source and credit of its destination, against its terms.
+fn check_legs(found: &mut Vec<Discrepancy>, id: Uuid, terms: &Terms, entries: &[Entry]) {
+    for (leg, role, account, missing) in [
+        ("debit", "source", terms.from_account, Kind::MissingDebit),
+        (
+            "credit",
+            "destination",
+            terms.to_account,
+            Kind::MissingCredit,
+        ),
+    ] {
+        let legs: Vec<&Entry> = entries.iter().filter(|e| e.kind == leg).collect();
+        check_leg(found, id, terms, leg, role, account, missing, &legs);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -36,11 +36,13 @@
 //!   that day's run checks the entries (looked up by transfer, whenever they were written).
 //! - A debit or credit of the window with no completed event in that range (the run happens
 //!   while the day is still going on, or a commit was retried past the grace period) is looked
-//!   up in `coordinator.transfers`: `committing` or `completed` means it is in flight, counted
-//!   in [`Report::in_flight_entries`] and not a discrepancy. If it never finishes, the
+//!   up in `coordinator.transfers`. `committing` means it is in flight, counted in
+//!   [`Report::in_flight_entries`] and not a discrepancy; if it never finishes, the
 //!   `stuck_transfer` check reports it once it is older than
-//!   [`ReconcilerConfig::stuck_transfer_after`]. Any other status, or no row at all, is an
-//!   `unexpected_entry`.
+//!   [`ReconcilerConfig::stuck_transfer_after`]. `completed` means its outcome was published
+//!   after the range read (the broker was down, or the coordinator restarted before publishing
+//!   it): its legs are checked against the terms in the coordinator's row, as an outcome's
+//!   would be. Any other status, or no row at all, is an `unexpected_entry`.
 //!
 //! The events are read before the database, and the database in one snapshot per check
 //! (PostgreSQL `REPEATABLE READ`; on SQLite the transaction holds the write lock), so an outcome

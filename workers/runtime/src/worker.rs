@@ -251,8 +251,11 @@ pub fn member_config(
         )
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        // A message may wait this long for a recovering database before it is set aside or
-        // the group moves on. (librdkafka's ceiling is a day.)
+        // A message may wait out the retry budget for a recovering database, with a minute to
+        // spare, before it is set aside. Each message of a batch has a budget of its own, so
+        // in a longer outage the member leaves the group while it waits, and rejoins when it
+        // polls again; what it had not stored is redone by whoever holds the partition then
+        // (handlers are idempotent). (librdkafka's ceiling is a day.)
         .set(
             "max.poll.interval.ms",
             (retry.give_up_after.as_millis() as u64 + 60_000)

@@ -21,7 +21,7 @@ use twophase::client::{self, Outcome};
 use twophase_messages::{reasons, Message, TransferCompleted, TransferRequested};
 use twophase_reconciler::{Kind, ReconcilerConfig, Report, RunStatus, Settings};
 use twophase_runtime::db::sqlx::types::Json;
-use twophase_runtime::db::{Amount, Timestamp};
+use twophase_runtime::db::{Amount, Timestamp, Tx};
 use twophase_runtime::{execute, metrics, Outgoing};
 use uuid::Uuid;
 
@@ -223,6 +223,36 @@ async fn a_clean_day_after_a_mixed_run_has_no_discrepancies_and_exact_totals() {
     env.check_invariants().await;
 }
 
+/// Writes a USD debit or credit of `transfer` on `account` by hand, and the balance it leaves.
+async fn plant_leg(
+    tx: &mut Tx,
+    account: Uuid,
+    transfer: Uuid,
+    kind: &str,
+    amount: &str,
+    balance: &str,
+) {
+    execute!(
+        tx,
+        "INSERT INTO account.ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
+         VALUES ($1, $2, $3, $4, 'USD', $5, $6)",
+        account,
+        transfer,
+        kind,
+        Amount(dec(amount)),
+        Amount(dec(balance)),
+        Timestamp::now()
+    )
+    .unwrap();
+    execute!(
+        tx,
+        "UPDATE account.accounts SET balance = $1 WHERE account_id = $2",
+        Amount(dec(balance)),
+        account
+    )
+    .unwrap();
+}
+
 /// Plants one discrepancy of each kind; each is reported with its kind and amounts, and
 /// nothing else is.
 #[tokio::test(flavor = "multi_thread")]
@@ -246,7 +276,6 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     let hold = Uuid::new_v4();
     let stuck = Uuid::new_v4();
     let two_hours_ago = Timestamp::from(Utc::now() - TimeDelta::hours(2));
-    let now = Timestamp::now();
 
     let mut tx = env.db.begin().await.unwrap();
     // A balance nudged by 0.01.
@@ -273,24 +302,7 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     )
     .unwrap();
     // A credit of no transfer, with the balance it would give.
-    execute!(
-        &mut tx,
-        "INSERT INTO account.ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
-         VALUES ($1, $2, 'credit', $3, 'USD', $4, $5)",
-        b,
-        extra,
-        Amount(dec("3.00")),
-        Amount(dec("13.00")),
-        now
-    )
-    .unwrap();
-    execute!(
-        &mut tx,
-        "UPDATE account.accounts SET balance = $1 WHERE account_id = $2",
-        Amount(dec("13.00")),
-        b
-    )
-    .unwrap();
+    plant_leg(&mut tx, b, extra, "credit", "3.00", "13.00").await;
     // A hold left open for two hours, counted in the account's held amount.
     execute!(
         &mut tx,
@@ -456,24 +468,7 @@ async fn a_completed_transfer_whose_outcome_was_not_read_is_still_checked() {
     let now = Timestamp::now();
     let mut tx = env.db.begin().await.unwrap();
     // Its debit, with the balance it gives; its credit lost.
-    execute!(
-        &mut tx,
-        "INSERT INTO account.ledger (account_id, transfer_id, kind, amount, currency, balance_after, created_at)
-         VALUES ($1, $2, 'debit', $3, 'USD', $4, $5)",
-        a,
-        transfer,
-        Amount(dec("7.00")),
-        Amount(dec("93.00")),
-        now
-    )
-    .unwrap();
-    execute!(
-        &mut tx,
-        "UPDATE account.accounts SET balance = $1 WHERE account_id = $2",
-        Amount(dec("93.00")),
-        a
-    )
-    .unwrap();
+    plant_leg(&mut tx, a, transfer, "debit", "7.00", "93.00").await;
     execute!(
         &mut tx,
         "INSERT INTO coordinator.transfers (transfer_id, request_hash, request, from_account, to_account,

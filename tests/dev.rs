@@ -113,11 +113,13 @@ fn a_worker_that_cannot_start_ends_the_demo_with_its_own_error() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     // A typo in a consumer property: librdkafka refuses it when each worker creates its
-    // consumer, after the demo has started waiting for the workers.
+    // consumer, after the demo has started waiting for the workers. (Any free port for the
+    // metrics and the audit API: the other test's demo may be running.)
     let config = dir.join("typo.toml");
     std::fs::write(
         &config,
-        "[kafka.consumer_properties]\n\"fetch.wait.max.mss\" = \"10\"\n",
+        "metrics_listen = \"127.0.0.1:0\"\n\
+         [kafka.consumer_properties]\n\"fetch.wait.max.mss\" = \"10\"\n",
     )
     .unwrap();
     let data = dir.join("data");

@@ -305,7 +305,7 @@ pub async fn run<H: Handler>(
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
-        .with_context(|| format!("the {} worker: subscribing to {topics:?}", settings.name))?;
+        .with_context(|| format!("the {} worker's subscription to {topics:?}", settings.name))?;
     tracing::info!(worker = settings.name, group = %settings.group_id(), ?topics, "consuming");
 
     let loop_ = ConsumeLoop {

@@ -16,7 +16,7 @@ pub enum AmountError {
     NotPositive(Decimal),
     #[error("amount {amount} has more decimals than {currency} allows ({allowed})")]
     TooManyDecimals {
-        amount: Decimal,
+        amount: String,
         currency: String,
         allowed: u32,
     },
@@ -35,28 +35,44 @@ impl AmountError {
 
 /// Parses a decimal string for a currency: positive, and with no more decimals than the
 /// currency's minor unit (trailing zeros beyond it are accepted: "1.500" USD is 1.50).
+///
+/// Only plain notation is an amount: digits, with at most one point between digits, and a
+/// leading minus (refused as not positive). Scientific notation, a plus sign, separators and
+/// a bare point ("1e3", "+5", "1_000", ".5") are refused: none is an amount a producer means
+/// by accident. The amount is taken exactly as written: one with more decimals than can be
+/// held is refused, never rounded.
 pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountError> {
     let code = Currency::from_code(currency)
         .ok_or_else(|| AmountError::UnknownCurrency(currency.to_owned()))?;
-    // Scientific notation and thousands separators are refused: "1e3" is not an amount a
-    // producer means by accident.
-    let value: Decimal = amount
-        .trim()
-        .parse()
-        .map_err(|_| AmountError::NotANumber(amount.to_owned()))?;
-    if value <= Decimal::ZERO {
-        return Err(AmountError::NotPositive(value));
+    let text = amount.trim();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, "0"));
+    if !digits(whole) || !digits(fraction) {
+        return Err(AmountError::NotANumber(amount.to_owned()));
     }
+    // Counted in the text, before any parsing could round them away.
     let allowed = u32::from(code.exponent().unwrap_or(0));
-    let normalized = value.normalize();
-    if normalized.scale() > allowed {
+    let fraction = fraction.trim_end_matches('0');
+    if fraction.len() > allowed as usize {
         return Err(AmountError::TooManyDecimals {
-            amount: value,
+            amount: text.to_owned(),
             currency: currency.to_owned(),
             allowed,
         });
     }
-    Ok(normalized)
+    // Without the trailing zeros, which could take it past the 28 decimals a decimal holds.
+    let sign = if unsigned.len() < text.len() { "-" } else { "" };
+    let exact = match fraction {
+        "" => format!("{sign}{whole}"),
+        _ => format!("{sign}{whole}.{fraction}"),
+    };
+    let value =
+        Decimal::from_str_exact(&exact).map_err(|_| AmountError::NotANumber(amount.to_owned()))?;
+    if value <= Decimal::ZERO {
+        return Err(AmountError::NotPositive(value));
+    }
+    Ok(value.normalize())
 }
 
 #[cfg(test)]
@@ -75,6 +91,18 @@ mod tests {
             validate_amount("0.001", "BHD").unwrap().to_string(),
             "0.001"
         );
+        assert_eq!(
+            validate_amount(" 7.10000000000000000000000000000000 ", "USD")
+                .unwrap()
+                .to_string(),
+            "7.1"
+        );
+        assert_eq!(
+            validate_amount("79228162514264337593543950335", "JPY")
+                .unwrap()
+                .to_string(),
+            "79228162514264337593543950335"
+        );
     }
 
     #[test]
@@ -87,6 +115,34 @@ mod tests {
             ("1.5", "JPY", reasons::TOO_MANY_DECIMALS),
             ("1.00", "XYZ", reasons::UNKNOWN_CURRENCY),
             ("1.00", "usd", reasons::UNKNOWN_CURRENCY),
+            // Not plain notation.
+            ("1e3", "USD", reasons::INVALID_AMOUNT),
+            ("1.5E2", "USD", reasons::INVALID_AMOUNT),
+            ("+5", "USD", reasons::INVALID_AMOUNT),
+            ("1_000", "USD", reasons::INVALID_AMOUNT),
+            ("1,000.00", "USD", reasons::INVALID_AMOUNT),
+            (".5", "USD", reasons::INVALID_AMOUNT),
+            ("5.", "USD", reasons::INVALID_AMOUNT),
+            ("--5", "USD", reasons::INVALID_AMOUNT),
+            ("", "USD", reasons::INVALID_AMOUNT),
+            ("١٢", "USD", reasons::INVALID_AMOUNT),
+            // More decimals than a decimal holds: refused, not rounded to 2 or to 0.01.
+            (
+                "1.99999999999999999999999999999",
+                "USD",
+                reasons::TOO_MANY_DECIMALS,
+            ),
+            (
+                "0.01000000000000000000000000000001",
+                "USD",
+                reasons::TOO_MANY_DECIMALS,
+            ),
+            // More than a decimal holds.
+            (
+                "79228162514264337593543950336",
+                "USD",
+                reasons::INVALID_AMOUNT,
+            ),
         ];
         for (amount, currency, reason) in cases {
             let err = validate_amount(amount, currency).unwrap_err();

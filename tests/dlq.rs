@@ -207,6 +207,19 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
         typed(&valid[2], "twophase.transfer.requestd", "1", "unknown-type");
     let (future_id, future_headers) = typed(&valid[3], requested, "2", "future-version");
 
+    // A vote sent where requests go, as a producer might to skip the risk check.
+    let forged_vote = Outgoing::new(
+        topics.requests(),
+        &valid[0].transfer_id,
+        "/test",
+        &Message::Vote(Vote {
+            transfer_id: valid[0].transfer_id.parse().unwrap(),
+            participant: Participant::Risk,
+            decision: Decision::Yes,
+            reason: None,
+            risk: None,
+        }),
+    );
     let stray_vote = Outgoing::new(
         topics.replies(),
         &valid[4].transfer_id,
@@ -278,6 +291,17 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
             class: "decode",
             worker: "coordinator",
             error: "schema version 2 of twophase.transfer.requested is newer",
+        },
+        Poison {
+            name: "vote-on-requests",
+            topic: topics.requests(),
+            key: valid[0].transfer_id.clone(),
+            payload: forged_vote.payload.clone(),
+            headers: headers_of(&forged_vote, "vote-on-requests"),
+            message_id: Some(forged_vote.envelope.id.to_string()),
+            class: "decode",
+            worker: "coordinator",
+            error: "carries only twophase.transfer.requested, not twophase.saga.vote",
         },
         Poison {
             name: "reply-for-unknown-transfer",
@@ -395,7 +419,7 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
         let series = [("topic", topic.as_str()), ("error_class", class)];
         common::metric(coordinator_port, "twophase_dead_letters_total", &series).await
     };
-    assert_eq!(counted(topics.requests(), "decode").await, Some(4.0));
+    assert_eq!(counted(topics.requests(), "decode").await, Some(5.0));
     assert_eq!(counted(topics.replies(), "permanent").await, Some(1.0));
     assert_eq!(counted(topics.requests(), "permanent").await, Some(0.0));
     let handled = [
@@ -409,12 +433,12 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
         &handled,
     )
     .await;
-    assert_eq!(dead_lettered, Some(4.0));
+    assert_eq!(dead_lettered, Some(5.0));
 
     // --limit keeps the oldest; --since in the future finds nothing; text output is one line each.
     let first_two = list(&env, &full_requests_dlq, &["--limit", "2"]).await;
-    let all_four = list(&env, "transfers.requests", &[]).await;
-    assert_eq!(first_two[..], all_four[..2]);
+    let all_five = list(&env, "transfers.requests", &[]).await;
+    assert_eq!(first_two[..], all_five[..2]);
     let later = list(
         &env,
         "transfers.requests",
@@ -423,7 +447,7 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
     .await;
     assert!(later.is_empty(), "{later:#?}");
     let recent = list(&env, "transfers.requests", &["--since", "10min"]).await;
-    assert_eq!(recent.len(), 4);
+    assert_eq!(recent.len(), 5);
     let text = twophase_ok(&env, &["dlq", "list", "--topic", "saga.replies"]).await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "{text}");

@@ -138,8 +138,9 @@ pub struct WorkerSettings {
     pub kafka: KafkaConfig,
     pub retry: RetryConfig,
     pub topics: Vec<String>,
-    /// For topics written by producers outside the project, the message type a record without
-    /// a `ce_type` header has.
+    /// For topics written by producers outside the project, the one message type a record
+    /// there may be: what a record without a `ce_type` header is, and the only type taken (a
+    /// producer cannot send, say, a vote where requests go).
     pub default_types: Vec<(String, &'static str)>,
     /// Told whether the consumer holds partitions; served on `/healthz`.
     pub health: Health,
@@ -640,6 +641,14 @@ impl<H: Handler> ConsumeLoop<H> {
         })?;
         let payload = raw.payload().unwrap_or_default();
         let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
+        if let Some(only) = default_type {
+            anyhow::ensure!(
+                envelope.message_type == only,
+                "{} carries only {only}, not {}",
+                raw.topic(),
+                envelope.message_type
+            );
+        }
         let mut incoming = Incoming {
             topic: raw.topic().to_owned(),
             partition: raw.partition(),

@@ -9,8 +9,10 @@ use uuid::Uuid;
 use crate::types;
 
 /// A producer asks for money to move. Published to `transfers.requests`, keyed by
-/// `transfer_id`. Every field is text so that a malformed value is answered with a
-/// `TransferRejected` naming it, rather than set aside as undecodable.
+/// `transfer_id`. Every field is a string, so that a malformed one (an amount that is not
+/// one, an id that is not a UUID) is answered with a `TransferRejected` naming it; a field
+/// that is not a string at all makes the record undecodable, and it is set aside as a dead
+/// letter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TransferRequested {
     /// The producer's idempotency key, a UUID. The same id with the same body is one
@@ -20,7 +22,9 @@ pub struct TransferRequested {
     pub from_account: String,
     /// The account credited (a UUID).
     pub to_account: String,
-    /// A positive decimal string with no more decimals than the currency allows, e.g. "12.34".
+    /// A positive decimal string in plain notation (digits, at most one point between them:
+    /// "12.34", not "1.234e1", "+12.34" or ".5") with no more decimals than the currency
+    /// allows.
     pub amount: String,
     /// An ISO 4217 code, e.g. "USD".
     pub currency: String,

@@ -282,6 +282,40 @@ async fn a_record_on_the_outcome_topic_that_is_not_an_outcome_does_not_hide_the_
     assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_cloudevents_id_is_not_a_uuid_is_settled() {
+    let mut env = TestEnv::new("cloudevent-id").await;
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let watcher = env.watcher().await;
+    // CloudEvents allows any non-empty string as an id.
+    let transfer = request(a, b, "10", "USD");
+    let cloud_event = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header {
+            key: "ce_id",
+            value: Some("order-42-evt"),
+        })
+        .insert(rdkafka::message::Header {
+            key: "ce_source",
+            value: Some("/shop"),
+        });
+    env.publisher
+        .send_raw(
+            &env.topics.requests(),
+            Some(transfer.transfer_id.as_bytes()),
+            &serde_json::to_vec(&transfer).unwrap(),
+            cloud_event,
+        )
+        .await
+        .unwrap();
+    let outcomes = watcher
+        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
+}
+
 /// Publishes an account command by hand and waits for the worker's reply to it.
 async fn send_command(
     env: &TestEnv,

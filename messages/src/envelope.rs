@@ -87,11 +87,23 @@ impl Envelope {
         out
     }
 
+    /// The message id a non-empty `ce_id` header stands for: itself if it is a UUID, else the
+    /// UUID derived from it and `ce_source`. Do not change the derivation: deduplication and
+    /// the audit store rely on a redelivered message getting the same id.
+    pub fn id_of(ce_id: &str, ce_source: Option<&str>) -> Uuid {
+        Uuid::parse_str(ce_id).unwrap_or_else(|_| {
+            let seed = format!("{}\n{ce_id}", ce_source.unwrap_or_default());
+            Uuid::new_v5(&Uuid::NAMESPACE_OID, seed.as_bytes())
+        })
+    }
+
     /// Reads the envelope from record headers.
     ///
     /// Producers outside the project may publish requests with no headers at all, so the
     /// caller supplies what a missing header defaults to: the type the topic implies, and an
-    /// id derived from the record's position (stable across redeliveries).
+    /// id derived from the record's position (stable across redeliveries). A `ce_id` that is
+    /// not a UUID (CloudEvents allows any non-empty string, unique within its `ce_source`)
+    /// stands for the UUID derived from the two of them, the same on every redelivery.
     pub fn from_headers<'a>(
         record_headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
         default_type: Option<&str>,
@@ -116,7 +128,13 @@ impl Envelope {
                 .ok_or(EnvelopeError::Missing(headers::TYPE))?,
         };
         let id = match found.remove(headers::ID) {
-            Some(v) => parse_uuid(headers::ID, v)?,
+            Some(v) if v.is_empty() => {
+                return Err(EnvelopeError::Invalid {
+                    name: headers::ID,
+                    value: v,
+                })
+            }
+            Some(v) => Envelope::id_of(&v, found.get(headers::SOURCE).map(String::as_str)),
             None => fallback_id(),
         };
         let schema_version = match found.remove(headers::SCHEMA_VERSION) {
@@ -197,6 +215,28 @@ mod tests {
         assert_eq!(e.id, id);
         assert_eq!(e.message_type, crate::types::TRANSFER_REQUESTED);
         assert_eq!(e.schema_version, 1);
+    }
+
+    #[test]
+    fn an_id_that_is_not_a_uuid_stands_for_one_derived_from_it_and_its_source() {
+        let id = |source: &str, id: &str| {
+            Envelope::from_headers(
+                [
+                    (headers::ID, Some(id.as_bytes())),
+                    (headers::SOURCE, Some(source.as_bytes())),
+                ],
+                Some(crate::types::TRANSFER_REQUESTED),
+                || unreachable!("the id header is present"),
+            )
+            .map(|e| e.id)
+        };
+        let order = id("/shop", "order-42-evt").unwrap();
+        assert_eq!(id("/shop", "order-42-evt").unwrap(), order);
+        assert_ne!(id("/till", "order-42-evt").unwrap(), order);
+        assert_ne!(id("/shop", "order-43-evt").unwrap(), order);
+        let uuid = Uuid::new_v4().to_string();
+        assert_eq!(id("/shop", &uuid).unwrap().to_string(), uuid);
+        assert!(id("/shop", "").is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use rdkafka::message::Headers;
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 use twophase_messages::envelope::headers as ce;
-use twophase_messages::{types, AccountAction, Topics};
+use twophase_messages::{types, AccountAction, Envelope, Topics};
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::Timestamp;
 use twophase_runtime::telemetry;
@@ -414,7 +414,13 @@ fn actor_of(
 /// The message id a row is unique on. Do not change any derivation: stored rows are unique on
 /// it, and a record redelivered after a restart must get the same id to be recognised.
 fn message_id_of(source: &Source<'_>, kind: TopicKind) -> Uuid {
-    let ce_id = || source.header(ce::ID).and_then(|v| Uuid::parse_str(v).ok());
+    // As the workers read it (a `ce_id` that is not a UUID stands for one derived from it).
+    let ce_id = || {
+        source
+            .header(ce::ID)
+            .filter(|v| !v.is_empty())
+            .map(|v| Envelope::id_of(v, source.header(ce::SOURCE)))
+    };
     if kind == TopicKind::DeadLetter {
         // A dead letter keeps the original's headers, ce_id included; it is a message of its
         // own: the setting aside of the record at its original position.
@@ -861,6 +867,32 @@ mod tests {
         assert_eq!(e.actor_id, None);
         assert_eq!(e.transfer_id.as_deref(), Some("abc"));
         assert_eq!(e.occurred_at.0.timestamp_millis(), 1_790_000_000_000);
+    }
+
+    #[test]
+    fn a_request_whose_id_is_not_a_uuid_gets_the_id_the_workers_give_it() {
+        let t = topics();
+        let headers = |id: &str| vec![(ce::ID, id.to_owned()), (ce::SOURCE, "/shop".to_owned())];
+        let record = |id: &str| Record {
+            topic: t.requests(),
+            headers: headers(id),
+            payload: Some(br#"{"transfer_id":"abc"}"#.to_vec()),
+        };
+        let worker = Envelope::from_headers(
+            headers("order-42-evt")
+                .iter()
+                .map(|(k, v)| (*k, Some(v.as_bytes()))),
+            Some(types::TRANSFER_REQUESTED),
+            || unreachable!("the id header is present"),
+        )
+        .unwrap();
+        assert_eq!(record("order-42-evt").entry().message_id, worker.id);
+        // An empty one is no id: the record's position is.
+        let position = Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("{}/2/7", t.requests()).as_bytes(),
+        );
+        assert_eq!(record("").entry().message_id, position);
     }
 
     #[test]

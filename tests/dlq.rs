@@ -207,31 +207,20 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
         typed(&valid[2], "twophase.transfer.requestd", "1", "unknown-type");
     let (future_id, future_headers) = typed(&valid[3], requested, "2", "future-version");
 
-    // A vote sent where requests go, as a producer might to skip the risk check.
-    let forged_vote = Outgoing::new(
-        topics.requests(),
-        &valid[0].transfer_id,
-        "/test",
-        &Message::Vote(Vote {
-            transfer_id: valid[0].transfer_id.parse().unwrap(),
+    // A risk worker's yes for a transfer, sent to `topic`.
+    let risk_yes = |topic: String, r: &TransferRequested| {
+        let vote = Vote {
+            transfer_id: r.transfer_id.parse().unwrap(),
             participant: Participant::Risk,
             decision: Decision::Yes,
             reason: None,
             risk: None,
-        }),
-    );
-    let stray_vote = Outgoing::new(
-        topics.replies(),
-        &valid[4].transfer_id,
-        "/test",
-        &Message::Vote(Vote {
-            transfer_id: valid[4].transfer_id.parse().unwrap(),
-            participant: Participant::Risk,
-            decision: Decision::Yes,
-            reason: None,
-            risk: None,
-        }),
-    );
+        };
+        Outgoing::new(topic, &r.transfer_id, "/test", &Message::Vote(vote))
+    };
+    // One sent where requests go, as a producer might to skip the risk check.
+    let forged_vote = risk_yes(topics.requests(), &valid[0]);
+    let stray_vote = risk_yes(topics.replies(), &valid[4]);
     let never_held = AccountCommandBody {
         transfer_id: Uuid::new_v4(),
         account_id: a,

@@ -247,6 +247,18 @@ async fn the_same_request_twice_is_one_transfer_and_a_changed_body_conflicts() {
     env.check_invariants().await;
 }
 
+/// Record headers, as a producer outside the project might set them.
+fn headers(pairs: &[(&str, &str)]) -> rdkafka::message::OwnedHeaders {
+    pairs
+        .iter()
+        .fold(rdkafka::message::OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(rdkafka::message::Header {
+                key,
+                value: Some(*value),
+            })
+        })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_on_the_outcome_topic_that_is_not_an_outcome_does_not_hide_the_next_one() {
     let mut env = TestEnv::new("foreign-event").await;
@@ -255,19 +267,9 @@ async fn a_record_on_the_outcome_topic_that_is_not_an_outcome_does_not_hide_the_
     let b = env.open_account("USD", "0").await;
     let watcher = env.watcher().await;
     // What a newer coordinator might publish, and what a stray producer might.
-    let newer = rdkafka::message::OwnedHeaders::new()
-        .insert(rdkafka::message::Header {
-            key: "ce_type",
-            value: Some("twophase.transfer.settled"),
-        })
-        .insert(rdkafka::message::Header {
-            key: "ce_id",
-            value: Some(&Uuid::new_v4().to_string()),
-        });
-    for (payload, headers) in [
-        (&b"{}"[..], newer),
-        (&b"not JSON"[..], rdkafka::message::OwnedHeaders::new()),
-    ] {
+    let id = Uuid::new_v4().to_string();
+    let newer = headers(&[("ce_type", "twophase.transfer.settled"), ("ce_id", &id)]);
+    for (payload, headers) in [(&b"{}"[..], newer), (&b"not JSON"[..], headers(&[]))] {
         env.publisher
             .send_raw(&env.topics.events(), None, payload, headers)
             .await
@@ -291,15 +293,7 @@ async fn a_request_whose_cloudevents_id_is_not_a_uuid_is_settled() {
     let watcher = env.watcher().await;
     // CloudEvents allows any non-empty string as an id.
     let transfer = request(a, b, "10", "USD");
-    let cloud_event = rdkafka::message::OwnedHeaders::new()
-        .insert(rdkafka::message::Header {
-            key: "ce_id",
-            value: Some("order-42-evt"),
-        })
-        .insert(rdkafka::message::Header {
-            key: "ce_source",
-            value: Some("/shop"),
-        });
+    let cloud_event = headers(&[("ce_id", "order-42-evt"), ("ce_source", "/shop")]);
     env.publisher
         .send_raw(
             &env.topics.requests(),

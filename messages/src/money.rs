@@ -33,42 +33,52 @@ impl AmountError {
     }
 }
 
-/// Parses a decimal string for a currency: positive, and with no more decimals than the
-/// currency's minor unit (trailing zeros beyond it are accepted: "1.500" USD is 1.50).
-///
-/// Only plain notation is an amount: digits, with at most one point between digits, and a
-/// leading minus (refused as not positive). Scientific notation, a plus sign, separators and
-/// a bare point ("1e3", "+5", "1_000", ".5") are refused: none is an amount a producer means
-/// by accident. The amount is taken exactly as written: one with more decimals than can be
-/// held is refused, never rounded.
-pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountError> {
-    let code = Currency::from_code(currency)
-        .ok_or_else(|| AmountError::UnknownCurrency(currency.to_owned()))?;
+/// An amount in plain notation: a minus or not, the digits before the point and those after
+/// it without trailing zeros. `None` for anything else: scientific notation, a plus sign,
+/// separators, a bare point ("1e3", "+5", "1_000", ".5"), none of which is an amount a
+/// producer means by accident.
+fn plain(amount: &str) -> Option<(bool, &str, &str)> {
     let text = amount.trim();
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let unsigned = text.strip_prefix('-').unwrap_or(text);
-    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, "0"));
-    if !digits(whole) || !digits(fraction) {
-        return Err(AmountError::NotANumber(amount.to_owned()));
-    }
-    // Counted in the text, before any parsing could round them away.
-    let allowed = u32::from(code.exponent().unwrap_or(0));
-    let fraction = fraction.trim_end_matches('0');
-    if fraction.len() > allowed as usize {
-        return Err(AmountError::TooManyDecimals {
-            amount: text.to_owned(),
-            currency: currency.to_owned(),
-            allowed,
-        });
-    }
-    // Without the trailing zeros, which could take it past the 28 decimals a decimal holds.
-    let sign = if unsigned.len() < text.len() { "-" } else { "" };
+    let unsigned = text.strip_prefix('-');
+    let (whole, fraction) = unsigned
+        .unwrap_or(text)
+        .split_once('.')
+        .unwrap_or((unsigned.unwrap_or(text), "0"));
+    (digits(whole) && digits(fraction))
+        .then(|| (unsigned.is_some(), whole, fraction.trim_end_matches('0')))
+}
+
+/// The exact value of an amount in plain notation; `None` if it is not one, or has more
+/// digits than a decimal holds (it is never rounded).
+pub fn plain_decimal(amount: &str) -> Option<Decimal> {
+    let (negative, whole, fraction) = plain(amount)?;
+    let sign = if negative { "-" } else { "" };
     let exact = match fraction {
         "" => format!("{sign}{whole}"),
         _ => format!("{sign}{whole}.{fraction}"),
     };
-    let value =
-        Decimal::from_str_exact(&exact).map_err(|_| AmountError::NotANumber(amount.to_owned()))?;
+    Decimal::from_str_exact(&exact).ok()
+}
+
+/// Parses a decimal string for a currency: positive, in plain notation ([`plain_decimal`]),
+/// and with no more decimals than the currency's minor unit (trailing zeros beyond it are
+/// accepted: "1.500" USD is 1.50). A leading minus is refused as not positive.
+pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountError> {
+    let code = Currency::from_code(currency)
+        .ok_or_else(|| AmountError::UnknownCurrency(currency.to_owned()))?;
+    let not_a_number = || AmountError::NotANumber(amount.to_owned());
+    let (_, _, fraction) = plain(amount).ok_or_else(not_a_number)?;
+    // Counted in the text, before any parsing could round them away.
+    let allowed = u32::from(code.exponent().unwrap_or(0));
+    if fraction.len() > allowed as usize {
+        return Err(AmountError::TooManyDecimals {
+            amount: amount.trim().to_owned(),
+            currency: currency.to_owned(),
+            allowed,
+        });
+    }
+    let value = plain_decimal(amount).ok_or_else(not_a_number)?;
     if value <= Decimal::ZERO {
         return Err(AmountError::NotPositive(value));
     }

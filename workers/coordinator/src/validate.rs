@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
-use twophase_messages::{reasons, validate_amount, TransferRequested};
+use twophase_messages::{plain_decimal, reasons, validate_amount, TransferRequested};
 use uuid::Uuid;
 
 use crate::saga::Terms;
@@ -68,13 +68,11 @@ pub fn validate(
 /// The fingerprint of a request's body: the same transfer id with another fingerprint is a
 /// conflict. Do not change the encoding: stored fingerprints are compared with new ones.
 pub fn fingerprint(request: &TransferRequested) -> String {
-    // "12.3" and "12.30" are the same amount, so a valid amount is compared by value.
-    let amount = request
-        .amount
-        .trim()
-        .parse::<Decimal>()
+    // "12.3" and "12.30" are the same amount, so an amount is compared by value (one that is
+    // not in plain notation, by its text).
+    let amount = plain_decimal(&request.amount)
         .map(|d| d.normalize().to_string())
-        .unwrap_or_else(|_| request.amount.clone());
+        .unwrap_or_else(|| request.amount.clone());
     // So is a UUID however it is spelled (upper case, braces, no hyphens): by its
     // lower-case hyphenated form, which is what most producers send and fingerprints hold.
     let uuid = |value: &str| {
@@ -159,6 +157,12 @@ mod tests {
         let mut c = a.clone();
         c.to_account = Uuid::new_v4().to_string();
         assert_ne!(fingerprint(&a), fingerprint(&c));
+        // Not an amount: compared by its text, not by what a laxer parser would make of it.
+        let mut thousand = a.clone();
+        thousand.amount = "1000".into();
+        let mut exponent = a.clone();
+        exponent.amount = "1e3".into();
+        assert_ne!(fingerprint(&thousand), fingerprint(&exponent));
     }
 
     #[test]

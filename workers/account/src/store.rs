@@ -308,9 +308,10 @@ pub struct Mismatch {
 }
 
 /// Replays every account's ledger and open holds and reports each account whose balance or
-/// held amount differs. Returns the number of accounts checked with the mismatches.
+/// held amount differs, all read in one snapshot. Returns the number of accounts checked with
+/// the mismatches.
 pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountError> {
-    let mut tx = db.begin().await?;
+    let mut tx = db.begin_snapshot().await?;
     let accounts = query_as!(
         &mut tx,
         (Uuid, Amount, Amount),

@@ -1,11 +1,9 @@
 //! One run: read the outcomes, then the database, compare, and record the report.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::str::FromStr;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use rust_decimal::Decimal;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use twophase_account::store::Mismatch;
 use twophase_messages::{Envelope, Topics};
 use twophase_runtime::db::{Amount, Db, Timestamp};
@@ -117,7 +115,7 @@ async fn check(
     let mut found = outcomes.conflicts.clone();
 
     // 1. Balances and holds, as of one instant.
-    let accounts = snapshot(&settings.database_url, Some("account"))
+    let accounts = Db::connect(&settings.database_url, "account", 2)
         .await
         .map_err(ReconcileError::db("connecting to the account schema"))?;
     let balances = twophase_account::store::check_balances(&accounts).await;
@@ -127,46 +125,13 @@ async fn check(
     found.extend(mismatches.iter().map(balance_discrepancy));
 
     // 2 and 4, in one snapshot of both schemas.
-    let db = snapshot(&settings.database_url, None)
+    let db = Db::connect_all(&settings.database_url)
         .await
         .map_err(ReconcileError::db("connecting to the database"))?;
     let result = cross_check(&db, window, &outcomes, now, config, report, &mut found).await;
     db.close().await;
     result?;
     Ok(found)
-}
-
-/// A pool whose transactions are read-only snapshots: `REPEATABLE READ` on PostgreSQL, so that
-/// balances, holds and the ledger are read as of one instant while transfers go on. On SQLite a
-/// transaction holds the write lock, which is a snapshot already. `schema`: the one schema
-/// queries see unqualified; none: every schema by name.
-async fn snapshot(url: &str, schema: Option<&str>) -> Result<Db, sqlx::Error> {
-    if url.starts_with("sqlite:") {
-        return match schema {
-            Some(schema) => Db::connect(url, schema, 1).await,
-            None => Db::connect_all(url).await,
-        };
-    }
-    let mut options = PgConnectOptions::from_str(url)?;
-    if let Some(schema) = schema {
-        options = options.options([("search_path", schema)]);
-    }
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                sqlx::query(
-                    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ, \
-                     READ ONLY",
-                )
-                .execute(conn)
-                .await
-                .map(|_| ())
-            })
-        })
-        .connect_with(options)
-        .await?;
-    Ok(Db::Postgres(pool))
 }
 
 /// A debit or credit in the ledger.
@@ -212,7 +177,7 @@ async fn cross_check(
 ) -> Result<(), ReconcileError> {
     let read = ReconcileError::db("reading the ledger and the transfers");
     let mut tx = db
-        .begin()
+        .begin_snapshot()
         .await
         .map_err(ReconcileError::db("starting a read"))?;
     let grace = TimeDelta::from_std(config.grace).unwrap_or(TimeDelta::zero());

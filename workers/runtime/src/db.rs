@@ -218,6 +218,20 @@ impl Db {
         })
     }
 
+    /// Starts a read-only transaction whose reads all see one snapshot, so that they agree
+    /// with each other while transfers go on: `REPEATABLE READ` on PostgreSQL. On SQLite a
+    /// transaction holds the write lock, which is a snapshot already.
+    pub async fn begin_snapshot(&self) -> Result<Tx, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        if let Tx::Postgres(_) = tx {
+            crate::execute!(
+                &mut tx,
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+            )?;
+        }
+        Ok(tx)
+    }
+
     /// Whether the database answers, for health checks.
     pub async fn ping(&self) -> bool {
         let result = match self {

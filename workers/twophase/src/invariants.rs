@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
-use twophase_runtime::db::{Amount, Db, Tx};
-use twophase_runtime::{execute, query_as};
+use twophase_runtime::db::{Amount, Db};
+use twophase_runtime::query_as;
 use uuid::Uuid;
 
 /// What was checked, and every violation found.
@@ -33,14 +33,7 @@ impl Report {
 ///    ⇒ no ledger entry;
 /// 4. no ledger entry of an unknown transfer, and nothing left held or reserved.
 pub async fn check(db: &Db) -> Result<Report, twophase_runtime::db::sqlx::Error> {
-    let mut tx = db.begin().await?;
-    // One snapshot for every read (SQLite's transaction is one already).
-    if let Tx::Postgres(_) = tx {
-        execute!(
-            &mut tx,
-            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-        )?;
-    }
+    let mut tx = db.begin_snapshot().await?;
     let accounts = query_as!(
         &mut tx,
         (Uuid, String, Amount, Amount),
@@ -211,6 +204,7 @@ pub async fn check(db: &Db) -> Result<Report, twophase_runtime::db::sqlx::Error>
 #[cfg(test)]
 mod tests {
     use twophase_runtime::db::{self, Timestamp};
+    use twophase_runtime::execute;
 
     use super::*;
 

@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use twophase_account::store::Mismatch;
 use twophase_messages::{Envelope, Topics};
-use twophase_runtime::db::{Amount, Db, Timestamp};
+use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::{metrics, query_as, Outgoing, Publisher};
 use uuid::Uuid;
 
@@ -165,6 +165,21 @@ impl Entry {
 
 const ENTRY_COLUMNS: &str = "entry_id, account_id, transfer_id, kind, amount, currency, created_at";
 
+/// Every ledger entry of a transfer, whenever it was written.
+async fn entries_of(tx: &mut Tx, id: Uuid) -> Result<Vec<Entry>, ReconcileError> {
+    let rows = query_as!(
+        tx,
+        EntryRow,
+        fetch_all,
+        &format!(
+            "SELECT {ENTRY_COLUMNS} FROM account.ledger WHERE transfer_id = $1 ORDER BY entry_id"
+        ),
+        id,
+    )
+    .map_err(ReconcileError::db("reading a transfer's ledger entries"))?;
+    Ok(rows.into_iter().filter_map(Entry::of).collect())
+}
+
 /// Checks 2 (transfers against the ledger) and 4 (stale holds, stuck transfers).
 async fn cross_check(
     db: &Db,
@@ -208,17 +223,7 @@ async fn cross_check(
         if has("debit") && has("credit") {
             continue;
         }
-        let rows = query_as!(
-            &mut tx,
-            EntryRow,
-            fetch_all,
-            &format!(
-                "SELECT {ENTRY_COLUMNS} FROM account.ledger WHERE transfer_id = $1 ORDER BY entry_id"
-            ),
-            id,
-        )
-        .map_err(ReconcileError::db("reading a transfer's ledger entries"))?;
-        by_transfer.insert(id, rows.into_iter().filter_map(Entry::of).collect());
+        by_transfer.insert(id, entries_of(&mut tx, id).await?);
     }
     report.ledger_entries = by_transfer
         .values()
@@ -262,19 +267,7 @@ async fn cross_check(
                     amount: amount.0,
                     currency: currency.clone(),
                 };
-                let all = query_as!(
-                    &mut tx,
-                    EntryRow,
-                    fetch_all,
-                    &format!(
-                        "SELECT {ENTRY_COLUMNS} FROM account.ledger WHERE transfer_id = $1 \
-                         ORDER BY entry_id"
-                    ),
-                    id,
-                )
-                .map_err(ReconcileError::db("reading a transfer's ledger entries"))?;
-                let all: Vec<Entry> = all.into_iter().filter_map(Entry::of).collect();
-                check_legs(found, id, &terms, &all);
+                check_legs(found, id, &terms, &entries_of(&mut tx, id).await?);
             }
             (Some("committing"), _) => {
                 report.in_flight_entries += entries.len() as u64;

@@ -33,32 +33,49 @@ impl AmountError {
     }
 }
 
-/// An amount in plain notation: a minus or not, the digits before the point and those after
-/// it without trailing zeros. `None` for anything else: scientific notation, a plus sign,
-/// separators, a bare point ("1e3", "+5", "1_000", ".5"), none of which is an amount a
-/// producer means by accident.
-fn plain(amount: &str) -> Option<(bool, &str, &str)> {
-    let text = amount.trim();
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    let unsigned = text.strip_prefix('-');
-    let (whole, fraction) = unsigned
-        .unwrap_or(text)
-        .split_once('.')
-        .unwrap_or((unsigned.unwrap_or(text), "0"));
-    (digits(whole) && digits(fraction))
-        .then(|| (unsigned.is_some(), whole, fraction.trim_end_matches('0')))
+/// An amount in plain notation, in parts: a minus or not, the digits before the point, and
+/// those after it without trailing zeros.
+struct Plain<'a> {
+    negative: bool,
+    whole: &'a str,
+    fraction: &'a str,
+}
+
+impl<'a> Plain<'a> {
+    /// `None` for anything but plain notation: scientific notation, a plus sign, separators,
+    /// a bare point ("1e3", "+5", "1_000", ".5"), none of which is an amount a producer means
+    /// by accident.
+    fn parse(amount: &'a str) -> Option<Plain<'a>> {
+        let text = amount.trim();
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let unsigned = text.strip_prefix('-');
+        let (whole, fraction) = unsigned
+            .unwrap_or(text)
+            .split_once('.')
+            .unwrap_or((unsigned.unwrap_or(text), "0"));
+        (digits(whole) && digits(fraction)).then(|| Plain {
+            negative: unsigned.is_some(),
+            whole,
+            fraction: fraction.trim_end_matches('0'),
+        })
+    }
+
+    /// Its exact value; `None` if it has more digits than a decimal holds (it is never
+    /// rounded).
+    fn value(&self) -> Option<Decimal> {
+        let sign = if self.negative { "-" } else { "" };
+        let exact = match self.fraction {
+            "" => format!("{sign}{}", self.whole),
+            fraction => format!("{sign}{}.{fraction}", self.whole),
+        };
+        Decimal::from_str_exact(&exact).ok()
+    }
 }
 
 /// The exact value of an amount in plain notation; `None` if it is not one, or has more
 /// digits than a decimal holds (it is never rounded).
 pub fn plain_decimal(amount: &str) -> Option<Decimal> {
-    let (negative, whole, fraction) = plain(amount)?;
-    let sign = if negative { "-" } else { "" };
-    let exact = match fraction {
-        "" => format!("{sign}{whole}"),
-        _ => format!("{sign}{whole}.{fraction}"),
-    };
-    Decimal::from_str_exact(&exact).ok()
+    Plain::parse(amount)?.value()
 }
 
 /// Parses a decimal string for a currency: positive, in plain notation ([`plain_decimal`]),
@@ -68,17 +85,17 @@ pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountEr
     let code = Currency::from_code(currency)
         .ok_or_else(|| AmountError::UnknownCurrency(currency.to_owned()))?;
     let not_a_number = || AmountError::NotANumber(amount.to_owned());
-    let (_, _, fraction) = plain(amount).ok_or_else(not_a_number)?;
+    let plain = Plain::parse(amount).ok_or_else(not_a_number)?;
     // Counted in the text, before any parsing could round them away.
     let allowed = u32::from(code.exponent().unwrap_or(0));
-    if fraction.len() > allowed as usize {
+    if plain.fraction.len() > allowed as usize {
         return Err(AmountError::TooManyDecimals {
             amount: amount.trim().to_owned(),
             currency: currency.to_owned(),
             allowed,
         });
     }
-    let value = plain_decimal(amount).ok_or_else(not_a_number)?;
+    let value = plain.value().ok_or_else(not_a_number)?;
     if value <= Decimal::ZERO {
         return Err(AmountError::NotPositive(value));
     }

@@ -800,6 +800,15 @@ mod tests {
         db.close().await;
     }
 
+    /// A SQLite database of its own in a new directory, which the test removes.
+    async fn scratch_sqlite() -> (Db, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("twophase-db-{}", uuid::Uuid::new_v4()));
+        let db = Db::connect(&format!("sqlite:{}", dir.display()), "scratch", 1)
+            .await
+            .unwrap();
+        (db, dir)
+    }
+
     /// The error each statement fails with, on a fresh transaction of `db`.
     async fn errors_of(db: &Db, statements: &[&str]) -> Vec<sqlx::Error> {
         let mut errors = Vec::new();
@@ -812,10 +821,7 @@ mod tests {
 
     #[tokio::test]
     async fn on_sqlite_a_busy_file_or_a_lost_race_is_transient_and_a_bad_statement_is_not() {
-        let dir = std::env::temp_dir().join(format!("twophase-db-{}", uuid::Uuid::new_v4()));
-        let db = Db::connect(&format!("sqlite:{}", dir.display()), "scratch", 1)
-            .await
-            .unwrap();
+        let (db, dir) = scratch_sqlite().await;
         let mut tx = db.begin().await.unwrap();
         execute!(&mut tx, "CREATE TABLE t (id INTEGER PRIMARY KEY)").unwrap();
         execute!(&mut tx, "INSERT INTO t VALUES (1)").unwrap();
@@ -866,10 +872,7 @@ mod tests {
 
     #[tokio::test]
     async fn amounts_and_times_round_trip_exactly_on_sqlite() {
-        let dir = std::env::temp_dir().join(format!("twophase-db-{}", uuid::Uuid::new_v4()));
-        let db = Db::connect(&format!("sqlite:{}", dir.display()), "scratch", 1)
-            .await
-            .unwrap();
+        let (db, dir) = scratch_sqlite().await;
         let mut tx = db.begin().await.unwrap();
         execute!(
             &mut tx,

@@ -253,4 +253,54 @@ mod tests {
             assert_eq!(back, m);
         }
     }
+
+    /// The amounts of the workers' own messages are read as exactly as requests' are, and a
+    /// message whose amount no coordinator would write is not a message to act on.
+    #[test]
+    fn internal_amounts_are_positive_decimal_strings_in_plain_notation() {
+        let ids = r#""transfer_id":"6f0c2c8e-3b1a-4c55-9a51-0d6f9e1b2a10""#;
+        let accounts = r#""from_account":"0a3e4f6c-51d2-4b8e-8c1d-2f9a7b6e5d40","to_account":"7b2d1c0e-9f8a-4e7d-a6c5-b4a3928170f6""#;
+        let bodies = [
+            (
+                types::ACCOUNT_HOLD,
+                format!(r#"{ids},"account_id":"0a3e4f6c-51d2-4b8e-8c1d-2f9a7b6e5d40""#),
+            ),
+            (types::RISK_EVALUATE, format!("{ids},{accounts}")),
+            (
+                types::TRANSFER_COMPLETED,
+                format!(r#"{ids},{accounts},"completed_at":"2026-12-06T00:00:00Z""#),
+            ),
+        ];
+        let amount_of = |m: Message| match m {
+            Message::Account(c) => c.body.amount,
+            Message::EvaluateRisk(e) => e.amount,
+            Message::TransferCompleted(c) => c.amount,
+            other => panic!("unexpected {other:?}"),
+        };
+        for (message_type, fields) in &bodies {
+            let decode = |amount: &str| {
+                let payload = format!(r#"{{{fields},"amount":{amount},"currency":"USD"}}"#);
+                Message::decode(message_type, 1, payload.as_bytes())
+            };
+            let exact = amount_of(decode(r#""0.10""#).unwrap());
+            assert_eq!(exact.to_string(), "0.1", "{message_type}");
+            for refused in [
+                "0.1",
+                r#""1e3""#,
+                r#""+5""#,
+                r#"".5""#,
+                r#""0""#,
+                r#""-5.00""#,
+                r#""ten""#,
+                r#""1.99999999999999999999999999999""#,
+            ] {
+                let err = decode(refused).unwrap_err();
+                assert!(
+                    matches!(&err, DecodeError::Payload { .. })
+                        && err.to_string().contains("decimal string in plain notation"),
+                    "{message_type} with amount {refused}: {err}"
+                );
+            }
+        }
+    }
 }

@@ -78,6 +78,46 @@ pub fn plain_decimal(amount: &str) -> Option<Decimal> {
     Plain::parse(amount)?.value()
 }
 
+/// Serde for the amounts of the workers' own messages (a risk evaluation, an account command,
+/// a completed transfer): written as a decimal string, read only as a positive one in plain
+/// notation, exactly. The coordinator writes no other kind, so a JSON number (which would be
+/// read through a float), scientific notation, zero or a negative amount makes the message
+/// undecodable, and it is set aside as a dead letter rather than acted on.
+///
+/// Use as `#[serde(with = "crate::money::positive_amount")]`.
+pub mod positive_amount {
+    use std::fmt;
+
+    use rust_decimal::Decimal;
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(amount: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
+        Serialize::serialize(amount, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+        deserializer.deserialize_str(PositiveAmount)
+    }
+
+    struct PositiveAmount;
+
+    impl Visitor<'_> for PositiveAmount {
+        type Value = Decimal;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a positive amount as a decimal string in plain notation, e.g. \"12.34\"")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Decimal, E> {
+            match super::plain_decimal(text) {
+                Some(amount) if amount > Decimal::ZERO => Ok(amount),
+                _ => Err(E::invalid_value(de::Unexpected::Str(text), &self)),
+            }
+        }
+    }
+}
+
 /// Parses a decimal string for a currency: positive, in plain notation ([`plain_decimal`]),
 /// and with no more decimals than the currency's minor unit (trailing zeros beyond it are
 /// accepted: "1.500" USD is 1.50). A leading minus is refused as not positive.

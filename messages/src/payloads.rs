@@ -40,6 +40,7 @@ pub struct EvaluateRisk {
     pub from_account: Uuid,
     pub to_account: Uuid,
     #[schemars(with = "String")]
+    #[serde(with = "crate::money::positive_amount")]
     pub amount: Decimal,
     pub currency: String,
 }
@@ -117,6 +118,7 @@ pub struct AccountCommandBody {
     /// The account acted on; also the Kafka key, so one account's commands stay in order.
     pub account_id: Uuid,
     #[schemars(with = "String")]
+    #[serde(with = "crate::money::positive_amount")]
     pub amount: Decimal,
     pub currency: String,
 }
@@ -214,6 +216,7 @@ pub struct TransferCompleted {
     pub from_account: Uuid,
     pub to_account: Uuid,
     #[schemars(with = "String")]
+    #[serde(with = "crate::money::positive_amount")]
     pub amount: Decimal,
     pub currency: String,
     pub completed_at: DateTime<Utc>,

@@ -456,6 +456,87 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
     env.check_invariants().await;
 }
 
+/// A record near the producer's size limit cannot be dead-lettered whole: the headers that
+/// say why push it over. It is set aside without its payload, saying where the original is, and
+/// its partition moves on; the dead letter cannot be replayed, and `replay` says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_too_large_to_dead_letter_whole_is_set_aside_without_its_payload() {
+    let mut env = TestEnv::new("dlqlarge").await;
+    env.start("coordinator");
+    env.start("account");
+    env.start("risk");
+    let a = env.open_account("USD", "10").await;
+    let b = env.open_account("USD", "0").await;
+    let valid = request(a, b, "1.00", "USD");
+    // Not JSON, and as large as librdkafka's default `message.max.bytes` (1,000,000) lets the
+    // record be with its key and header.
+    let payload = vec![b'x'; 999_800];
+    let requests = env.topics.requests();
+    let marker = vec![("x-test", "too-large".to_owned())];
+    let (partition, offset) = RawProducer::new(&env)
+        .send(&requests, &valid.transfer_id, &payload, &marker)
+        .await;
+
+    // The valid request shares the large one's partition, so its outcome comes only once the
+    // large one is set aside.
+    let watcher = env.watcher().await;
+    env.request(&valid).await;
+    let outcomes = watcher
+        .wait_for([valid.transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes.len(),
+        1,
+        "the partition moved on (logs in {})",
+        env.log_dir.display()
+    );
+    assert_outcome(&outcomes[&valid.transfer_id], "completed", None);
+
+    let listed = list(&env, "transfers.requests", &[]).await;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    let d = &listed[0];
+    assert_eq!(d["error_class"], "decode", "{d:#}");
+    assert_eq!(d["original_partition"], partition, "{d:#}");
+    assert_eq!(d["original_offset"], offset, "{d:#}");
+    assert_eq!(d["headers"]["x-test"], "too-large", "{d:#}");
+    assert!(
+        d["payload"].as_str().unwrap_or_default().is_empty() && d["payload_hex"].is_null(),
+        "{d:#}"
+    );
+    let omitted = d["payload_omitted"].as_str().unwrap_or_default();
+    assert!(
+        omitted.starts_with("set aside without the payload")
+            && omitted.contains(&format!(
+                "(999800 bytes of payload) is at offset {offset} of partition {partition} of \
+                 {requests}"
+            )),
+        "{d:#}"
+    );
+
+    let before = high_watermark(&env, &requests).await;
+    let out = twophase(
+        &env,
+        &[
+            "dlq",
+            "replay",
+            "--topic",
+            "transfers.requests",
+            "--actor",
+            "t",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("cannot be replayed, since it was set aside without the payload"),
+        "{stderr}"
+    );
+    assert_eq!(high_watermark(&env, &requests).await, before);
+    env.check_invariants().await;
+}
+
 /// A TCP proxy in front of PostgreSQL that can cut one worker off its database.
 struct DbProxy {
     addr: SocketAddr,

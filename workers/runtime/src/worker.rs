@@ -167,6 +167,67 @@ pub mod dlq_headers {
     pub const WORKER: &str = "dlq-worker";
     pub const ATTEMPTS: &str = "dlq-attempts";
     pub const FIRST_FAILURE: &str = "dlq-first-failure-time";
+    /// On a dead letter too large to set aside whole: what it lacks and where the original is.
+    pub const PAYLOAD_OMITTED: &str = "dlq-payload-omitted";
+}
+
+/// The longest error text a dead letter carries; the rest is in the worker's log.
+const MAX_ERROR_HEADER: usize = 4096;
+
+/// `text`, cut to at most `max` bytes on a character boundary, with a note of what was cut.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let cut = text.len();
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(&format!("… ({} more bytes)", cut - end));
+    }
+    text
+}
+
+/// How much of a record its dead letter carries: all of it, or less when that is too large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeadLetterForm {
+    Whole,
+    WithoutPayload,
+    /// Without the payload and the record's own headers: only the headers that say why.
+    Bare,
+}
+
+impl DeadLetterForm {
+    fn smaller(self) -> DeadLetterForm {
+        match self {
+            DeadLetterForm::Whole => DeadLetterForm::WithoutPayload,
+            DeadLetterForm::WithoutPayload | DeadLetterForm::Bare => DeadLetterForm::Bare,
+        }
+    }
+
+    fn omits(self) -> &'static str {
+        match self {
+            DeadLetterForm::Whole => "nothing",
+            DeadLetterForm::WithoutPayload => "the payload",
+            DeadLetterForm::Bare => "the payload and the record's headers",
+        }
+    }
+
+    /// The [`dlq_headers::PAYLOAD_OMITTED`] header of a dead letter of `raw` in this form.
+    fn note(self, raw: &BorrowedMessage<'_>, dead_letter_topic: &str) -> Option<String> {
+        (self != DeadLetterForm::Whole).then(|| {
+            format!(
+                "set aside without {}, as the whole record was too large for \
+                 {dead_letter_topic}; the original ({} bytes of payload) is at offset {} of \
+                 partition {} of {}, and in the audit store",
+                self.omits(),
+                raw.payload_len(),
+                raw.offset(),
+                raw.partition(),
+                raw.topic(),
+            )
+        })
+    }
 }
 
 /// What librdkafka tells a consumer group member beyond messages: statistics (for the
@@ -744,6 +805,13 @@ impl<H: Handler> ConsumeLoop<H> {
     /// Publishes the record to its dead-letter topic, retrying until the broker takes it, and
     /// counts it. `class` is one of [`metrics::ERROR_CLASSES`]; `started` is when its handling
     /// started.
+    ///
+    /// A dead letter is the record's key, bytes and headers plus the headers that say why. If
+    /// that is too large for the producer or the dead-letter topic (a record near the source
+    /// topic's size limit), it is set aside without its bytes, and then without its own headers,
+    /// with a [`dlq_headers::PAYLOAD_OMITTED`] header saying what is missing and where the
+    /// original is: at its place in its topic, and in the audit store. Retrying a dead letter the
+    /// broker can never take would stop the partition for good.
     async fn dead_letter(
         &self,
         raw: &BorrowedMessage<'_>,
@@ -753,19 +821,10 @@ impl<H: Handler> ConsumeLoop<H> {
         first_failure: chrono::DateTime<Utc>,
         started: Instant,
     ) -> Processed {
-        tracing::error!(
-            class,
-            error = format!("{error:#}"),
-            "dead-lettering message"
-        );
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = raw.headers() {
-            for h in original.iter() {
-                headers = headers.insert(h);
-            }
-        }
-        let extra = [
-            (dlq_headers::ERROR, format!("{error:#}")),
+        let error = bounded(format!("{error:#}"), MAX_ERROR_HEADER);
+        tracing::error!(class, error, "dead-lettering message");
+        let why = [
+            (dlq_headers::ERROR, error),
             (dlq_headers::ERROR_CLASS, class.to_owned()),
             (dlq_headers::TOPIC, raw.topic().to_owned()),
             (dlq_headers::PARTITION, raw.partition().to_string()),
@@ -774,24 +833,39 @@ impl<H: Handler> ConsumeLoop<H> {
             (dlq_headers::ATTEMPTS, attempts.to_string()),
             (dlq_headers::FIRST_FAILURE, first_failure.to_rfc3339()),
         ];
-        for (key, value) in &extra {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
-        }
         let topic = twophase_messages::Topics::dead_letters(raw.topic());
+        let payload = raw.payload().unwrap_or_default();
+        let mut form = DeadLetterForm::Whole;
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let mut headers = OwnedHeaders::new();
+            if form != DeadLetterForm::Bare {
+                if let Some(original) = raw.headers() {
+                    for h in original.iter() {
+                        headers = headers.insert(h);
+                    }
+                }
+            }
+            let omitted = form.note(raw, &topic);
+            let extra = why
+                .iter()
+                .map(|(k, v)| (*k, v))
+                .chain(omitted.as_ref().map(|o| (dlq_headers::PAYLOAD_OMITTED, o)));
+            for (key, value) in extra {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let bytes = if form == DeadLetterForm::Whole {
+                payload
+            } else {
+                &[]
+            };
             match self
                 .publisher
-                .send_raw(
-                    &topic,
-                    raw.key(),
-                    raw.payload().unwrap_or_default(),
-                    headers.clone(),
-                )
+                .send_raw(&topic, raw.key(), bytes, headers)
                 .await
             {
                 Ok(()) => {
@@ -804,6 +878,13 @@ impl<H: Handler> ConsumeLoop<H> {
                     );
                     return Processed::Done;
                 }
+                Err(KafkaError::MessageProduction(
+                    code @ (RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::MessageBatchTooLarge),
+                )) if form != DeadLetterForm::Bare => {
+                    form = form.smaller();
+                    tracing::error!(%code, omitted = form.omits(), "dead letter too large; setting it aside without part of it");
+                }
                 Err(e) => {
                     let wait = self.settings.retry.backoff(attempt);
                     tracing::warn!(error = %e, ?wait, "dead letter not accepted; retrying");
@@ -814,5 +895,21 @@ impl<H: Handler> ConsumeLoop<H> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_error_is_cut_on_a_character_boundary_and_says_how_much_was_cut() {
+        assert_eq!(bounded("short".to_owned(), 10), "short");
+        // "é" is two bytes: a cut at 5 would split the third one.
+        let cut = bounded("éééééé".to_owned(), 5);
+        assert_eq!(cut, "éé… (8 more bytes)");
+        let long = bounded("x".repeat(1_000_000), MAX_ERROR_HEADER);
+        assert!(long.starts_with(&"x".repeat(MAX_ERROR_HEADER)));
+        assert!(long.ends_with("… (995904 more bytes)"), "{}", &long[4000..]);
     }
 }

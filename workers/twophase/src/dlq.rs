@@ -323,13 +323,18 @@ impl DeadLetter {
             "headers": original_headers,
             "payload": text,
             "payload_hex": hex,
+            "payload_omitted": self.header(dlq_headers::PAYLOAD_OMITTED),
         })
     }
 
     fn summary(&self) -> String {
         let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+        let omitted = self
+            .header(dlq_headers::PAYLOAD_OMITTED)
+            .map(|note| format!(" ({note})"))
+            .unwrap_or_default();
         format!(
-            "{}/{}  {}  id {}  type {}  key {}  from {}/{}/{}  {} after {} attempt(s) in {}: {}",
+            "{}/{}  {}  id {}  type {}  key {}  from {}/{}/{}  {} after {} attempt(s) in {}: {}{}",
             self.partition,
             self.offset,
             or_dash(self.timestamp.map(|t| t.to_rfc3339())),
@@ -343,6 +348,7 @@ impl DeadLetter {
             or_dash(self.header(dlq_headers::ATTEMPTS)),
             or_dash(self.header(dlq_headers::WORKER)),
             or_dash(self.header(dlq_headers::ERROR)),
+            omitted,
         )
     }
 }
@@ -620,6 +626,12 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
     }
     chosen.reverse();
     for d in &chosen {
+        if let Some(note) = d.header(dlq_headers::PAYLOAD_OMITTED) {
+            anyhow::bail!(
+                "dead letter {} cannot be replayed, since it was {note}; nothing was replayed",
+                d.position()
+            );
+        }
         match d.original_topic() {
             Some(t) if t == origin => {}
             Some(t) => anyhow::bail!(

@@ -207,6 +207,87 @@ async fn bad_requests_are_rejected_with_their_reason() {
     env.check_invariants().await;
 }
 
+/// A rejection quotes what it refuses; a field of hundreds of kilobytes is quoted in part, so
+/// that the rejection stays small enough to publish and its partition moves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_fields_are_rejected_with_a_short_quote_of_them() {
+    let mut env = TestEnv::new("oversized").await;
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+
+    // A record may be up to librdkafka's default of 1,000,000 bytes, key and headers included,
+    // and a request carries its transfer id as its key and correlation id as well.
+    let mut long_id = request(a, b, "1", "USD");
+    long_id.transfer_id = "x".repeat(300_000);
+    let echoed_id = format!("{}… (299744 more bytes)", "x".repeat(256));
+    let mut long_amount = request(a, b, "1", "USD");
+    long_amount.amount = format!("1.{}1", "0".repeat(900_000));
+    let mut long_account = request(a, b, "1", "USD");
+    long_account.to_account = "y".repeat(900_000);
+    let mut long_currency = request(a, b, "1", "USD");
+    long_currency.currency = "Z".repeat(900_000);
+    let cases = [
+        (
+            &long_id,
+            echoed_id.as_str(),
+            reasons::INVALID_TRANSFER_ID,
+            "transfer_id",
+        ),
+        (
+            &long_amount,
+            long_amount.transfer_id.as_str(),
+            reasons::TOO_MANY_DECIMALS,
+            "amount 1.000",
+        ),
+        (
+            &long_account,
+            long_account.transfer_id.as_str(),
+            reasons::INVALID_ACCOUNT_ID,
+            "to_account \"yyy",
+        ),
+        (
+            &long_currency,
+            long_currency.transfer_id.as_str(),
+            reasons::UNKNOWN_CURRENCY,
+            "currency \"ZZZ",
+        ),
+    ];
+    let watcher = env.watcher().await;
+    for (r, ..) in &cases {
+        env.request(r).await;
+    }
+    let outcomes = watcher
+        .wait_for(
+            cases.iter().map(|(_, id, ..)| id.to_string()),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes.len(),
+        cases.len(),
+        "logs in {}",
+        env.log_dir.display()
+    );
+    for (_, id, reason, quote) in &cases {
+        let Outcome::Rejected(rejected) = &outcomes[*id] else {
+            panic!("{reason}: not a rejection");
+        };
+        assert_eq!(rejected.reason, *reason);
+        assert!(
+            rejected.detail.starts_with(quote)
+                && rejected.detail.len() < 200
+                && rejected.detail.contains(" more bytes)"),
+            "{reason}: {}",
+            rejected.detail
+        );
+    }
+    let ok = env.transfer(&request(a, b, "1", "USD")).await;
+    assert_outcome(&ok, "completed", None);
+    env.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_request_twice_is_one_transfer_and_a_changed_body_conflicts() {
     let mut env = TestEnv::new("idem").await;

@@ -163,13 +163,26 @@ impl Envelope {
             schema_version,
             source: found.remove(headers::SOURCE).unwrap_or_default(),
             time,
-            correlation_id: found.remove(headers::CORRELATION_ID),
+            // Both are carried on every message the record causes: an oversized one must not
+            // make those too large to publish.
+            correlation_id: found
+                .remove(headers::CORRELATION_ID)
+                .map(|c| crate::excerpt(&c, MAX_CORRELATION_ID).into_owned()),
             causation_id,
             traceparent: found.remove(headers::TRACEPARENT),
-            tracestate: found.remove(headers::TRACESTATE),
+            // W3C Trace Context lets a system drop a `tracestate` over 512 characters.
+            tracestate: found
+                .remove(headers::TRACESTATE)
+                .filter(|t| t.len() <= MAX_TRACESTATE),
         })
     }
 }
+
+/// The most of a `correlation-id` header carried on, in bytes; a longer one is cut.
+const MAX_CORRELATION_ID: usize = 256;
+
+/// The longest `tracestate` carried on, in bytes.
+const MAX_TRACESTATE: usize = 512;
 
 const KNOWN: [&str; 10] = [
     headers::ID,
@@ -206,6 +219,31 @@ mod tests {
         .unwrap();
         // RFC 3339 keeps nanoseconds, so the round trip is exact.
         assert_eq!(back, e);
+    }
+
+    /// What every message a record causes carries on stays small, however large it came.
+    #[test]
+    fn an_oversized_correlation_id_is_cut_and_an_oversized_tracestate_dropped() {
+        let of = |correlation: &str, tracestate: &str| {
+            Envelope::from_headers(
+                [
+                    (headers::CORRELATION_ID, Some(correlation.as_bytes())),
+                    (headers::TRACESTATE, Some(tracestate.as_bytes())),
+                ],
+                Some(crate::types::TRANSFER_REQUESTED),
+                Uuid::new_v4,
+            )
+            .unwrap()
+        };
+        let fits = of(&"c".repeat(256), &"v=1,".repeat(128));
+        assert_eq!(fits.correlation_id, Some("c".repeat(256)));
+        assert_eq!(fits.tracestate, Some("v=1,".repeat(128)));
+        let over = of(&"c".repeat(900_000), &"v=1,".repeat(129));
+        assert_eq!(
+            over.correlation_id,
+            Some(format!("{}… (899744 more bytes)", "c".repeat(256)))
+        );
+        assert_eq!(over.tracestate, None);
     }
 
     #[test]

@@ -149,6 +149,35 @@ impl Message {
     }
 }
 
+/// As much of `text` as fits in `max` bytes, cut on a character boundary, and how many bytes
+/// were cut.
+fn cut(text: &str, max: usize) -> (&str, usize) {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&text[..end], text.len() - end)
+}
+
+/// `text` whole if it has at most `max` bytes; otherwise as much of it as fits in `max` bytes
+/// and a note of how many more there were. Whatever echoes a producer's text (a rejection, an
+/// error, a correlation id) goes through it or [`quoted`], so that an oversized field cannot
+/// make a message too large to publish.
+pub fn excerpt(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match cut(text, max) {
+        (_, 0) => text.into(),
+        (kept, more) => format!("{kept}… ({more} more bytes)").into(),
+    }
+}
+
+/// A producer's field as a rejection quotes it: Rust-quoted, at most 64 bytes of it.
+pub fn quoted(text: &str) -> String {
+    match cut(text, 64) {
+        (_, 0) => format!("{text:?}"),
+        (kept, more) => format!("{kept:?}… ({more} more bytes)"),
+    }
+}
+
 /// The `ce_type` values. Do not change a value: producers and stored audit rows depend on them.
 pub mod types {
     pub const TRANSFER_REQUESTED: &str = "twophase.transfer.requested";
@@ -252,6 +281,20 @@ mod tests {
             let back = Message::decode(m.message_type(), 1, &m.to_json()).unwrap();
             assert_eq!(back, m);
         }
+    }
+
+    #[test]
+    fn an_excerpt_is_cut_on_a_character_boundary_and_says_how_much_was_cut() {
+        assert_eq!(excerpt("short", 5), "short");
+        // "é" is two bytes: a cut at 5 would split the third one.
+        assert_eq!(excerpt("éééééé", 5), "éé… (8 more bytes)");
+        let long = "x".repeat(1_000_000);
+        assert_eq!(excerpt(&long, 4), "xxxx… (999996 more bytes)");
+        assert_eq!(
+            quoted(&long),
+            format!("\"{}\"… (999936 more bytes)", "x".repeat(64))
+        );
+        assert_eq!(quoted("a\"b"), r#""a\"b""#);
     }
 
     /// The amounts of the workers' own messages are read as exactly as requests' are, and a

@@ -8,13 +8,16 @@ use crate::reasons;
 /// Why an amount or currency in a request is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AmountError {
-    #[error("currency {0:?} is not an ISO 4217 code")]
+    #[error("currency {} is not an ISO 4217 code", crate::quoted(.0))]
     UnknownCurrency(String),
-    #[error("amount {0:?} is not a decimal number")]
+    #[error("amount {} is not a decimal number", crate::quoted(.0))]
     NotANumber(String),
     #[error("amount {0} must be greater than zero")]
     NotPositive(Decimal),
-    #[error("amount {amount} has more decimals than {currency} allows ({allowed})")]
+    #[error(
+        "amount {} has more decimals than {currency} allows ({allowed})",
+        crate::excerpt(amount, 64)
+    )]
     TooManyDecimals {
         amount: String,
         currency: String,

@@ -19,8 +19,8 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use twophase_messages::{
-    reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, CommitStuck, Envelope,
-    EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
+    excerpt, quoted, reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, CommitStuck,
+    Envelope, EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
     TransferRejected, TransferRequested, Vote,
 };
 use twophase_runtime::db::{Db, Timestamp, Tx};
@@ -51,6 +51,9 @@ fn record_if_finished(stored: &Stored) {
 
 /// The database schema this worker owns.
 pub const SCHEMA: &str = "coordinator";
+
+/// The most of a malformed transfer id its rejection echoes, in bytes; a longer one is cut.
+const MAX_ECHOED_ID: usize = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -146,17 +149,19 @@ impl Coordinator {
     ) -> Result<Handled, HandlerError> {
         let Ok(transfer_id) = Uuid::parse_str(&request.transfer_id) else {
             // Nothing can be stored under a malformed id; the rejection is re-sent on every
-            // redelivery with the same message id.
+            // redelivery with the same message id. It names the transfer as the producer did,
+            // up to a length that keeps it publishable.
+            let named = excerpt(&request.transfer_id, MAX_ECHOED_ID);
             let rejected = TransferRejected {
-                transfer_id: request.transfer_id.clone(),
+                transfer_id: named.clone().into_owned(),
                 reason: reasons::INVALID_TRANSFER_ID.to_owned(),
-                detail: format!("transfer_id {:?} is not a UUID", request.transfer_id),
+                detail: format!("transfer_id {} is not a UUID", quoted(&request.transfer_id)),
                 rejected_at: envelope.time,
             };
             let id_seed = format!("rejected:{}", request.transfer_id);
             return Ok(Handled::replies(vec![self.outcome(
                 envelope,
-                &request.transfer_id,
+                &named,
                 &id_seed,
                 Message::TransferRejected(rejected),
             )]));

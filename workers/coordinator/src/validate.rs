@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
-use twophase_messages::{plain_decimal, reasons, validate_amount, TransferRequested};
+use twophase_messages::{plain_decimal, quoted, reasons, validate_amount, TransferRequested};
 use uuid::Uuid;
 
 use crate::saga::Terms;
@@ -30,7 +30,7 @@ pub fn validate(
         Uuid::parse_str(value).map_err(|_| {
             reject(
                 reasons::INVALID_ACCOUNT_ID,
-                format!("{field} {value:?} is not a UUID"),
+                format!("{field} {} is not a UUID", quoted(value)),
             )
         })
     };

@@ -174,18 +174,14 @@ pub mod dlq_headers {
 /// The longest error text a dead letter carries; the rest is in the worker's log.
 const MAX_ERROR_HEADER: usize = 4096;
 
-/// `text`, cut to at most `max` bytes on a character boundary, with a note of what was cut.
-fn bounded(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let cut = text.len();
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push_str(&format!("… ({} more bytes)", cut - end));
-    }
-    text
+/// Whether the producer or the broker refused a record as too large: it never will be taken.
+fn too_large(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
 }
 
 /// How much of a record its dead letter carries: all of it, or less when that is too large.
@@ -745,6 +741,10 @@ impl<H: Handler> ConsumeLoop<H> {
                         );
                         return processed;
                     }
+                    // A reply too large for the producer or its topic never will be taken.
+                    Err(e) if too_large(&e) => {
+                        HandlerError::Permanent(anyhow::Error::new(e).context("publishing replies"))
+                    }
                     Err(e) => {
                         HandlerError::Transient(anyhow::Error::new(e).context("publishing replies"))
                     }
@@ -821,7 +821,8 @@ impl<H: Handler> ConsumeLoop<H> {
         first_failure: chrono::DateTime<Utc>,
         started: Instant,
     ) -> Processed {
-        let error = bounded(format!("{error:#}"), MAX_ERROR_HEADER);
+        let error =
+            twophase_messages::excerpt(&format!("{error:#}"), MAX_ERROR_HEADER).into_owned();
         tracing::error!(class, error, "dead-lettering message");
         let why = [
             (dlq_headers::ERROR, error),
@@ -878,12 +879,9 @@ impl<H: Handler> ConsumeLoop<H> {
                     );
                     return Processed::Done;
                 }
-                Err(KafkaError::MessageProduction(
-                    code @ (RDKafkaErrorCode::MessageSizeTooLarge
-                    | RDKafkaErrorCode::MessageBatchTooLarge),
-                )) if form != DeadLetterForm::Bare => {
+                Err(e) if too_large(&e) && form != DeadLetterForm::Bare => {
                     form = form.smaller();
-                    tracing::error!(%code, omitted = form.omits(), "dead letter too large; setting it aside without part of it");
+                    tracing::error!(error = %e, omitted = form.omits(), "dead letter too large; setting it aside without part of it");
                 }
                 Err(e) => {
                     let wait = self.settings.retry.backoff(attempt);
@@ -895,21 +893,5 @@ impl<H: Handler> ConsumeLoop<H> {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_long_error_is_cut_on_a_character_boundary_and_says_how_much_was_cut() {
-        assert_eq!(bounded("short".to_owned(), 10), "short");
-        // "é" is two bytes: a cut at 5 would split the third one.
-        let cut = bounded("éééééé".to_owned(), 5);
-        assert_eq!(cut, "éé… (8 more bytes)");
-        let long = bounded("x".repeat(1_000_000), MAX_ERROR_HEADER);
-        assert!(long.starts_with(&"x".repeat(MAX_ERROR_HEADER)));
-        assert!(long.ends_with("… (995904 more bytes)"), "{}", &long[4000..]);
     }
 }

@@ -211,3 +211,76 @@ async fn a_commit_is_never_abandoned_and_a_stuck_one_raises_a_critical_event() {
     assert_eq!(env.balance(b).await, (dec("15"), Decimal::ZERO));
     env.check_invariants().await;
 }
+
+/// The round of re-sends that makes a commit stuck is recorded, and the coordinator dies
+/// before it publishes the `commit_stuck` event. The restarted coordinator publishes it with its
+/// next re-send, and with each one after that under the same id.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
+    let mut env = TestEnv::new("crash-stuck-lost").await;
+    env.with_config("[coordinator]\ncommit_stuck_after_attempts = 2\nresend_after = \"500ms\"\n");
+    // Its second round of re-sends is the one that crosses the threshold.
+    env.start_with(
+        "coordinator",
+        &[(failpoint::ENV, "coordinator.timer_after_commit@2")],
+    );
+    env.start("risk");
+    env.start_with("account", &[(failpoint::ENV, "account.after_commit@3")]);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "15", "USD");
+    let events = TopicTail::start(&env.kafka, env.topics.events())
+        .await
+        .unwrap();
+
+    env.request(&req).await;
+    assert_eq!(
+        env.wait_exit("account", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    assert_eq!(
+        env.wait_exit("coordinator", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    let committing = |attempts: &str| {
+        format!(
+            "SELECT count(*) FROM coordinator.transfers \
+             WHERE status = 'committing' AND resend_attempts {attempts}"
+        )
+    };
+    assert_eq!(
+        env.count(&committing("= 2")).await,
+        1,
+        "the stuck round was recorded"
+    );
+
+    env.start("coordinator");
+    let mut ids = Vec::new();
+    while ids.len() < 2 {
+        let (envelope, message) = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("a commit_stuck event")
+            .unwrap();
+        if let Message::CommitStuck(stuck) = message {
+            assert_eq!(stuck.transfer_id.to_string(), req.transfer_id);
+            assert_eq!(stuck.attempts, 2);
+            assert!(!stuck.pending.is_empty());
+            ids.push(envelope.id);
+        }
+    }
+    assert_eq!(
+        ids[0], ids[1],
+        "a repeated commit_stuck event is the same message"
+    );
+    assert_eq!(env.count(&committing("> 2")).await, 1);
+
+    let watcher = env.watcher().await;
+    env.start("account");
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], WAIT)
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    assert_eq!(env.balance(b).await, (dec("15"), Decimal::ZERO));
+    env.check_invariants().await;
+}

@@ -250,11 +250,15 @@ pub struct TransferRejected {
 }
 
 /// A critical event: the commit was decided but a participant has not acknowledged it after
-/// the configured threshold. The coordinator keeps retrying; ops should look.
+/// the configured threshold. The coordinator keeps retrying; ops should look. It is published
+/// again with every later re-send of the commit, with the same `ce_id` while the same commands
+/// are pending, so that one lost to an outage is not lost for good: keep one per `ce_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CommitStuck {
     pub transfer_id: Uuid,
+    /// The commit commands not yet acknowledged.
     pub pending: Vec<AccountAction>,
+    /// The re-sends after which a commit counts as stuck (`commit_stuck_after_attempts`).
     pub attempts: u32,
     pub decided_at: DateTime<Utc>,
 }

@@ -341,8 +341,9 @@ impl Coordinator {
         ))
     }
 
-    /// An outcome event. Its message id is derived from `id_seed`, so an outcome published
-    /// again after a redelivery is recognisably the same message. Do not change the derivation.
+    /// An event on the outcome topic (an outcome, or `commit_stuck`). Its message id is derived
+    /// from `id_seed`, so an event published again after a redelivery or a re-send is
+    /// recognisably the same message. Do not change the derivation.
     fn outcome(&self, cause: &Envelope, key: &str, id_seed: &str, message: Message) -> Outgoing {
         let mut out = Outgoing::caused_by(cause, &self.source, self.topics.events(), key, &message);
         out.envelope.id = Uuid::new_v5(&Uuid::NAMESPACE_OID, id_seed.as_bytes());
@@ -426,42 +427,49 @@ impl Coordinator {
     }
 
     /// The commands a saga still waits on, sent again; with a `commit_stuck` event once its
-    /// commit has been re-sent `commit_stuck_after_attempts` times.
+    /// commit has been re-sent `commit_stuck_after_attempts` times, and again with every re-send
+    /// after that. The event is the same message each time (one id) while the same commands are
+    /// pending, so a consumer keeps one; sending it again makes good one lost to a failed
+    /// publish or a crash before it.
     fn resend(&self, stored: &Stored) -> Vec<Outgoing> {
         let cause = self.timer_cause(stored);
         let saga = &stored.saga;
         tracing::warn!(transfer_id = %saga.transfer_id, status = saga.status.as_str(), attempt = stored.resend_attempts, "re-sending unanswered commands");
         let mut out = self.emit(&cause, stored);
-        if saga.status == Status::Committing {
-            metrics::commit_retry();
+        if saga.status != Status::Committing {
+            return out;
         }
-        if saga.status == Status::Committing
-            && stored.resend_attempts == self.config.commit_stuck_after_attempts
-        {
+        metrics::commit_retry();
+        let threshold = self.config.commit_stuck_after_attempts;
+        if stored.resend_attempts < threshold {
+            return out;
+        }
+        if stored.resend_attempts == threshold {
             metrics::commit_stuck();
             tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
-            let pending = saga
-                .outstanding()
-                .into_iter()
-                .filter_map(|e| match e {
-                    Emit::Account(a) => Some(a),
-                    _ => None,
-                })
-                .collect::<Vec<AccountAction>>();
-            let stuck = Message::CommitStuck(CommitStuck {
-                transfer_id: saga.transfer_id,
-                pending,
-                attempts: stored.resend_attempts as u32,
-                decided_at: stored.decided_at.unwrap_or_else(Utc::now),
-            });
-            out.push(Outgoing::caused_by(
-                &cause,
-                &self.source,
-                self.topics.events(),
-                saga.transfer_id,
-                &stuck,
-            ));
         }
+        let pending = saga
+            .outstanding()
+            .into_iter()
+            .filter_map(|e| match e {
+                Emit::Account(a) => Some(a),
+                _ => None,
+            })
+            .collect::<Vec<AccountAction>>();
+        let names: Vec<&str> = pending.iter().map(|a| a.as_str()).collect();
+        // Do not change: a consumer tells a repeated event by this id.
+        let id_seed = format!(
+            "commit_stuck:{}:{threshold}:{}",
+            saga.transfer_id,
+            names.join(",")
+        );
+        let stuck = Message::CommitStuck(CommitStuck {
+            transfer_id: saga.transfer_id,
+            pending,
+            attempts: threshold as u32,
+            decided_at: stored.decided_at.unwrap_or_else(Utc::now),
+        });
+        out.push(self.outcome(&cause, &saga.transfer_id.to_string(), &id_seed, stuck));
         out
     }
 

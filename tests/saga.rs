@@ -391,6 +391,48 @@ async fn a_request_whose_cloudevents_id_is_not_a_uuid_is_settled() {
     assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
 }
 
+/// A request without `ce_time` is answered with its record's own Kafka time, so that an answer
+/// published again after a redelivery is the same message, as the audit store dates it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_without_ce_time_is_answered_with_its_record_time() {
+    let mut env = TestEnv::new("record-time").await;
+    env.start("coordinator");
+    let watcher = env.watcher().await;
+    let producer: rdkafka::producer::FutureProducer =
+        twophase_runtime::kafka::client_config(&env.kafka)
+            .create()
+            .unwrap();
+    let transfer_id = format!("order-{}", Uuid::new_v4().simple());
+    let payload = serde_json::json!({
+        "transfer_id": transfer_id,
+        "from_account": Uuid::new_v4().to_string(),
+        "to_account": Uuid::new_v4().to_string(),
+        "amount": "1",
+        "currency": "USD",
+    })
+    .to_string();
+    let written: chrono::DateTime<chrono::Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+    let topic = env.topics.requests();
+    let record = rdkafka::producer::FutureRecord::to(&topic)
+        .key(&transfer_id)
+        .payload(&payload)
+        .timestamp(written.timestamp_millis());
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let outcomes = watcher
+        .wait_for([transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let Outcome::Rejected(rejected) = &outcomes[&transfer_id] else {
+        panic!("{:?}", outcomes[&transfer_id]);
+    };
+    assert_eq!(rejected.reason, reasons::INVALID_TRANSFER_ID);
+    assert_eq!(rejected.rejected_at, written);
+}
+
 /// Publishes an account command by hand and waits for the worker's reply to it.
 async fn send_command(
     env: &TestEnv,

@@ -100,14 +100,17 @@ impl Envelope {
     /// Reads the envelope from record headers.
     ///
     /// Producers outside the project may publish requests with no headers at all, so the
-    /// caller supplies what a missing header defaults to: the type the topic implies, and an
-    /// id derived from the record's position (stable across redeliveries). A `ce_id` that is
-    /// not a UUID (CloudEvents allows any non-empty string, unique within its `ce_source`)
-    /// stands for the UUID derived from the two of them, the same on every redelivery.
+    /// caller supplies what a missing header defaults to: the type the topic implies, an id
+    /// derived from the record's position, and the record's own Kafka time, all of them the
+    /// same on every redelivery (the time is now only for a record without one). A `ce_id`
+    /// that is not a UUID (CloudEvents allows any non-empty string, unique within its
+    /// `ce_source`) stands for the UUID derived from the two of them, the same on every
+    /// redelivery.
     pub fn from_headers<'a>(
         record_headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
         default_type: Option<&str>,
         fallback_id: impl FnOnce() -> Uuid,
+        record_time: Option<DateTime<Utc>>,
     ) -> Result<Envelope, EnvelopeError> {
         let mut found: std::collections::HashMap<&str, String> = Default::default();
         for (name, value) in record_headers {
@@ -151,7 +154,7 @@ impl Envelope {
                     value: v,
                 })?
                 .with_timezone(&Utc),
-            None => Utc::now(),
+            None => record_time.unwrap_or_else(Utc::now),
         };
         let causation_id = found
             .remove(headers::CAUSATION_ID)
@@ -215,6 +218,7 @@ mod tests {
             headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))),
             None,
             || unreachable!("the id header is present"),
+            None,
         )
         .unwrap();
         // RFC 3339 keeps nanoseconds, so the round trip is exact.
@@ -232,6 +236,7 @@ mod tests {
                 ],
                 Some(crate::types::TRANSFER_REQUESTED),
                 Uuid::new_v4,
+                None,
             )
             .unwrap()
         };
@@ -249,10 +254,19 @@ mod tests {
     #[test]
     fn a_bare_request_gets_defaults() {
         let id = Uuid::new_v4();
-        let e = Envelope::from_headers([], Some(crate::types::TRANSFER_REQUESTED), || id).unwrap();
+        let written = "2026-12-06T07:00:00.123Z".parse().unwrap();
+        let bare = |time| {
+            Envelope::from_headers([], Some(crate::types::TRANSFER_REQUESTED), || id, time).unwrap()
+        };
+        let e = bare(Some(written));
         assert_eq!(e.id, id);
         assert_eq!(e.message_type, crate::types::TRANSFER_REQUESTED);
         assert_eq!(e.schema_version, 1);
+        // The record's own time, so that what is answered with it is the same on every
+        // redelivery; now only for a record without one.
+        assert_eq!(e.time, written);
+        let before = Utc::now();
+        assert!(bare(None).time >= before);
     }
 
     #[test]
@@ -265,6 +279,7 @@ mod tests {
                 ],
                 Some(crate::types::TRANSFER_REQUESTED),
                 || unreachable!("the id header is present"),
+                None,
             )
             .map(|e| e.id)
         };
@@ -283,6 +298,7 @@ mod tests {
             [(headers::SCHEMA_VERSION, Some(&b"two"[..]))],
             Some("x"),
             Uuid::new_v4,
+            None,
         )
         .unwrap_err();
         assert_eq!(

@@ -884,6 +884,7 @@ mod tests {
                 .map(|(k, v)| (*k, Some(v.as_bytes()))),
             Some(types::TRANSFER_REQUESTED),
             || unreachable!("the id header is present"),
+            None,
         )
         .unwrap();
         assert_eq!(record("order-42-evt").entry().message_id, worker.id);

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
-use twophase_messages::{reasons, Envelope, Message};
-use twophase_runtime::kafka::consumer_config;
+use twophase_messages::{reasons, Message};
+use twophase_runtime::kafka::{consumer_config, envelope_of};
 use twophase_runtime::KafkaConfig;
 use uuid::Uuid;
 
@@ -326,11 +326,7 @@ fn finish(consumer: &BaseConsumer, topic: &str, id: i32, part: &mut Partition) {
 }
 
 fn decode(message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<Option<OutcomeEvent>> {
-    let headers: Vec<(&str, Option<&[u8]>)> = message
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-        .unwrap_or_default();
-    let envelope = Envelope::from_headers(headers, None, Uuid::new_v4)?;
+    let envelope = envelope_of(message, None, Uuid::new_v4)?;
     let payload = message.payload().unwrap_or_default();
     let decoded = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
     Ok(OutcomeEvent::of(decoded))

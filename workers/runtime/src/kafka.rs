@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use chrono::{TimeZone as _, Utc};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use twophase_messages::{Envelope, Message};
+use twophase_messages::{Envelope, EnvelopeError, Message};
+use uuid::Uuid;
 
 use crate::config::KafkaConfig;
 use crate::telemetry;
@@ -189,6 +191,25 @@ impl Publisher {
             .map(|_| ())
             .map_err(|(e, _)| e)
     }
+}
+
+/// The envelope of a record as read: from its headers, with the type the topic implies and the
+/// id `fallback_id` gives for missing ones, and the record's own Kafka time for a missing
+/// `ce_time` (see [`Envelope::from_headers`]).
+pub fn envelope_of(
+    record: &impl rdkafka::Message,
+    default_type: Option<&str>,
+    fallback_id: impl FnOnce() -> Uuid,
+) -> Result<Envelope, EnvelopeError> {
+    let headers = record
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let time = record
+        .timestamp()
+        .to_millis()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+    Envelope::from_headers(headers, default_type, fallback_id, time)
 }
 
 /// The Kafka headers of an envelope.

@@ -36,7 +36,7 @@ use crate::config::{KafkaConfig, RetryConfig};
 use crate::db::{Db, Tx};
 use crate::error::HandlerError;
 use crate::http::Health;
-use crate::kafka::{consumer_config, with_defaults, Outgoing, Publisher};
+use crate::kafka::{consumer_config, envelope_of, with_defaults, Outgoing, Publisher};
 use crate::metrics;
 use crate::telemetry;
 
@@ -686,11 +686,7 @@ impl<H: Handler> ConsumeLoop<H> {
             .iter()
             .find(|(t, _)| t == raw.topic())
             .map(|(_, ty)| *ty);
-        let headers = raw
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let envelope = Envelope::from_headers(headers, default_type, || {
+        let envelope = envelope_of(raw, default_type, || {
             // Do not change: a record without a `ce_id` gets this id on every redelivery, and
             // deduplication depends on it being stable.
             let position = format!("{}/{}/{}", raw.topic(), raw.partition(), raw.offset());

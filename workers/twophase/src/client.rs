@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::Instrument;
 use twophase_messages::{Envelope, Message, Topics, TransferRequested};
-use twophase_runtime::kafka::consumer_config;
+use twophase_runtime::kafka::{consumer_config, envelope_of};
 use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
 
 /// A transfer's outcome as a producer sees it.
@@ -117,11 +117,7 @@ impl TopicTail {
                 Err(e) => tracing::debug!(error = %e, "reading a topic: retrying"),
             }
         };
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        let envelope = Envelope::from_headers(headers, None, uuid::Uuid::new_v4)?;
+        let envelope = envelope_of(&record, None, uuid::Uuid::new_v4)?;
         let payload = record.payload().unwrap_or_default();
         let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
         Ok((envelope, message))

@@ -82,16 +82,31 @@ impl RawProducer {
         payload: &[u8],
         headers: &[(&str, String)],
     ) -> (i32, i64) {
+        self.send_to(topic, None, key, payload, headers).await
+    }
+
+    /// [`RawProducer::send`] to a partition of the caller's choice, whatever the key.
+    async fn send_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, String)],
+    ) -> (i32, i64) {
         let headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
             h.insert(Header {
                 key: k,
                 value: Some(v.as_bytes()),
             })
         });
-        let record = FutureRecord::to(topic)
+        let mut record = FutureRecord::to(topic)
             .key(key)
             .payload(payload)
             .headers(headers);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         let delivery = self
             .0
             .send(record, Duration::from_secs(30))
@@ -473,8 +488,18 @@ async fn a_record_too_large_to_dead_letter_whole_is_set_aside_without_its_payloa
     let payload = vec![b'x'; 999_800];
     let requests = env.topics.requests();
     let marker = vec![("x-test", "too-large".to_owned())];
-    let (partition, offset) = RawProducer::new(&env)
+    let raw = RawProducer::new(&env);
+    let (partition, offset) = raw
         .send(&requests, &valid.transfer_id, &payload, &marker)
+        .await;
+    // Too large even without their payload: the headers of one, the key of the other.
+    let big_headers = vec![("x-test", "x".repeat(999_800))];
+    let (_, big_headers_offset) = raw
+        .send(&requests, &valid.transfer_id, b"not JSON", &big_headers)
+        .await;
+    let big_key = "k".repeat(999_800);
+    let (_, big_key_offset) = raw
+        .send_to(&requests, Some(partition), &big_key, b"not JSON", &[])
         .await;
 
     // The valid request shares the large one's partition, so its outcome comes only once the
@@ -494,7 +519,7 @@ async fn a_record_too_large_to_dead_letter_whole_is_set_aside_without_its_payloa
     assert_outcome(&outcomes[&valid.transfer_id], "completed", None);
 
     let listed = list(&env, "transfers.requests", &[]).await;
-    assert_eq!(listed.len(), 1, "{listed:#?}");
+    assert_eq!(listed.len(), 3, "{listed:#?}");
     let d = &listed[0];
     assert_eq!(d["error_class"], "decode", "{d:#}");
     assert_eq!(d["original_partition"], partition, "{d:#}");
@@ -513,6 +538,18 @@ async fn a_record_too_large_to_dead_letter_whole_is_set_aside_without_its_payloa
             )),
         "{d:#}"
     );
+
+    for (bare, offset) in listed[1..].iter().zip([big_headers_offset, big_key_offset]) {
+        assert_eq!(bare["original_offset"], offset, "{bare:#}");
+        assert_eq!(bare["error_class"], "decode", "{bare:#}");
+        assert!(bare["key"].is_null(), "{bare:#}");
+        assert_eq!(bare["headers"], serde_json::json!({}), "{bare:#}");
+        let omitted = bare["payload_omitted"].as_str().unwrap_or_default();
+        assert!(
+            omitted.starts_with("set aside without the payload, the key and the record's headers"),
+            "{bare:#}"
+        );
+    }
 
     let before = high_watermark(&env, &requests).await;
     let out = twophase(

@@ -189,7 +189,8 @@ fn too_large(error: &KafkaError) -> bool {
 enum DeadLetterForm {
     Whole,
     WithoutPayload,
-    /// Without the payload and the record's own headers: only the headers that say why.
+    /// Without the payload, the record's own headers and its key: only the headers that say
+    /// why and where the record is.
     Bare,
 }
 
@@ -205,7 +206,7 @@ impl DeadLetterForm {
         match self {
             DeadLetterForm::Whole => "nothing",
             DeadLetterForm::WithoutPayload => "the payload",
-            DeadLetterForm::Bare => "the payload and the record's headers",
+            DeadLetterForm::Bare => "the payload, the key and the record's headers",
         }
     }
 
@@ -804,10 +805,10 @@ impl<H: Handler> ConsumeLoop<H> {
     ///
     /// A dead letter is the record's key, bytes and headers plus the headers that say why. If
     /// that is too large for the producer or the dead-letter topic (a record near the source
-    /// topic's size limit), it is set aside without its bytes, and then without its own headers,
-    /// with a [`dlq_headers::PAYLOAD_OMITTED`] header saying what is missing and where the
-    /// original is: at its place in its topic, and in the audit store. Retrying a dead letter the
-    /// broker can never take would stop the partition for good.
+    /// topic's size limit), it is set aside without its bytes, and then without its key and
+    /// headers too, with a [`dlq_headers::PAYLOAD_OMITTED`] header saying what is missing and
+    /// where the original is: at its place in its topic, and in the audit store. Retrying a dead
+    /// letter the broker can never take would stop the partition for good.
     async fn dead_letter(
         &self,
         raw: &BorrowedMessage<'_>,
@@ -860,11 +861,12 @@ impl<H: Handler> ConsumeLoop<H> {
             } else {
                 &[]
             };
-            match self
-                .publisher
-                .send_raw(&topic, raw.key(), bytes, headers)
-                .await
-            {
+            let key = if form == DeadLetterForm::Bare {
+                None
+            } else {
+                raw.key()
+            };
+            match self.publisher.send_raw(&topic, key, bytes, headers).await {
                 Ok(()) => {
                     metrics::dead_letter(raw.topic(), class);
                     metrics::message_handled(

@@ -454,6 +454,30 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     assert_eq!(replaced, vec![false, true]);
     assert_eq!(published[1].1["report_id"], again.report_id.to_string());
     assert_eq!(published[1].1["discrepancy_counts"]["stale_hold"], 1);
+
+    // The day cut in another zone is reported, but the day's report of record, in
+    // reconciler.time_zone (UTC here), is kept.
+    let tokyo = twophase_reconciler::reconcile_in(
+        &settings(&env),
+        today(),
+        twophase_reconciler::Tz::Asia__Tokyo,
+    )
+    .await;
+    assert_eq!(tokyo.time_zone, "Asia/Tokyo");
+    assert!(!tokyo.stored && !tokyo.replaced, "{}", tokyo.to_table());
+    assert!(tokyo
+        .to_table()
+        .contains("(not stored: the day's earlier report is kept)"));
+    let stored = twophase_reconciler::stored_report(&env.database_url, today())
+        .await
+        .unwrap()
+        .expect("the day's report is stored");
+    assert_eq!(stored, again);
+    assert_eq!(
+        env.count("SELECT count(*) FROM reconciler.reports WHERE runs = 2 AND time_zone = 'UTC'")
+            .await,
+        1
+    );
 }
 
 /// A transfer the coordinator completed but whose outcome is not on the topic (published after

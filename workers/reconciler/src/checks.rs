@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use twophase_account::store::Mismatch;
 use twophase_messages::{Envelope, Topics};
@@ -22,12 +23,19 @@ use crate::{store, ReconcileError, ReconcilerConfig, Settings};
 /// one transfer at a time.
 const LEDGER_LOOKBACK: TimeDelta = TimeDelta::days(1);
 
-/// Reconciles one day: checks, stores the report (replacing an earlier one of the day),
-/// publishes it and sets the discrepancy gauges. Never fails: a run that cannot finish returns
-/// a report with status `failed` and the reason.
+/// Reconciles one day as cut in `reconciler.time_zone`: checks, stores the report (replacing
+/// an earlier one of the day), publishes it and sets the discrepancy gauges. Never fails: a run
+/// that cannot finish returns a report with status `failed` and the reason.
 pub async fn reconcile(settings: &Settings, date: NaiveDate) -> Report {
+    reconcile_in(settings, date, settings.config.time_zone).await
+}
+
+/// [`reconcile`], with the day cut in `time_zone`. A report in another zone than
+/// `reconciler.time_zone` is stored only while the day has no report in that zone, which it
+/// then never replaces: the day's report of record is the configured zone's.
+pub async fn reconcile_in(settings: &Settings, date: NaiveDate, time_zone: Tz) -> Report {
     let started = Utc::now();
-    let window = Window::of(date, settings.config.time_zone);
+    let window = Window::of(date, time_zone);
     let mut report = Report::new(&window, started);
     tracing::info!(
         %date,
@@ -663,9 +671,12 @@ fn unexplained<'a>(
 }
 
 /// Stores the report, replacing the day's earlier one, and publishes it. The day's row stays
-/// locked while the report is published, so that two runs of a day do not interleave. A failed
-/// run is no verdict: it is published, but replaces only a report of a run that failed too.
+/// locked while the report is published, so that two runs of a day do not interleave. The
+/// earlier report is kept, and this one only published, in two cases: a failed run is no
+/// verdict, so it replaces only a report of a run that failed too; and a report in another zone
+/// than `reconciler.time_zone` does not replace one in it.
 async fn store_and_publish(settings: &Settings, report: &mut Report) -> Result<(), ReconcileError> {
+    let of_record = settings.config.time_zone.name();
     let db = Db::connect(&settings.database_url, crate::SCHEMA, 2)
         .await
         .map_err(ReconcileError::db("connecting to the reconciler schema"))?;
@@ -676,14 +687,20 @@ async fn store_and_publish(settings: &Settings, report: &mut Report) -> Result<(
             .await
             .map_err(store_error())?;
         let kept = |report: &Report| {
-            report.status == RunStatus::Failed
-                && previous.as_ref().is_some_and(|p| p.status != "failed")
+            previous.as_ref().is_some_and(|p| {
+                (report.status == RunStatus::Failed && p.status != "failed")
+                    || (report.time_zone != of_record && p.time_zone == of_record)
+            })
         };
-        report.replaced = previous.is_some() && !kept(report);
+        let decide = |report: &mut Report| {
+            report.stored = !kept(report);
+            report.replaced = previous.is_some() && report.stored;
+        };
+        decide(report);
         let published = publish(settings, report).await;
         if let Err(e) = &published {
             report.fail(e);
-            report.replaced = previous.is_some() && !kept(report);
+            decide(report);
         }
         if !kept(report) {
             store::write(&mut tx, report, previous)

@@ -13,7 +13,7 @@ use twophase_runtime::{http, shutdown};
 
 use crate::report::Report;
 use crate::window::{next_run, today};
-use crate::{reconcile, Settings, DEFAULT_METRICS_PORT, SCHEMA};
+use crate::{reconcile, reconcile_in, Settings, DEFAULT_METRICS_PORT, SCHEMA};
 
 #[derive(Debug, clap::Args)]
 pub struct ReconcileArgs {
@@ -21,6 +21,8 @@ pub struct ReconcileArgs {
     #[arg(long)]
     pub date: Option<NaiveDate>,
     /// The IANA time zone the day is cut in, e.g. Europe/Berlin (default: reconciler.time_zone).
+    /// A report in another zone is printed and published, but does not replace the day's
+    /// stored report in reconciler.time_zone.
     #[arg(long)]
     pub time_zone: Option<Tz>,
     /// Print the report as JSON instead of a table.
@@ -40,18 +42,15 @@ pub struct ReconcilerArgs {
 }
 
 /// `twophase reconcile`: exit code 0 no discrepancies, 1 discrepancies, 3 the run failed.
-pub async fn reconcile_command(mut settings: Settings, args: ReconcileArgs) -> anyhow::Result<u8> {
-    if let Some(tz) = args.time_zone {
-        settings.config.time_zone = tz;
-    }
-    let tz = settings.config.time_zone;
+pub async fn reconcile_command(settings: Settings, args: ReconcileArgs) -> anyhow::Result<u8> {
+    let tz = args.time_zone.unwrap_or(settings.config.time_zone);
     let today = today(tz, Utc::now());
     let date = args.date.unwrap_or_else(|| yesterday(today));
     anyhow::ensure!(
         date <= today,
         "{date} has not begun in {tz} yet (it is {today} there)"
     );
-    let report = reconcile(&settings, date).await;
+    let report = reconcile_in(&settings, date, tz).await;
     print(&report, args.json)?;
     Ok(report.exit_code())
 }

@@ -63,7 +63,7 @@ use chrono::NaiveTime;
 use serde::{Deserialize, Serialize};
 use twophase_runtime::KafkaConfig;
 
-pub use checks::{reconcile, stored_report};
+pub use checks::{reconcile, reconcile_in, stored_report};
 pub use chrono_tz::Tz;
 pub use cli::{reconcile_command, reconciler_command, run_daily, ReconcileArgs, ReconcilerArgs};
 pub use report::{CurrencyTotal, Discrepancy, Kind, Report, RunStatus, Totals};

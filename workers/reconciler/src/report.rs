@@ -171,6 +171,11 @@ pub struct EventsRead {
     pub undecodable: u64,
 }
 
+/// Reports published before `stored` was a field were all stored.
+fn stored_by_default() -> bool {
+    true
+}
+
 /// The window, in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowRange {
@@ -188,6 +193,11 @@ pub struct Report {
     pub status: RunStatus,
     /// Whether this run replaced an earlier report of the same day.
     pub replaced: bool,
+    /// Whether this report was stored as the day's report. It is not when it failed and the
+    /// day has one that did not, or when it is cut in another zone than the day's stored one,
+    /// which is in `reconciler.time_zone`.
+    #[serde(default = "stored_by_default")]
+    pub stored: bool,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
     /// Accounts whose balance and holds were checked.
@@ -219,6 +229,7 @@ impl Report {
             },
             status: RunStatus::Completed,
             replaced: false,
+            stored: false,
             started_at,
             finished_at: started_at,
             accounts: 0,
@@ -308,10 +319,10 @@ impl Report {
             out,
             "status        {}{}",
             self.status.as_str(),
-            if self.replaced {
-                "  (replaced: true, an earlier report of this day was replaced)"
-            } else {
-                ""
+            match (self.replaced, self.stored) {
+                (true, _) => "  (replaced: true, an earlier report of this day was replaced)",
+                (false, true) => "",
+                (false, false) => "  (not stored: the day's earlier report is kept)",
             }
         );
         if let Some(error) = &self.error {

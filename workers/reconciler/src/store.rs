@@ -1,4 +1,5 @@
-//! The reports table: one report per day, replaced by a re-run, with its discrepancies.
+//! The reports table: one report per day, replaced by a re-run (see `checks::store_and_publish`
+//! for when it is not), with its discrepancies.
 
 use chrono::NaiveDate;
 use twophase_runtime::db::sqlx::types::Json;
@@ -13,6 +14,8 @@ pub(crate) struct Previous {
     /// Runs of the day so far.
     pub runs: i32,
     pub status: String,
+    /// The time zone it cut the day in.
+    pub time_zone: String,
 }
 
 /// Reads and locks the day's report, if there is one.
@@ -22,12 +25,16 @@ pub(crate) async fn lock_day(
 ) -> Result<Option<Previous>, sqlx::Error> {
     let row = query_as!(
         tx,
-        (i32, String),
+        (i32, String, String),
         fetch_optional,
-        "SELECT runs, status FROM reports WHERE report_date = $1 FOR UPDATE",
+        "SELECT runs, status, time_zone FROM reports WHERE report_date = $1 FOR UPDATE",
         date,
     )?;
-    Ok(row.map(|(runs, status)| Previous { runs, status }))
+    Ok(row.map(|(runs, status, time_zone)| Previous {
+        runs,
+        status,
+        time_zone,
+    }))
 }
 
 /// Writes the day's report over the earlier one (if any), with its discrepancies.

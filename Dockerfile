@@ -4,17 +4,18 @@
 #   docker build -t twophase .
 #   docker run --rm twophase --help
 #
-# rdkafka-sys compiles librdkafka from source with its default features (zlib, no TLS, no
-# SASL), which takes a C and C++ toolchain, make, pkg-config and the zlib headers; SQLite is
-# compiled in as well. At run time the binary links only libc, libm, libgcc_s and libz, all in
-# the slim base image.
+# rdkafka-sys compiles librdkafka from source with zlib and OpenSSL (TLS, and SASL PLAIN,
+# SCRAM and OAUTHBEARER over it), which takes a C and C++ toolchain, make, pkg-config and the
+# zlib and OpenSSL headers; SQLite is compiled in as well. At run time the binary links libc,
+# libm, libgcc_s and libz, all in the slim base image, and libssl3, installed with the CA
+# certificates a TLS connection checks the brokers against.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS builder
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential pkg-config zlib1g-dev \
+    && apt-get install -y --no-install-recommends build-essential pkg-config zlib1g-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -27,6 +28,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # The same Debian release as the builder, so that the binary finds the glibc it was linked with.
 FROM debian:${DEBIAN_RELEASE}-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libssl3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin twophase
 COPY --from=builder /usr/local/bin/twophase /usr/local/bin/twophase
 USER twophase

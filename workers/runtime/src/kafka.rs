@@ -271,6 +271,30 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> anyhow::Re
 mod tests {
     use super::*;
 
+    /// A bank's cluster speaks TLS, with SASL over it: the clients are built to.
+    #[test]
+    fn clients_can_be_made_for_tls_and_sasl_over_tls() {
+        for properties in [
+            vec![("security.protocol", "SSL")],
+            vec![
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanisms", "SCRAM-SHA-512"),
+                ("sasl.username", "twophase"),
+                ("sasl.password", "secret"),
+            ],
+        ] {
+            let kafka = KafkaConfig {
+                properties: properties
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..KafkaConfig::default()
+            };
+            let made: Result<FutureProducer, _> = producer_config(&kafka).create();
+            assert!(made.is_ok(), "{properties:?}: {:?}", made.err());
+        }
+    }
+
     #[test]
     fn the_users_properties_override_tuning_defaults() {
         let kafka = KafkaConfig {

@@ -11,7 +11,8 @@ use rand::Rng;
 use rust_decimal::Decimal;
 use twophase::client::{Outcome, TopicTail};
 use twophase_messages::{
-    reasons, AccountAction, AccountCommand, AccountCommandBody, Message, TransferRequested,
+    reasons, AccountAction, AccountCommand, AccountCommandBody, Message, Participant, Topics,
+    TransferRequested,
 };
 use twophase_runtime::Outgoing;
 use uuid::Uuid;
@@ -506,6 +507,92 @@ async fn a_command_delivered_twice_is_applied_once() {
     };
     assert_eq!(vote.reason.as_deref(), Some(reasons::ABORTED));
     assert_eq!(env.balance(a).await, (dec("70"), Decimal::ZERO));
+
+    // A commit naming another currency than its prepare is not one the coordinator sent: it
+    // is set aside, and nothing is debited.
+    let held = AccountCommandBody {
+        transfer_id: Uuid::from_u128(44),
+        ..body(a)
+    };
+    send_command(&env, &replies, AccountAction::Hold, &held).await;
+    let dead_letters = TopicTail::start(
+        &env.kafka,
+        Topics::dead_letters(&env.topics.account_commands()),
+    )
+    .await
+    .unwrap();
+    let in_euros = AccountCommandBody {
+        currency: "EUR".into(),
+        ..held
+    };
+    let capture = Message::Account(AccountCommand::new(AccountAction::Capture, in_euros));
+    let out = Outgoing::new(env.topics.account_commands(), a, "/test", &capture);
+    env.publisher.publish(&out).await.unwrap();
+    let (envelope, _) = tokio::time::timeout(Duration::from_secs(30), dead_letters.next())
+        .await
+        .expect("the capture in euros is dead-lettered")
+        .unwrap();
+    assert_eq!(envelope.id, out.envelope.id);
+    assert_eq!(env.balance(a).await, (dec("70"), dec("30")));
+}
+
+/// A velocity window longer than the calendar reaches back to the Unix epoch; it panicked the
+/// risk worker on its first message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_velocity_window_longer_than_the_calendar_counts_from_the_epoch() {
+    let mut env = TestEnv::new("long-window").await;
+    env.with_config("[risk]\nvelocity_window = \"1000000years\"\n");
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let done = env.transfer(&request(a, b, "1", "USD")).await;
+    assert_outcome(&done, "completed", None);
+}
+
+/// A balance takes an amount only exactly: one that would pass the largest decimal, or need
+/// rounding to fit, is voted down at prepare, and a deposit refused, so that no credit or debit
+/// can fail or round after the decision.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_amount_a_balance_cannot_take_exactly_fails_the_transfer_and_moves_nothing() {
+    let mut env = TestEnv::new("balance-limit").await;
+    env.start_all(1);
+    let largest = "79228162514264337593543950335";
+    let small = env.open_account("JPY", "10").await;
+    let full = env.open_account("JPY", largest).await;
+    // A whole-number balance this large has no room left for cents.
+    let whole = env.open_account("USD", largest).await;
+    let empty = env.open_account("USD", "0").await;
+    let credit_past_the_largest = request(small, full, "1", "JPY");
+    let debit_needing_rounding = request(whole, empty, "0.01", "USD");
+    let requests = [
+        credit_past_the_largest.clone(),
+        debit_needing_rounding.clone(),
+    ];
+    let outcomes = env.run_transfers(&requests, Duration::from_secs(60)).await;
+    for (r, participant) in [
+        (&credit_past_the_largest, Participant::Destination),
+        (&debit_needing_rounding, Participant::Source),
+    ] {
+        let Outcome::Failed(failed) = &outcomes[&r.transfer_id] else {
+            panic!("{:?}", outcomes[&r.transfer_id]);
+        };
+        assert_eq!(failed.reason, reasons::BALANCE_LIMIT);
+        assert_eq!(failed.participant, Some(participant));
+    }
+    assert_eq!(env.balance(small).await, (dec("10"), Decimal::ZERO));
+    assert_eq!(env.balance(full).await, (dec(largest), Decimal::ZERO));
+    assert_eq!(env.balance(whole).await, (dec(largest), Decimal::ZERO));
+
+    let db = env.pool("account").await;
+    let refused = twophase_account::store::deposit(&db, full, "1", None).await;
+    db.close().await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("would pass the largest amount")),
+        "{refused:?}"
+    );
+    assert_eq!(env.balance(full).await, (dec(largest), Decimal::ZERO));
 }
 
 #[tokio::test(flavor = "multi_thread")]

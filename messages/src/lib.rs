@@ -15,7 +15,7 @@ pub mod payloads;
 pub mod topics;
 
 pub use envelope::{Envelope, EnvelopeError};
-pub use money::{plain_decimal, validate_amount, AmountError};
+pub use money::{exact_add, exact_sub, plain_decimal, validate_amount, AmountError};
 pub use payloads::*;
 pub use topics::Topics;
 

@@ -81,6 +81,20 @@ pub fn plain_decimal(amount: &str) -> Option<Decimal> {
     Plain::parse(amount)?.value()
 }
 
+/// `a + b`, exactly; `None` if the sum is past what a decimal holds, or would have to be
+/// rounded to fit (a decimal has 96 bits for all its digits, so a large enough sum loses its
+/// last decimals rather than overflowing). Money is never rounded: a balance that cannot take
+/// an amount exactly does not take it.
+pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    a.checked_add(b)
+        .filter(|sum| sum.scale() >= a.scale().max(b.scale()))
+}
+
+/// `a - b`, exactly, as [`exact_add`].
+pub fn exact_sub(a: Decimal, b: Decimal) -> Option<Decimal> {
+    exact_add(a, -b)
+}
+
 /// Serde for the amounts of the workers' own messages (a risk evaluation, an account command,
 /// a completed transfer): written as a decimal string, read only as a positive one in plain
 /// notation, exactly. The coordinator writes no other kind, so a JSON number (which would be
@@ -172,6 +186,25 @@ mod tests {
                 .unwrap()
                 .to_string(),
             "79228162514264337593543950335"
+        );
+    }
+
+    #[test]
+    fn sums_are_exact_or_none() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        assert_eq!(exact_add(d("1.10"), d("2.205")), Some(d("3.305")));
+        assert_eq!(exact_sub(d("100"), d("0.01")), Some(d("99.99")));
+        // Past the largest decimal.
+        assert_eq!(exact_add(Decimal::MAX, d("1")), None);
+        // Fits only rounded: 792281625142643375935439503.36 has one digit too many.
+        assert_eq!(
+            exact_add(d("792281625142643375935439503.35"), d("0.01")),
+            None
+        );
+        assert_eq!(exact_sub(Decimal::MAX, d("0.01")), None);
+        assert_eq!(
+            exact_sub(Decimal::MAX, d("1")),
+            Some(Decimal::MAX - Decimal::ONE)
         );
     }
 

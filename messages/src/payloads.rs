@@ -281,6 +281,9 @@ pub mod reasons {
     pub const DESTINATION_NOT_FOUND: &str = "destination_not_found";
     pub const DESTINATION_INACTIVE: &str = "destination_inactive";
     pub const CURRENCY_MISMATCH: &str = "currency_mismatch";
+    /// The account's balance cannot take the amount exactly: it would pass the largest amount
+    /// an account holds (79,228,162,514,264,337,593,543,950,335 in all its digits).
+    pub const BALANCE_LIMIT: &str = "balance_limit";
     pub const RISK_REJECTED: &str = "risk_rejected";
     /// The abort reached the participant before the prepare; the late prepare is refused.
     pub const ABORTED: &str = "aborted";

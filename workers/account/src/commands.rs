@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
 use twophase_messages::{
-    reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, Decision, Message,
-    Participant, Vote,
+    exact_add, exact_sub, reasons, AccountAction, AccountCommand, AccountCommandBody, Ack,
+    Decision, Message, Participant, Vote,
 };
 use twophase_runtime::db::sqlx::postgres::PgConnection;
 use twophase_runtime::db::sqlx::types::Json;
@@ -286,7 +286,14 @@ impl Rows {
         if account.balance - account.held < body.amount {
             return Ok(vote(body, source, Some(reasons::INSUFFICIENT_FUNDS)));
         }
-        account.held += body.amount;
+        // The capture must be able to debit the amount exactly, or it could not be applied.
+        let (Some(held), Some(_)) = (
+            exact_add(account.held, body.amount),
+            exact_sub(account.balance, body.amount),
+        ) else {
+            return Ok(vote(body, source, Some(reasons::BALANCE_LIMIT)));
+        };
+        account.held = held;
         account.changed = true;
         self.insert_entry(Entry::Hold, body, "held");
         Ok(vote(body, source, None))
@@ -305,8 +312,14 @@ impl Rows {
             }
         }
         // Read locked, so that the account cannot be closed while the credit is pending.
-        if let Err(reason) = check_account(self.accounts.get(&body.account_id), body, destination) {
+        let account = self.accounts.get(&body.account_id);
+        if let Err(reason) = check_account(account, body, destination) {
             return Ok(vote(body, destination, Some(reason)));
+        }
+        // The credit must be able to take the amount exactly, or it could not be applied.
+        let balance = account.expect("checked above").balance;
+        if exact_add(balance, body.amount).is_none() {
+            return Ok(vote(body, destination, Some(reasons::BALANCE_LIMIT)));
         }
         self.insert_entry(Entry::Credit, body, "reserved");
         Ok(vote(body, destination, None))
@@ -316,12 +329,24 @@ impl Rows {
     /// releases the hold the amount was kept under.
     fn post(&mut self, body: &AccountCommandBody, kind: &'static str) -> Result<(), HandlerError> {
         let account = self.prepared_account(body.account_id)?;
-        if kind == "debit" {
-            account.balance -= body.amount;
-            account.held -= body.amount;
+        let (balance, held) = if kind == "debit" {
+            (
+                exact_sub(account.balance, body.amount),
+                exact_sub(account.held, body.amount),
+            )
         } else {
-            account.balance += body.amount;
-        }
+            (exact_add(account.balance, body.amount), Some(account.held))
+        };
+        // Its prepare checked this one alone; credits reserved together can still add up past
+        // what a balance holds. Nothing is rounded: the command stays unapplied.
+        let (Some(balance), Some(held)) = (balance, held) else {
+            return Err(HandlerError::permanent(format!(
+                "a {kind} of {} on account {} cannot be applied exactly: the balance would pass \
+                 the largest amount a decimal holds",
+                body.amount, body.account_id
+            )));
+        };
+        (account.balance, account.held) = (balance, held);
         account.changed = true;
         let balance_after = account.balance;
         self.ledger.push(LedgerRow {
@@ -352,14 +377,20 @@ impl Rows {
         }
         let row = row.expect("matched above");
         // The recorded entry must match the command, or the command is not one we sent.
-        if row.amount != body.amount || row.account_id != body.account_id {
+        if row.amount != body.amount
+            || row.account_id != body.account_id
+            || row.currency != body.currency
+        {
             return Err(HandlerError::permanent(format!(
-                "protocol violation: {} for transfer {} names {} on {}, but {} on {} was prepared",
+                "protocol violation: {} for transfer {} names {} {} on {}, but {} {} on {} was \
+                 prepared",
                 action.as_str(),
                 body.transfer_id,
                 body.amount,
+                body.currency,
                 body.account_id,
                 row.amount,
+                row.currency,
                 row.account_id
             )));
         }
@@ -391,7 +422,11 @@ impl Rows {
             None => self.insert_entry(Entry::Hold, body, "voided"),
             Some(("held", amount, account_id)) => {
                 let account = self.prepared_account(account_id)?;
-                account.held -= amount;
+                account.held = exact_sub(account.held, amount).ok_or_else(|| {
+                    HandlerError::permanent(format!(
+                        "releasing {amount} held on account {account_id}: the account holds less"
+                    ))
+                })?;
                 account.changed = true;
                 self.set_entry_status(Entry::Hold, body.transfer_id, "released");
             }

@@ -24,6 +24,15 @@ pub enum AccountError {
     },
     #[error("account {0} still has money, holds or pending credits and cannot be closed")]
     NotEmpty(Uuid),
+    #[error(
+        "account {account} cannot take {amount} exactly: its balance of {balance} would pass the \
+         largest amount an account holds"
+    )]
+    BalanceLimit {
+        account: Uuid,
+        balance: Decimal,
+        amount: Decimal,
+    },
     #[error(transparent)]
     Amount(#[from] twophase_messages::AmountError),
     #[error("database error")]
@@ -160,7 +169,9 @@ pub async fn totals(db: &Db) -> Result<Totals, AccountError> {
     tx.commit().await?;
     let mut totals = Totals::default();
     for (currency, balance, held) in all {
-        *totals.balance.entry(currency).or_default() += balance.0;
+        // A gauge: past the largest decimal, it shows the largest.
+        let total = totals.balance.entry(currency).or_default();
+        *total = total.saturating_add(balance.0);
         if balance.0 < held.0 {
             totals.overdrawn += 1;
         }
@@ -230,7 +241,11 @@ async fn move_external(
         }
         account.balance - amount
     } else {
-        account.balance + amount
+        twophase_messages::exact_add(account.balance, amount).ok_or(AccountError::BalanceLimit {
+            account: account_id,
+            balance: account.balance,
+            amount,
+        })?
     };
     let now = Timestamp::now();
     let updated = query_as!(
@@ -322,7 +337,7 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
         &mut tx,
         (Uuid, String, Amount),
         fetch_all,
-        "SELECT account_id, kind, amount FROM ledger"
+        "SELECT account_id, kind, amount FROM ledger ORDER BY entry_id"
     )?;
     let holds = query_as!(
         &mut tx,
@@ -332,15 +347,18 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
     )?;
     tx.commit().await?;
     let mut replayed: std::collections::HashMap<Uuid, (Decimal, Decimal)> = Default::default();
+    // In the order they were written, each sum is a balance the account had. One that was
+    // altered can go past the largest decimal: it saturates, and shows as a mismatch.
     for (account, kind, amount) in ledger {
         let entry = replayed.entry(account).or_default();
-        match kind.as_str() {
-            "deposit" | "credit" => entry.0 += amount.0,
-            _ => entry.0 -= amount.0,
-        }
+        entry.0 = match kind.as_str() {
+            "deposit" | "credit" => entry.0.saturating_add(amount.0),
+            _ => entry.0.saturating_sub(amount.0),
+        };
     }
     for (account, amount) in holds {
-        replayed.entry(account).or_default().1 += amount.0;
+        let held = &mut replayed.entry(account).or_default().1;
+        *held = held.saturating_add(amount.0);
     }
     let mut mismatches = Vec::new();
     for (account_id, balance, held) in &accounts {

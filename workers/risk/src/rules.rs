@@ -137,7 +137,9 @@ impl RiskConfig {
             (
                 names::DAILY_LIMIT,
                 w.daily_limit,
-                daily.is_some_and(|limit| history.approved_today + request.amount > *limit),
+                daily.is_some_and(|limit| {
+                    history.approved_today.saturating_add(request.amount) > *limit
+                }),
             ),
         ];
         let mut score: u32 = 0;

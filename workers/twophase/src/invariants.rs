@@ -83,14 +83,16 @@ pub async fn check(db: &Db) -> Result<Report, twophase_runtime::db::sqlx::Error>
 
     // Currency → (balances, deposits less withdrawals).
     let mut sums: BTreeMap<&str, (Decimal, Decimal)> = BTreeMap::new();
+    // Sums of many accounts can pass the largest decimal: they saturate rather than panic.
     for (_, currency, balance, _) in &accounts {
-        sums.entry(currency).or_default().0 += balance.0;
+        let balances = &mut sums.entry(currency).or_default().0;
+        *balances = balances.saturating_add(balance.0);
     }
     for (_, _, kind, amount, currency) in &ledger {
         let external = &mut sums.entry(currency).or_default().1;
         match kind.as_str() {
-            "deposit" => *external += amount.0,
-            "withdrawal" => *external -= amount.0,
+            "deposit" => *external = external.saturating_add(amount.0),
+            "withdrawal" => *external = external.saturating_sub(amount.0),
             _ => {}
         }
     }

@@ -151,8 +151,14 @@ impl History {
         requests: &[(&EvaluateRisk, &Incoming)],
         now: Timestamp,
     ) -> Result<(History, HashMap<Uuid, Vote>), sqlx::Error> {
-        let window_start = now.0
-            - chrono::TimeDelta::from_std(config.velocity_window).unwrap_or(chrono::TimeDelta::MAX);
+        // A window reaching back past the Unix epoch reaches back to it: nothing was evaluated
+        // before, and a window too long to subtract would otherwise panic.
+        let window_start = chrono::TimeDelta::from_std(config.velocity_window)
+            .ok()
+            .and_then(|window| now.0.checked_sub_signed(window))
+            .map_or(chrono::DateTime::UNIX_EPOCH, |start| {
+                start.max(chrono::DateTime::UNIX_EPOCH)
+            });
         let day = now.0.date_naive();
         let mut accounts: Vec<Uuid> = requests.iter().map(|(r, _)| r.from_account).collect();
         accounts.sort_unstable();
@@ -208,7 +214,9 @@ impl History {
             &missing,
             |id| (*id),
         )? {
-            *summed.entry((account, currency)).or_default() += amount.0;
+            // A limit check: past the largest decimal, the total is as large as it gets.
+            let total = summed.entry((account, currency)).or_default();
+            *total = total.saturating_add(amount.0);
         }
         for (request, _) in requests {
             let key = (request.from_account, request.currency.clone());
@@ -249,7 +257,7 @@ impl History {
                 .today
                 .get_mut(&(request.from_account, request.currency.clone()))
                 .expect("every request's total is loaded");
-            total.approved += request.amount;
+            total.approved = total.approved.saturating_add(request.amount);
             total.changed = true;
         }
     }

@@ -284,3 +284,56 @@ async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
     assert_eq!(env.balance(b).await, (dec("15"), Decimal::ZERO));
     env.check_invariants().await;
 }
+
+/// Every participant votes yes while the coordinator is down for longer than the prepare
+/// timeout. The restarted coordinator reads those votes before it aborts anything, so the
+/// transfer completes rather than failing with `timeout` for the coordinator's own absence.
+#[tokio::test(flavor = "multi_thread")]
+async fn votes_that_came_while_the_coordinator_was_down_are_read_before_any_timeout() {
+    let mut env = TestEnv::new("crash-votes-waiting").await;
+    env.with_config("[coordinator]\nprepare_timeout = \"3s\"\n");
+    // The coordinator dies once its prepare commands are out.
+    env.start_with(
+        "coordinator",
+        &[(failpoint::ENV, "coordinator.after_publish")],
+    );
+    env.start("account");
+    env.start("risk");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "30", "USD");
+    let replies = TopicTail::start(&env.kafka, env.topics.replies())
+        .await
+        .unwrap();
+    let watcher = env.watcher().await;
+
+    let sent = tokio::time::Instant::now();
+    env.request(&req).await;
+    assert_eq!(
+        env.wait_exit("coordinator", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    let mut votes = 0;
+    while votes < 3 {
+        let (_, message) = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .expect("the participants vote")
+            .unwrap();
+        if matches!(message, Message::Vote(v) if v.transfer_id.to_string() == req.transfer_id) {
+            votes += 1;
+        }
+    }
+    // The downtime under test, not a wait for an event: the transfer's prepare deadline (3 s
+    // after the coordinator read the request, which was after `sent`) passes with no
+    // coordinator running.
+    tokio::time::sleep_until(sent + Duration::from_secs(4)).await;
+
+    env.start("coordinator");
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], WAIT)
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    assert_eq!(env.balance(b).await, (dec("30"), Decimal::ZERO));
+    env.check_invariants().await;
+}

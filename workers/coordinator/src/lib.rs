@@ -13,7 +13,7 @@ pub mod validate;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -24,6 +24,7 @@ use twophase_messages::{
     TransferRejected, TransferRequested, Vote,
 };
 use twophase_runtime::db::{Db, Timestamp, Tx};
+use twophase_runtime::http::Health;
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{
     failpoint, metrics, telemetry, CancellationToken, Handled, Handler, HandlerError, Outgoing,
@@ -133,8 +134,11 @@ impl Coordinator {
             topics: Topics::new(&settings.kafka.topic_prefix),
             source: settings.source(),
         });
-        let timers =
-            tokio::spawn(Arc::clone(&coordinator).run_timers(publisher.clone(), shutdown.clone()));
+        let timers = tokio::spawn(Arc::clone(&coordinator).run_timers(
+            publisher.clone(),
+            settings.health.clone(),
+            shutdown.clone(),
+        ));
         let result = worker::run(coordinator, settings, publisher, shutdown.clone()).await;
         shutdown.cancel();
         timers.await?;
@@ -352,15 +356,33 @@ impl Coordinator {
 
     /// Aborts transfers whose prepare timed out and re-sends unanswered commit and abort
     /// commands, until `shutdown`.
-    async fn run_timers(self: Arc<Self>, publisher: Publisher, shutdown: CancellationToken) {
+    ///
+    /// Aborting starts only once this coordinator's consumer has held its partitions for one
+    /// prepare timeout: votes that came while no coordinator was reading (it was down, or the
+    /// group was rebalancing) are read first, and a transfer they all said yes to is not failed
+    /// with `timeout` for the coordinator's own absence.
+    async fn run_timers(
+        self: Arc<Self>,
+        publisher: Publisher,
+        health: Health,
+        shutdown: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(self.config.timer_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reading_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.fire_timers().await {
+            reading_since = match (reading_since, health.is_assigned()) {
+                (_, false) => None,
+                (None, true) => Some(Instant::now()),
+                (since, true) => since,
+            };
+            let expire =
+                reading_since.is_some_and(|since| since.elapsed() >= self.config.prepare_timeout);
+            match self.fire_timers(expire).await {
                 Ok(out) if !out.is_empty() => {
                     // The sagas' changes are committed: if publishing fails, their commands
                     // go out again at each saga's next resend, which is already set.
@@ -386,11 +408,19 @@ impl Coordinator {
         })
     }
 
-    async fn fire_timers(&self) -> Result<Vec<Outgoing>, twophase_runtime::db::sqlx::Error> {
+    /// One round of the timers; prepares past their deadline are aborted only if `expire`.
+    async fn fire_timers(
+        &self,
+        expire: bool,
+    ) -> Result<Vec<Outgoing>, twophase_runtime::db::sqlx::Error> {
         let now = Timestamp::now();
         let mut tx = self.db.begin().await?;
         let mut out = Vec::new();
-        let mut expired = store::lock_expired(&mut tx, now, 100).await?;
+        let mut expired = if expire {
+            store::lock_expired(&mut tx, now, 100).await?
+        } else {
+            Vec::new()
+        };
         for stored in &mut expired {
             stored.saga.on_timeout();
             out.extend(timer_span(stored, "prepare timeout").in_scope(|| {

@@ -665,6 +665,9 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
                 // Statement timeout or cancellation, lock not available: load, not the message.
                 || code == "57014"
                 || code == "55P03"
+                // A read-only transaction: the session reached a standby, as after a failover
+                // until the address points at the new primary.
+                || code == "25006"
         }
         _ => false,
     }
@@ -849,6 +852,7 @@ mod tests {
             ("40001", true),  // serialization failure
             ("40P01", true),  // deadlock
             ("23505", true),  // unique violation: the winner's row is there on retry
+            ("25006", true),  // read-only transaction: a standby, during a failover
             ("22021", false), // a character the encoding cannot hold (a NUL in text)
             ("22022", false), // indicator overflow
             ("42501", false), // insufficient privilege

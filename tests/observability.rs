@@ -174,6 +174,52 @@ async fn wait_for_value(port: u16, series: &str, expected: f64) {
     }
 }
 
+/// An abort no participant acknowledges is as stuck as such a commit: the funds it would
+/// release stay held.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_left_unacknowledged_counts_as_stuck() {
+    let mut env = TestEnv::new("stuck-abort").await;
+    env.with_config(
+        "[coordinator]\nprepare_timeout = \"2s\"\nresend_after = \"200ms\"\n\
+         commit_stuck_after_attempts = 2\n",
+    );
+    let port = free_port();
+    env.start_with(
+        "coordinator",
+        &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
+    );
+    // The account worker dies once its prepare is applied; no risk worker votes, so the
+    // transfer times out and is aborted, and no one acknowledges the abort.
+    env.start_with(
+        "account",
+        &[(twophase_runtime::failpoint::ENV, "account.after_commit")],
+    );
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let watcher = env.watcher().await;
+    let transfer = request(a, b, "10", "USD");
+    env.request(&transfer).await;
+    assert_eq!(
+        env.wait_exit("account", Duration::from_secs(60)).await,
+        Some(twophase_runtime::failpoint::EXIT_CODE)
+    );
+    wait_for_value(port, r#"twophase_sagas_in_flight{status="aborting"}"#, 1.0).await;
+    wait_for_value(port, "twophase_sagas_stuck", 1.0).await;
+
+    env.start("account");
+    let outcomes = watcher
+        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+    common::assert_outcome(&outcomes[&transfer.transfer_id], "failed", Some("timeout"));
+    wait_for_value(port, "twophase_sagas_stuck", 0.0).await;
+    let zero = rust_decimal::Decimal::ZERO;
+    assert_eq!(
+        env.balance(a).await,
+        (rust_decimal::Decimal::from(100), zero)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_in_flight_gauge_counts_a_transfer_waiting_for_its_votes() {
     let mut env = TestEnv::new("in-flight").await;

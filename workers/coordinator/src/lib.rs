@@ -68,7 +68,8 @@ pub struct CoordinatorConfig {
     pub resend_after: Duration,
     #[serde(with = "humantime_serde")]
     pub resend_max_backoff: Duration,
-    /// After this many re-sends of a commit, a `commit_stuck` event is published.
+    /// After this many re-sends of a commit, a `commit_stuck` event is published; a commit or
+    /// an abort re-sent this often counts in `twophase_sagas_stuck`.
     pub commit_stuck_after_attempts: i32,
     /// How often the timers are checked.
     #[serde(with = "humantime_serde")]

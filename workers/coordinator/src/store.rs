@@ -470,8 +470,8 @@ pub async fn lock_due(tx: &mut Tx, now: Timestamp, limit: i64) -> Result<Vec<Sto
     rows.into_iter().map(Stored::try_from).collect()
 }
 
-/// How many transfers are in flight per status, and how many of those committing have been
-/// re-sent at least `stuck_after` times.
+/// How many transfers are in flight per status, and how many of those committing or aborting
+/// have had their commands re-sent at least `stuck_after` times.
 pub async fn in_flight(
     tx: &mut Tx,
     stuck_after: i32,
@@ -491,7 +491,8 @@ pub async fn in_flight(
         tx,
         (i64,),
         fetch_one,
-        "SELECT count(*) FROM transfers WHERE status = 'committing' AND resend_attempts >= $1",
+        "SELECT count(*) FROM transfers
+         WHERE status IN ('committing', 'aborting') AND resend_attempts >= $1",
         stuck_after,
     )?;
     Ok((by_status, stuck))

@@ -222,7 +222,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(url) = &cli.database_url {
         config.database_url = url.clone();
     }
-    Ok(config.with_currency_codes_uppercased())
+    let config = config.with_currency_codes_uppercased();
+    config.validate()?;
+    Ok(config)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {

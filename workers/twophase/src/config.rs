@@ -62,6 +62,50 @@ impl Config {
         self
     }
 
+    /// Refuses settings no worker can run with, naming the key: a zero interval would panic
+    /// the task that ticks on it or spin its retries, and a zero count would never let work
+    /// through.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let (c, r, a) = (&self.coordinator, &self.retry, &self.audit);
+        let durations = [
+            ("coordinator.prepare_timeout", c.prepare_timeout),
+            ("coordinator.resend_after", c.resend_after),
+            ("coordinator.resend_max_backoff", c.resend_max_backoff),
+            ("coordinator.timer_interval", c.timer_interval),
+            ("retry.initial_backoff", r.initial_backoff),
+            ("retry.max_backoff", r.max_backoff),
+            ("audit.batch_timeout", a.batch_timeout),
+            ("audit.commit_interval", a.commit_interval),
+            ("reconciler.read_timeout", self.reconciler.read_timeout),
+        ];
+        for (key, value) in durations {
+            anyhow::ensure!(!value.is_zero(), "{key} must be longer than zero");
+        }
+        let counts = [
+            (
+                "database_max_connections",
+                i64::from(self.database_max_connections),
+            ),
+            ("kafka.partitions", i64::from(self.kafka.partitions)),
+            (
+                "kafka.replication_factor",
+                i64::from(self.kafka.replication_factor),
+            ),
+            (
+                "audit.batch_size",
+                i64::try_from(a.batch_size).unwrap_or(i64::MAX),
+            ),
+            (
+                "coordinator.commit_stuck_after_attempts",
+                i64::from(c.commit_stuck_after_attempts),
+            ),
+        ];
+        for (key, value) in counts {
+            anyhow::ensure!(value > 0, "{key} must be at least 1");
+        }
+        Ok(())
+    }
+
     /// The configuration as TOML with its secrets masked, for `twophase config`: the database
     /// password, and librdkafka properties that hold a password, a secret or a private key.
     pub fn redacted_toml(&self) -> String {
@@ -129,6 +173,30 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_no_worker_can_run_with_are_refused_by_name() {
+        assert!(Config::default().validate().is_ok());
+        let mut zero_interval = Config::default();
+        zero_interval.coordinator.timer_interval = std::time::Duration::ZERO;
+        let mut no_partitions = Config::default();
+        no_partitions.kafka.partitions = -1;
+        let mut never_stuck = Config::default();
+        never_stuck.coordinator.commit_stuck_after_attempts = 0;
+        for (config, says) in [
+            (
+                zero_interval,
+                "coordinator.timer_interval must be longer than zero",
+            ),
+            (no_partitions, "kafka.partitions must be at least 1"),
+            (
+                never_stuck,
+                "coordinator.commit_stuck_after_attempts must be at least 1",
+            ),
+        ] {
+            assert_eq!(config.validate().unwrap_err().to_string(), says);
+        }
+    }
 
     #[test]
     fn currency_limits_from_the_environment_use_iso_codes() {

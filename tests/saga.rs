@@ -434,6 +434,50 @@ async fn a_request_without_ce_time_is_answered_with_its_record_time() {
     assert_eq!(rejected.rejected_at, written);
 }
 
+/// PostgreSQL's text and jsonb cannot hold a NUL; a request carrying one, in a free-text field,
+/// a malformed field or its `tracestate`, still gets its outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_a_nul_in_it_gets_its_outcome() {
+    let mut env = TestEnv::new("nul").await;
+    env.start_all(1);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let mut in_reference = request(a, b, "1", "USD");
+    in_reference.reference = Some("invoice\u{0}42".into());
+    let mut in_account = request(a, b, "1", "USD");
+    in_account.to_account = format!("{b}\u{0}");
+    let in_tracestate = request(a, b, "1", "USD");
+    let watcher = env.watcher().await;
+    env.request(&in_reference).await;
+    env.request(&in_account).await;
+    env.publisher
+        .send_raw(
+            &env.topics.requests(),
+            Some(in_tracestate.transfer_id.as_bytes()),
+            &serde_json::to_vec(&in_tracestate).unwrap(),
+            headers(&[("tracestate", "vendor=a\u{0}b")]),
+        )
+        .await
+        .unwrap();
+    let ids = [&in_reference, &in_account, &in_tracestate].map(|r| r.transfer_id.clone());
+    let outcomes = watcher
+        .wait_for(ids, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 3, "logs in {}", env.log_dir.display());
+    assert_outcome(&outcomes[&in_reference.transfer_id], "completed", None);
+    assert_outcome(
+        &outcomes[&in_account.transfer_id],
+        "rejected",
+        Some(reasons::INVALID_ACCOUNT_ID),
+    );
+    assert_outcome(&outcomes[&in_tracestate.transfer_id], "completed", None);
+    // The same request again is the same transfer: its fingerprint is of what was sent.
+    let again = env.transfer(&in_reference).await;
+    assert_eq!(again, outcomes[&in_reference.transfer_id]);
+    assert_eq!(env.balance(b).await, (dec("2"), Decimal::ZERO));
+}
+
 /// Publishes an account command by hand and waits for the worker's reply to it.
 async fn send_command(
     env: &TestEnv,

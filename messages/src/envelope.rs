@@ -173,10 +173,11 @@ impl Envelope {
                 .map(|c| crate::excerpt(&c, MAX_CORRELATION_ID).into_owned()),
             causation_id,
             traceparent: found.remove(headers::TRACEPARENT),
-            // W3C Trace Context lets a system drop a `tracestate` over 512 characters.
-            tracestate: found
-                .remove(headers::TRACESTATE)
-                .filter(|t| t.len() <= MAX_TRACESTATE),
+            // W3C Trace Context lets a system drop a `tracestate` over 512 characters, and one
+            // of anything but printable ASCII is not one.
+            tracestate: found.remove(headers::TRACESTATE).filter(|t| {
+                t.len() <= MAX_TRACESTATE && t.bytes().all(|b| (b' '..=b'~').contains(&b))
+            }),
         })
     }
 }
@@ -227,7 +228,7 @@ mod tests {
 
     /// What every message a record causes carries on stays small, however large it came.
     #[test]
-    fn an_oversized_correlation_id_is_cut_and_an_oversized_tracestate_dropped() {
+    fn an_oversized_correlation_id_is_cut_and_an_oversized_or_garbled_tracestate_dropped() {
         let of = |correlation: &str, tracestate: &str| {
             Envelope::from_headers(
                 [
@@ -243,6 +244,7 @@ mod tests {
         let fits = of(&"c".repeat(256), &"v=1,".repeat(128));
         assert_eq!(fits.correlation_id, Some("c".repeat(256)));
         assert_eq!(fits.tracestate, Some("v=1,".repeat(128)));
+        assert_eq!(of("c", "v=1\0").tracestate, None);
         let over = of(&"c".repeat(900_000), &"v=1,".repeat(129));
         assert_eq!(
             over.correlation_id,

@@ -247,10 +247,9 @@ fn has_nul(value: &Value) -> bool {
     }
 }
 
-/// Text as stored: PostgreSQL text cannot hold NUL either, so a NUL is stored as U+FFFD, and a
-/// query for text is asked in the same form.
+/// Text as stored ([`twophase_runtime::db::stored_text`]).
 pub(crate) fn text(s: &str) -> String {
-    s.replace('\0', "\u{FFFD}")
+    twophase_runtime::db::stored_text(s).into_owned()
 }
 
 /// Bytes as stored in a text column: the text itself, or `base64:` and the bytes.

@@ -23,7 +23,7 @@ use twophase_messages::{
     Envelope, EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
     TransferRejected, TransferRequested, Vote,
 };
-use twophase_runtime::db::{Db, Timestamp, Tx};
+use twophase_runtime::db::{stored_json, Db, Timestamp, Tx};
 use twophase_runtime::http::Health;
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{
@@ -223,7 +223,8 @@ impl Coordinator {
                 + chrono::TimeDelta::from_std(self.config.prepare_timeout)
                     .unwrap_or(chrono::TimeDelta::MAX),
         );
-        let raw = serde_json::to_value(request).expect("requests serialize");
+        // As stored: the fingerprint above is of the request as sent.
+        let raw = stored_json(serde_json::to_value(request).expect("requests serialize"));
         let replies = saga_span(&stored).in_scope(|| self.emit(envelope, &stored));
         sagas.insert(stored.clone(), raw, deadline);
         Ok(Handled::replies(replies).then(move || record_if_finished(&stored)))

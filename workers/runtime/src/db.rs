@@ -635,6 +635,31 @@ impl Decode<'_, Sqlite> for Timestamp {
     }
 }
 
+/// Text as a text column stores it: PostgreSQL's text (and jsonb) cannot hold NUL, so a NUL is
+/// stored as U+FFFD, on SQLite too, and a query for text is asked in the same form.
+pub fn stored_text(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}").into()
+    } else {
+        text.into()
+    }
+}
+
+/// JSON as a jsonb column stores it: every string and key as [`stored_text`].
+pub fn stored_json(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => Value::String(stored_text(&s).into_owned()),
+        Value::Array(items) => Value::Array(items.into_iter().map(stored_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (stored_text(&k).into_owned(), stored_json(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// Whether a database error may go away on retry: the server or network is unavailable, the
 /// pool is exhausted, or a concurrent transaction won a race (serialization failure, deadlock,
 /// a busy SQLite file, a unique violation on a dedupe key — the retry then finds the winner's

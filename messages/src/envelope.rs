@@ -148,12 +148,10 @@ impl Envelope {
             None => 1,
         };
         let time = match found.remove(headers::TIME) {
-            Some(v) => DateTime::parse_from_rfc3339(&v)
-                .map_err(|_| EnvelopeError::Invalid {
-                    name: headers::TIME,
-                    value: v,
-                })?
-                .with_timezone(&Utc),
+            Some(v) => parse_time(&v).ok_or(EnvelopeError::Invalid {
+                name: headers::TIME,
+                value: v,
+            })?,
             None => record_time.unwrap_or_else(Utc::now),
         };
         let causation_id = found
@@ -200,6 +198,14 @@ const KNOWN: [&str; 10] = [
     headers::TRACESTATE,
     headers::CONTENT_TYPE,
 ];
+
+/// A `ce_time` (RFC 3339) as a database stores it: to the microsecond, and a leap second
+/// (`23:59:60`, which RFC 3339 allows) as the second after it. Whatever is derived from the
+/// time, a hash or an answer, is then the same before and after it is stored.
+pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    let time = DateTime::parse_from_rfc3339(text).ok()?;
+    DateTime::from_timestamp_micros(time.timestamp_micros())
+}
 
 fn parse_uuid(name: &'static str, value: String) -> Result<Uuid, EnvelopeError> {
     Uuid::parse_str(&value).map_err(|_| EnvelopeError::Invalid { name, value })
@@ -251,6 +257,20 @@ mod tests {
             Some(format!("{}… (899744 more bytes)", "c".repeat(256)))
         );
         assert_eq!(over.tracestate, None);
+    }
+
+    #[test]
+    fn a_time_is_read_as_a_database_stores_it() {
+        let read = |text| parse_time(text).map(|t| t.to_rfc3339());
+        assert_eq!(
+            read("2026-12-06T08:00:00.123456789+01:00").as_deref(),
+            Some("2026-12-06T07:00:00.123456+00:00")
+        );
+        assert_eq!(
+            read("2016-12-31T23:59:60.5Z").as_deref(),
+            Some("2017-01-01T00:00:00.500+00:00")
+        );
+        assert_eq!(read("yesterday"), None);
     }
 
     #[test]

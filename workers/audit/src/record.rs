@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::message::Headers;
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
-use twophase_messages::envelope::headers as ce;
+use twophase_messages::envelope::{headers as ce, parse_time};
 use twophase_messages::{types, AccountAction, Envelope, Topics};
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::Timestamp;
@@ -536,12 +536,7 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
         .unzip();
     // A dead letter happened when it was set aside (its own Kafka time), not when the message
     // it carries was first produced.
-    let ce_time = || {
-        source
-            .header(ce::TIME)
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc))
-    };
+    let ce_time = || source.header(ce::TIME).and_then(parse_time);
     let occurred = match kind {
         TopicKind::DeadLetter => source.kafka_time().or_else(ce_time),
         _ => ce_time().or_else(|| source.kafka_time()),
@@ -817,6 +812,21 @@ mod tests {
         assert_eq!(format_time(&e.occurred_at), "2026-11-24T10:00:00.123Z");
         assert_eq!(e.occurred_at_us % 1_000_000, 123_456);
         assert_eq!(e.message_key.as_deref(), Some("k"));
+    }
+
+    /// A leap second is stored as the second after it (PostgreSQL keeps microseconds since an
+    /// epoch), and the row is hashed as it is stored, so that verification agrees with it.
+    #[test]
+    fn a_leap_second_is_recorded_as_the_second_after_it() {
+        let mut record = Record::new(topics().requests(), types::TRANSFER_REQUESTED, json!({}));
+        for (name, value) in record.headers.iter_mut() {
+            if *name == ce::TIME {
+                *value = "2026-11-24T10:15:60Z".to_owned();
+            }
+        }
+        let e = record.entry();
+        assert_eq!(format_time(&e.occurred_at), "2026-11-24T10:16:00.000Z");
+        assert_eq!(e.occurred_at_us % 60_000_000, 0);
     }
 
     #[test]

@@ -471,6 +471,70 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
     env.check_invariants().await;
 }
 
+/// A producer's `ce_id` need not be a UUID, and is unique only within its `ce_source`:
+/// `replay --message-id` takes the id as `dlq list` shows it, or the UUID the workers know the
+/// message by, and two messages with one `ce_id` from two sources are two messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_chosen_by_the_ids_producers_gave_them() {
+    let mut env = TestEnv::new("dlqids").await;
+    env.start("coordinator");
+    let requests = env.topics.requests();
+    // Rejected at once by the coordinator alone; published last on the same key, so that its
+    // outcome comes after every dead letter before it.
+    let mut last = request(Uuid::new_v4(), Uuid::new_v4(), "0", "USD");
+    last.transfer_id = Uuid::new_v4().to_string();
+    let key = last.transfer_id.clone();
+    let shouted = Uuid::new_v4().to_string().to_uppercase();
+    let raw = RawProducer::new(&env);
+    for (ce_id, ce_source) in [
+        ("order-42-evt", "/shop"),
+        ("order-42-evt", "/till"),
+        (shouted.as_str(), "/shop"),
+    ] {
+        let headers = [
+            ("ce_id", ce_id.to_owned()),
+            ("ce_source", ce_source.to_owned()),
+        ];
+        raw.send(&requests, &key, b"not JSON", &headers).await;
+    }
+    let watcher = env.watcher().await;
+    env.request(&last).await;
+    watcher
+        .wait_for([last.transfer_id.clone()], Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    let would_replay = |ids: &[&str]| {
+        let mut args = vec![
+            "dlq",
+            "replay",
+            "--topic",
+            "transfers.requests",
+            "--dry-run",
+            "--actor",
+            "t",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        for id in ids {
+            args.extend(["--message-id".to_owned(), id.to_string()]);
+        }
+        let env = &env;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = twophase_ok(env, &args).await;
+            out.lines()
+                .filter(|l| l.starts_with("would replay"))
+                .count()
+        }
+    };
+    assert_eq!(would_replay(&["order-42-evt"]).await, 2);
+    assert_eq!(would_replay(&[&shouted]).await, 1);
+    assert_eq!(would_replay(&[&shouted.to_lowercase()]).await, 1);
+    assert_eq!(would_replay(&[]).await, 3);
+}
+
 /// A record near the producer's size limit cannot be dead-lettered whole: the headers that
 /// say why push it over. It is set aside without its payload, saying where the original is, and
 /// its partition moves on; the dead letter cannot be replayed, and `replay` says why.
@@ -926,13 +990,13 @@ async fn bad_input_is_refused_with_a_clear_sentence_and_nothing_is_published() {
             "--topic",
             "saga.replies",
             "--message-id",
-            "42",
+            " ",
             "--actor",
             "t",
         ],
     )
     .await;
-    expect(&out, 64, "--message-id");
+    expect(&out, 64, "a message id is not empty");
     let out = twophase(
         &env,
         &[

@@ -97,6 +97,14 @@ impl Envelope {
         })
     }
 
+    /// The message id of a record with no `ce_id`: derived from where it sits, so that it is
+    /// the same on every redelivery. Do not change the derivation: the workers, the audit store
+    /// and `twophase dlq` rely on it.
+    pub fn position_id(topic: &str, partition: i32, offset: i64) -> Uuid {
+        let position = format!("{topic}/{partition}/{offset}");
+        Uuid::new_v5(&Uuid::NAMESPACE_OID, position.as_bytes())
+    }
+
     /// Reads the envelope from record headers.
     ///
     /// Producers outside the project may publish requests with no headers at all, so the

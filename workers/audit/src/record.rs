@@ -140,8 +140,7 @@ impl<'a> Source<'a> {
     /// The id a record without a usable `ce_id` gets. Do not change: it is the id the workers
     /// give such a record (`twophase_runtime::worker`), and stored rows are unique on it.
     fn position_id(&self) -> Uuid {
-        let position = format!("{}/{}/{}", self.topic, self.partition, self.offset);
-        Uuid::new_v5(&Uuid::NAMESPACE_OID, position.as_bytes())
+        Envelope::position_id(self.topic, self.partition, self.offset)
     }
 
     fn kafka_time(&self) -> Option<DateTime<Utc>> {

@@ -30,7 +30,6 @@ use rdkafka::producer::DeliveryFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use twophase_messages::{Envelope, Message};
-use uuid::Uuid;
 
 use crate::config::{KafkaConfig, RetryConfig};
 use crate::db::{Db, Tx};
@@ -688,10 +687,7 @@ impl<H: Handler> ConsumeLoop<H> {
             .find(|(t, _)| t == raw.topic())
             .map(|(_, ty)| *ty);
         let envelope = envelope_of(raw, default_type, || {
-            // Do not change: a record without a `ce_id` gets this id on every redelivery, and
-            // deduplication depends on it being stable.
-            let position = format!("{}/{}/{}", raw.topic(), raw.partition(), raw.offset());
-            Uuid::new_v5(&Uuid::NAMESPACE_OID, position.as_bytes())
+            Envelope::position_id(raw.topic(), raw.partition(), raw.offset())
         })?;
         let payload = raw.payload().unwrap_or_default();
         let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;

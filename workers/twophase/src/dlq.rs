@@ -106,10 +106,11 @@ pub struct ListArgs {
 pub struct ReplayArgs {
     #[arg(long, help = TOPIC_HELP)]
     topic: String,
-    /// Replay the dead letter with this message id (ce_id); repeat for more. Every id given
-    /// must be found, or nothing is replayed.
-    #[arg(long = "message-id", value_name = "ID")]
-    message_ids: Vec<Uuid>,
+    /// Replay the dead letter with this message id (its ce_id as `dlq list` shows it, or the
+    /// UUID the workers and the audit store know it by); repeat for more. Every id given must be
+    /// found, or nothing is replayed.
+    #[arg(long = "message-id", value_name = "ID", value_parser = parse_message_id)]
+    message_ids: Vec<String>,
     /// Only dead letters set aside at or after TIME.
     #[arg(long, value_name = "TIME", value_parser = parse_time, long_help = format!("Only dead letters set aside at or after TIME: {TIME_HELP}."))]
     since: Option<DateTime<Utc>>,
@@ -133,6 +134,14 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> anyhow::Result<u8>
 }
 
 /// Parses `--since`/`--until`: RFC 3339, or a duration meaning that long before now.
+/// A `--message-id`: any text but none (CloudEvents ids are non-empty strings).
+fn parse_message_id(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" => Err("a message id is not empty: `twophase dlq list` shows each one".to_owned()),
+        id => Ok(id.to_owned()),
+    }
+}
+
 pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     parse_time_at(text, Utc::now())
 }
@@ -241,6 +250,29 @@ impl DeadLetter {
 
     pub fn message_id(&self) -> Option<String> {
         self.header(headers::ID)
+    }
+
+    /// The id the workers and the audit store know the record by: its `ce_id` as
+    /// [`Envelope::id_of`] reads it (a UUID however spelled, or derived with `ce_source`), or,
+    /// without one, the id of where it was consumed.
+    pub fn identity(&self) -> Option<Uuid> {
+        match self.message_id().filter(|id| !id.is_empty()) {
+            Some(ce_id) => Some(Envelope::id_of(
+                &ce_id,
+                self.header(headers::SOURCE).as_deref(),
+            )),
+            None => Some(Envelope::position_id(
+                &self.original_topic()?,
+                i32::try_from(self.number(dlq_headers::PARTITION)?).ok()?,
+                self.number(dlq_headers::OFFSET)?,
+            )),
+        }
+    }
+
+    /// Whether `id` names this dead letter's record: its `ce_id` as written, or its identity.
+    fn is(&self, id: &str) -> bool {
+        self.message_id().as_deref() == Some(id)
+            || Uuid::parse_str(id).is_ok_and(|id| self.identity() == Some(id))
     }
 
     pub fn original_topic(&self) -> Option<String> {
@@ -581,27 +613,23 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         )?;
 
     let letters = read(kafka, &topic, args.since).await?;
-    let ids: HashSet<String> = args.message_ids.iter().map(Uuid::to_string).collect();
+    let ids: HashSet<&str> = args.message_ids.iter().map(String::as_str).collect();
     let matching: Vec<&DeadLetter> = letters
         .iter()
         .filter(|d| in_window(d, args.since, args.until))
-        .filter(|d| ids.is_empty() || d.message_id().is_some_and(|id| ids.contains(&id)))
+        .filter(|d| ids.is_empty() || ids.iter().any(|id| d.is(id)))
         .collect();
-    let mut missing: Vec<&String> = ids
+    let mut missing: Vec<&str> = ids
         .iter()
-        .filter(|id| {
-            !matching
-                .iter()
-                .any(|d| d.message_id().as_ref() == Some(*id))
-        })
+        .copied()
+        .filter(|id| !matching.iter().any(|d| d.is(id)))
         .collect();
     missing.sort();
     if !missing.is_empty() {
-        let ids: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
         anyhow::bail!(
             "no dead letter with message id {} in {topic}{}; nothing was replayed \
              (`twophase dlq list --topic {topic}` shows what is there)",
-            ids.join(", "),
+            missing.join(", "),
             if args.since.is_some() || args.until.is_some() {
                 " within --since/--until"
             } else {
@@ -614,11 +642,12 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
     let mut seen = HashSet::new();
     let mut chosen: Vec<&DeadLetter> = Vec::new();
     for d in matching.iter().rev() {
-        match d.message_id() {
-            Some(id) if !seen.insert(id.clone()) => {
+        match d.identity() {
+            Some(id) if !seen.insert(id) => {
                 eprintln!(
-                    "skipping {}: message {id} is replayed from its later dead letter",
-                    d.position()
+                    "skipping {}: message {} is replayed from its later dead letter",
+                    d.position(),
+                    d.message_id().unwrap_or_else(|| id.to_string())
                 );
             }
             _ => chosen.push(d),

@@ -478,6 +478,28 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
             .await,
         1
     );
+
+    // A restarted reconciler shows the last verdict before its next run, so that a restart does
+    // not clear the discrepancy alert.
+    let port = common::free_port();
+    env.start_with(
+        "reconciler",
+        &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
+    );
+    let started = Instant::now();
+    let stale = loop {
+        let found = common::metric(
+            port,
+            "twophase_reconciliation_discrepancies",
+            &[("kind", "stale_hold")],
+        )
+        .await;
+        if found.is_some() || started.elapsed() > Duration::from_secs(30) {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stale, Some(1.0));
 }
 
 /// A transfer the coordinator completed but whose outcome is not on the topic (published after

@@ -52,12 +52,7 @@ pub async fn reconcile_in(settings: &Settings, date: NaiveDate, time_zone: Tz) -
     if let Err(e) = store_and_publish(settings, &mut report).await {
         report.fail(&e);
     }
-    if report.status != RunStatus::Failed {
-        for kind in Kind::ALL {
-            let n = i64::try_from(report.count(kind)).unwrap_or(i64::MAX);
-            metrics::set_reconciliation_discrepancies(kind.as_str(), n);
-        }
-    }
+    set_gauges(&report);
     let seconds = (report.finished_at - report.started_at).as_seconds_f64();
     match report.status {
         RunStatus::Completed => tracing::info!(
@@ -739,6 +734,17 @@ async fn publish(settings: &Settings, report: &Report) -> Result<(), ReconcileEr
 }
 
 /// Reads the stored report of a day.
+/// Sets the discrepancy gauges from a report, unless its run failed (a failed run is no
+/// verdict).
+pub(crate) fn set_gauges(report: &Report) {
+    if report.status != RunStatus::Failed {
+        for kind in Kind::ALL {
+            let n = i64::try_from(report.count(kind)).unwrap_or(i64::MAX);
+            metrics::set_reconciliation_discrepancies(kind.as_str(), n);
+        }
+    }
+}
+
 pub async fn stored_report(
     database_url: &str,
     date: NaiveDate,

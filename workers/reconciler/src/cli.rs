@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use twophase_runtime::db::Db;
 use twophase_runtime::{http, shutdown};
 
+use crate::checks::set_gauges;
 use crate::report::Report;
+use crate::store;
 use crate::window::{next_run, today};
 use crate::{reconcile, reconcile_in, Settings, DEFAULT_METRICS_PORT, SCHEMA};
 
@@ -68,6 +70,13 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
     let db = Db::connect(&settings.database_url, SCHEMA, 2)
         .await
         .context("connecting to the reconciler schema")?;
+    // The gauges show the last verdict from the start, not only after the next run: a restart
+    // must not clear a discrepancy alert.
+    match store::latest_verdict(&db).await {
+        Ok(Some(report)) => set_gauges(&report),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "the last report could not be read for the gauges"),
+    }
     let health = http::Health::of_database(&db);
     // No consumer group to wait for: ready as soon as the database answers.
     health.set_assigned(true);

@@ -114,6 +114,20 @@ pub(crate) async fn write(
 }
 
 /// The stored report of a day.
+/// The report of the latest day whose run did not fail: the verdict the discrepancy gauges
+/// show until the next run.
+pub async fn latest_verdict(db: &Db) -> Result<Option<Report>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let row = query_as!(
+        &mut tx,
+        (Json<Report>,),
+        fetch_optional,
+        "SELECT report FROM reports WHERE status <> 'failed' ORDER BY report_date DESC LIMIT 1",
+    )?;
+    tx.commit().await?;
+    Ok(row.map(|(Json(report),)| report))
+}
+
 pub async fn load(db: &Db, date: NaiveDate) -> Result<Option<Report>, sqlx::Error> {
     let mut tx = db.begin().await?;
     let row = query_as!(

@@ -34,6 +34,14 @@ fn today() -> NaiveDate {
     Utc::now().date_naive()
 }
 
+/// Today's stored report, which must be there.
+async fn stored_today(env: &TestEnv) -> Report {
+    twophase_reconciler::stored_report(&env.database_url, today())
+        .await
+        .unwrap()
+        .expect("the day's report is stored")
+}
+
 fn settings(env: &TestEnv) -> Settings {
     Settings {
         database_url: env.database_url.clone(),
@@ -421,10 +429,7 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
         let line = format!("twophase_reconciliation_discrepancies{{kind=\"{kind}\"}} {n}");
         assert!(exported.contains(&line), "{line} not in\n{exported}");
     }
-    let stored = twophase_reconciler::stored_report(&env.database_url, today())
-        .await
-        .unwrap()
-        .expect("the day's report is stored");
+    let stored = stored_today(&env).await;
     assert_eq!(stored, again);
     assert_eq!(
         env.count("SELECT count(*) FROM reconciler.reports").await,
@@ -468,10 +473,7 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     assert!(tokyo
         .to_table()
         .contains("(not stored: the day's earlier report is kept)"));
-    let stored = twophase_reconciler::stored_report(&env.database_url, today())
-        .await
-        .unwrap()
-        .expect("the day's report is stored");
+    let stored = stored_today(&env).await;
     assert_eq!(stored, again);
     assert_eq!(
         env.count("SELECT count(*) FROM reconciler.reports WHERE runs = 2 AND time_zone = 'UTC'")
@@ -546,6 +548,16 @@ async fn a_completed_transfer_whose_outcome_was_not_read_is_still_checked() {
         report.to_table()
     );
     assert_eq!(report.in_flight_entries, 0);
+    // It completed today, so today's totals count it: tomorrow's run reads its outcome, but
+    // counts only tomorrow's.
+    assert_eq!(report.totals.completed, 1, "{}", report.to_table());
+    assert_eq!(
+        (
+            report.totals.by_currency[0].currency.as_str(),
+            report.totals.by_currency[0].count
+        ),
+        ("USD", 1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,6 +582,37 @@ async fn a_run_that_cannot_finish_exits_3_and_says_why() {
     assert_eq!(
         env.count("SELECT count(*) FROM reconciler.reports").await,
         0
+    );
+}
+
+/// Two runs of a day at once (two reconciler copies, or the daily run and an ad-hoc one) are
+/// stored one after the other: the first as the day's report, the second replacing it. Before
+/// the day had a row, neither locked anything, both published a report as the day's, and the
+/// second failed on the first's row.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_runs_of_a_day_at_once_are_stored_one_after_the_other() {
+    let env = TestEnv::new("recon-twice").await;
+    let settings = settings(&env);
+    let (one, other) = tokio::join!(
+        twophase_reconciler::reconcile(&settings, today()),
+        twophase_reconciler::reconcile(&settings, today()),
+    );
+    for report in [&one, &other] {
+        assert_eq!(report.status, RunStatus::Completed, "{}", report.to_table());
+        assert!(report.stored);
+    }
+    let (first, second) = if one.replaced {
+        (&other, &one)
+    } else {
+        (&one, &other)
+    };
+    assert!(!first.replaced && second.replaced);
+    let stored = stored_today(&env).await;
+    assert_eq!(stored.report_id, second.report_id);
+    assert_eq!(
+        env.count("SELECT count(*) FROM reconciler.reports WHERE runs = 2")
+            .await,
+        1
     );
 }
 

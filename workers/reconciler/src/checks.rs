@@ -114,7 +114,7 @@ async fn check(
         undecodable: scan.undecodable,
     };
     let outcomes = Outcomes::index(&scan.outcomes, window);
-    report.totals = outcomes.totals();
+    report.totals = outcomes.totals(&[]);
     let mut found = outcomes.conflicts.clone();
 
     // 1. Balances and holds, as of one instant.
@@ -238,6 +238,7 @@ async fn cross_check(
 
     // Entries of the window that no outcome read explains: completed with its outcome
     // published late, in flight, or unexpected.
+    let mut completed_unread = Vec::new();
     for (id, entries) in unexplained(window, outcomes, &by_transfer) {
         let row = query_as!(
             &mut tx,
@@ -246,10 +247,11 @@ async fn cross_check(
                 Option<Uuid>,
                 Option<Uuid>,
                 Option<Amount>,
-                Option<String>
+                Option<String>,
+                Option<Timestamp>
             ),
             fetch_optional,
-            "SELECT status, from_account, to_account, amount, currency
+            "SELECT status, from_account, to_account, amount, currency, finished_at
              FROM coordinator.transfers WHERE transfer_id = $1",
             id,
         )
@@ -259,10 +261,19 @@ async fn cross_check(
             // Completed in this snapshot, but no outcome was read for it: it was published
             // after the range read (the broker was down, or the coordinator restarted before
             // publishing it). Its legs are checked against the coordinator's terms, which the
-            // outcome would have carried, so that no completed transfer goes unchecked.
+            // outcome would have carried, so that no completed transfer goes unchecked; and it
+            // counts in the day it completed in, as its outcome would have (the next day's run
+            // reads that outcome, but counts only its own day's).
             (
                 Some("completed"),
-                Some((_, Some(from_account), Some(to_account), Some(amount), Some(currency))),
+                Some((
+                    _,
+                    Some(from_account),
+                    Some(to_account),
+                    Some(amount),
+                    Some(currency),
+                    finished_at,
+                )),
             ) => {
                 let terms = Terms {
                     from_account: *from_account,
@@ -271,6 +282,9 @@ async fn cross_check(
                     currency: currency.clone(),
                 };
                 check_legs(found, id, &terms, &entries_of(&mut tx, id).await?);
+                if finished_at.is_some_and(|at| window.contains(at.0)) {
+                    completed_unread.push(terms);
+                }
             }
             (Some("committing"), _) => {
                 report.in_flight_entries += entries.len() as u64;
@@ -298,6 +312,7 @@ async fn cross_check(
             }
         }
     }
+    report.totals = outcomes.totals(&completed_unread);
 
     // The currency of each account with a mismatched balance or hold, for the report.
     for d in found.iter_mut().filter(|d| d.currency.is_none()) {
@@ -474,7 +489,9 @@ impl Outcomes {
         })
     }
 
-    fn totals(&self) -> Totals {
+    /// The window's totals: its outcomes, and `completed_unread`, the transfers completed in
+    /// it whose outcome was not read.
+    fn totals(&self, completed_unread: &[Terms]) -> Totals {
         let mut by_currency: BTreeMap<&str, (u64, Decimal)> = BTreeMap::new();
         let mut totals = Totals::default();
         for event in self.in_window.values() {
@@ -483,11 +500,17 @@ impl Outcomes {
                 Ending::Failed => totals.failed += 1,
                 Ending::Rejected => totals.rejected += 1,
             }
-            if let Some(terms) = &event.terms {
-                let t = by_currency.entry(terms.currency.as_str()).or_default();
-                t.0 += 1;
-                t.1 += terms.amount;
-            }
+        }
+        totals.completed += completed_unread.len() as u64;
+        let completed = self
+            .in_window
+            .values()
+            .filter_map(|e| e.terms.as_ref())
+            .chain(completed_unread);
+        for terms in completed {
+            let t = by_currency.entry(terms.currency.as_str()).or_default();
+            t.0 += 1;
+            t.1 = t.1.saturating_add(terms.amount);
         }
         totals.by_currency = by_currency
             .into_iter()
@@ -832,7 +855,7 @@ mod tests {
             ended(t4, Ending::Rejected, "2026-11-22T23:59:59Z"),
         ];
         let outcomes = Outcomes::index(&events, &window());
-        let totals = outcomes.totals();
+        let totals = outcomes.totals(&[]);
         assert_eq!(
             (totals.completed, totals.failed, totals.rejected),
             (1, 1, 0)

@@ -18,11 +18,20 @@ pub(crate) struct Previous {
     pub time_zone: String,
 }
 
-/// Reads and locks the day's report, if there is one.
+/// Locks the day, whether it has a report yet or not, and reads its report, if there is one.
+/// Two runs of a day (two reconciler copies, or the daily run and `twophase reconcile`) then
+/// decide, publish and store one after the other: a row lock alone locks nothing when the day
+/// has no row yet. On SQLite the transaction holds the database's write lock already.
 pub(crate) async fn lock_day(
     tx: &mut Tx,
     date: NaiveDate,
 ) -> Result<Option<Previous>, sqlx::Error> {
+    if let Tx::Postgres(pg) = tx {
+        twophase_runtime::db::sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("twophase reconciler report {date}"))
+            .execute(&mut **pg)
+            .await?;
+    }
     let row = query_as!(
         tx,
         (i32, String, String),

@@ -125,6 +125,8 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
             Ok(())
         });
     }
+    // The audit consumer's own health: a rebalance of its group is not the coordinator's.
+    let audit_health = twophase_runtime::http::Health::of_database(&audit_db);
     workers.spawn(twophase_audit::consumer::run(
         audit_db,
         twophase_audit::consumer::Settings {
@@ -133,7 +135,7 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
             batch_size: config.audit.batch_size,
             batch_timeout: config.audit.batch_timeout,
             commit_interval: config.audit.commit_interval,
-            health,
+            health: audit_health,
         },
         shutdown.clone(),
     ));

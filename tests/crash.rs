@@ -9,8 +9,9 @@ use std::time::Duration;
 use common::{assert_outcome, request, TestEnv};
 use rust_decimal::Decimal;
 use twophase::client::TopicTail;
-use twophase_messages::Message;
+use twophase_messages::{CommitStuck, Envelope, Message, TransferRequested};
 use twophase_runtime::failpoint;
+use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -158,21 +159,60 @@ async fn a_vote_that_never_comes_times_out_even_across_a_coordinator_restart() {
     env.check_invariants().await;
 }
 
+/// The coordinator's settings for a commit that sticks quickly.
+const STUCK_QUICKLY: &str =
+    "[coordinator]\ncommit_stuck_after_attempts = 2\nresend_after = \"500ms\"\n";
+
+/// The account worker, dying on its third command: both prepares answered, the capture not.
+fn start_an_account_worker_that_dies_before_the_capture(env: &mut TestEnv) {
+    env.start_with("account", &[(failpoint::ENV, "account.after_commit@3")]);
+}
+
+/// The next `commit_stuck` event on `events`, which must be `transfer`'s.
+async fn next_commit_stuck(events: &TopicTail, transfer: &str) -> (Envelope, CommitStuck) {
+    loop {
+        let (envelope, message) = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("a commit_stuck event")
+            .unwrap();
+        if let Message::CommitStuck(stuck) = message {
+            assert_eq!(stuck.transfer_id.to_string(), transfer);
+            assert!(!stuck.pending.is_empty());
+            return (envelope, stuck);
+        }
+    }
+}
+
+/// Starts the account worker again, and checks that `req` then completes, crediting `to`.
+async fn completes_once_the_account_worker_is_back(
+    env: &mut TestEnv,
+    req: &TransferRequested,
+    to: Uuid,
+) {
+    let watcher = env.watcher().await;
+    env.start("account");
+    let outcomes = watcher
+        .wait_for([req.transfer_id.clone()], WAIT)
+        .await
+        .unwrap();
+    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    assert_eq!(env.balance(to).await, (dec(&req.amount), Decimal::ZERO));
+    env.check_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_commit_is_never_abandoned_and_a_stuck_one_raises_a_critical_event() {
     let mut env = TestEnv::new("crash-stuck").await;
-    env.with_config("[coordinator]\ncommit_stuck_after_attempts = 2\nresend_after = \"500ms\"\n");
+    env.with_config(STUCK_QUICKLY);
     env.start("coordinator");
     env.start("risk");
-    // The account worker dies on its third command: both prepares answered, the capture not.
-    env.start_with("account", &[(failpoint::ENV, "account.after_commit@3")]);
+    start_an_account_worker_that_dies_before_the_capture(&mut env);
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;
     let req = request(a, b, "15", "USD");
     let events = TopicTail::start(&env.kafka, env.topics.events())
         .await
         .unwrap();
-    let watcher = env.watcher().await;
 
     env.request(&req).await;
     assert_eq!(
@@ -180,36 +220,18 @@ async fn a_commit_is_never_abandoned_and_a_stuck_one_raises_a_critical_event() {
         Some(failpoint::EXIT_CODE)
     );
     // The coordinator keeps re-sending and says so loudly.
-    loop {
-        let (envelope, message) = tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("a commit_stuck event")
-            .unwrap();
-        if let Message::CommitStuck(stuck) = message {
-            assert_eq!(stuck.transfer_id.to_string(), req.transfer_id);
-            assert!(!stuck.pending.is_empty());
-            assert_eq!(
-                envelope.correlation_id.as_deref(),
-                Some(req.transfer_id.as_str())
-            );
-            break;
-        }
-    }
+    let (envelope, _) = next_commit_stuck(&events, &req.transfer_id).await;
+    assert_eq!(
+        envelope.correlation_id.as_deref(),
+        Some(req.transfer_id.as_str())
+    );
     let status = "SELECT count(*) FROM coordinator.transfers WHERE status = 'committing'";
     assert_eq!(
         env.count(status).await,
         1,
         "never aborted after the decision"
     );
-
-    env.start("account");
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], WAIT)
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
-    assert_eq!(env.balance(b).await, (dec("15"), Decimal::ZERO));
-    env.check_invariants().await;
+    completes_once_the_account_worker_is_back(&mut env, &req, b).await;
 }
 
 /// The round of re-sends that makes a commit stuck is recorded, and the coordinator dies
@@ -218,14 +240,14 @@ async fn a_commit_is_never_abandoned_and_a_stuck_one_raises_a_critical_event() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
     let mut env = TestEnv::new("crash-stuck-lost").await;
-    env.with_config("[coordinator]\ncommit_stuck_after_attempts = 2\nresend_after = \"500ms\"\n");
+    env.with_config(STUCK_QUICKLY);
     // Its second round of re-sends is the one that crosses the threshold.
     env.start_with(
         "coordinator",
         &[(failpoint::ENV, "coordinator.timer_after_commit@2")],
     );
     env.start("risk");
-    env.start_with("account", &[(failpoint::ENV, "account.after_commit@3")]);
+    start_an_account_worker_that_dies_before_the_capture(&mut env);
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;
     let req = request(a, b, "15", "USD");
@@ -257,16 +279,9 @@ async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
     env.start("coordinator");
     let mut ids = Vec::new();
     while ids.len() < 2 {
-        let (envelope, message) = tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("a commit_stuck event")
-            .unwrap();
-        if let Message::CommitStuck(stuck) = message {
-            assert_eq!(stuck.transfer_id.to_string(), req.transfer_id);
-            assert_eq!(stuck.attempts, 2);
-            assert!(!stuck.pending.is_empty());
-            ids.push(envelope.id);
-        }
+        let (envelope, stuck) = next_commit_stuck(&events, &req.transfer_id).await;
+        assert_eq!(stuck.attempts, 2);
+        ids.push(envelope.id);
     }
     assert_eq!(
         ids[0], ids[1],
@@ -274,15 +289,7 @@ async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
     );
     assert_eq!(env.count(&committing("> 2")).await, 1);
 
-    let watcher = env.watcher().await;
-    env.start("account");
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], WAIT)
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
-    assert_eq!(env.balance(b).await, (dec("15"), Decimal::ZERO));
-    env.check_invariants().await;
+    completes_once_the_account_worker_is_back(&mut env, &req, b).await;
 }
 
 /// Every participant votes yes while the coordinator is down for longer than the prepare

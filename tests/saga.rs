@@ -627,6 +627,18 @@ async fn an_amount_a_balance_cannot_take_exactly_fails_the_transfer_and_moves_no
     assert_eq!(env.balance(full).await, (dec(largest), Decimal::ZERO));
     assert_eq!(env.balance(whole).await, (dec(largest), Decimal::ZERO));
 
+    // An ordinary balance takes ordinary amounts, whatever their decimals: after a capture
+    // leaves 0.00 held, a hold of 100 (no decimals) is exact.
+    let (payer, payee) = (
+        env.open_account("USD", "500").await,
+        env.open_account("USD", "0").await,
+    );
+    for amount in ["12.34", "100"] {
+        let done = env.transfer(&request(payer, payee, amount, "USD")).await;
+        assert_outcome(&done, "completed", None);
+    }
+    assert_eq!(env.balance(payee).await, (dec("112.34"), Decimal::ZERO));
+
     let db = env.pool("account").await;
     let refused = twophase_account::store::deposit(&db, full, "1", None).await;
     db.close().await;

@@ -86,8 +86,13 @@ pub fn plain_decimal(amount: &str) -> Option<Decimal> {
 /// last decimals rather than overflowing). Money is never rounded: a balance that cannot take
 /// an amount exactly does not take it.
 pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
-    a.checked_add(b)
-        .filter(|sum| sum.scale() >= a.scale().max(b.scale()))
+    // An exact sum can be written with as many decimals as `a` and `b` have, and gives `a`
+    // back; a rounded one can be neither. (Its own scale is no test: 0.00 + 5 is 5, exactly.)
+    let sum = a.checked_add(b)?;
+    let decimals = a.scale().max(b.scale());
+    let mut written = sum;
+    written.rescale(decimals);
+    (written.scale() == decimals && written == sum && sum.checked_sub(b)? == a).then_some(sum)
 }
 
 /// `a - b`, exactly, as [`exact_add`].
@@ -206,6 +211,18 @@ mod tests {
             exact_sub(Decimal::MAX, d("1")),
             Some(Decimal::MAX - Decimal::ONE)
         );
+        // Zeros of any scale, as a released hold leaves: exact, whatever the sum's scale.
+        assert_eq!(exact_add(d("0.00"), d("100")), Some(d("100")));
+        assert_eq!(exact_sub(d("12.34"), d("12.34")), Some(Decimal::ZERO));
+        assert_eq!(exact_add(d("5"), d("0.00")), Some(d("5")));
+        // Every sum of small amounts of any scale, either sign, is exact.
+        for a in 0..2_000i64 {
+            for (b, scale) in [(1, 0), (5, 1), (1234, 2), (7, 3)] {
+                let (a, b) = (Decimal::new(a, (a % 4) as u32), Decimal::new(b, scale));
+                assert_eq!(exact_add(a, b), Some(a + b), "{a} + {b}");
+                assert_eq!(exact_sub(a, b), Some(a - b), "{a} - {b}");
+            }
+        }
     }
 
     #[test]

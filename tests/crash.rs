@@ -168,6 +168,26 @@ fn start_an_account_worker_that_dies_before_the_capture(env: &mut TestEnv) {
     env.start_with("account", &[(failpoint::ENV, "account.after_commit@3")]);
 }
 
+/// Opens two accounts and sends a transfer between them; returns it, its destination and a
+/// tail of the outcome topic once the account worker (started by
+/// [`start_an_account_worker_that_dies_before_the_capture`]) has died before its capture.
+async fn a_transfer_whose_capture_is_never_acknowledged(
+    env: &mut TestEnv,
+) -> (TransferRequested, Uuid, TopicTail) {
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "15", "USD");
+    let events = TopicTail::start(&env.kafka, env.topics.events())
+        .await
+        .unwrap();
+    env.request(&req).await;
+    assert_eq!(
+        env.wait_exit("account", WAIT).await,
+        Some(failpoint::EXIT_CODE)
+    );
+    (req, b, events)
+}
+
 /// The next `commit_stuck` event on `events`, which must be `transfer`'s.
 async fn next_commit_stuck(events: &TopicTail, transfer: &str) -> (Envelope, CommitStuck) {
     loop {
@@ -207,18 +227,7 @@ async fn a_commit_is_never_abandoned_and_a_stuck_one_raises_a_critical_event() {
     env.start("coordinator");
     env.start("risk");
     start_an_account_worker_that_dies_before_the_capture(&mut env);
-    let a = env.open_account("USD", "100").await;
-    let b = env.open_account("USD", "0").await;
-    let req = request(a, b, "15", "USD");
-    let events = TopicTail::start(&env.kafka, env.topics.events())
-        .await
-        .unwrap();
-
-    env.request(&req).await;
-    assert_eq!(
-        env.wait_exit("account", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    let (req, b, events) = a_transfer_whose_capture_is_never_acknowledged(&mut env).await;
     // The coordinator keeps re-sending and says so loudly.
     let (envelope, _) = next_commit_stuck(&events, &req.transfer_id).await;
     assert_eq!(
@@ -248,18 +257,7 @@ async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
     );
     env.start("risk");
     start_an_account_worker_that_dies_before_the_capture(&mut env);
-    let a = env.open_account("USD", "100").await;
-    let b = env.open_account("USD", "0").await;
-    let req = request(a, b, "15", "USD");
-    let events = TopicTail::start(&env.kafka, env.topics.events())
-        .await
-        .unwrap();
-
-    env.request(&req).await;
-    assert_eq!(
-        env.wait_exit("account", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    let (req, b, events) = a_transfer_whose_capture_is_never_acknowledged(&mut env).await;
     assert_eq!(
         env.wait_exit("coordinator", WAIT).await,
         Some(failpoint::EXIT_CODE)

@@ -59,7 +59,9 @@ const MAX_ECHOED_ID: usize = 256;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoordinatorConfig {
-    /// A transfer whose votes are not all in by then is aborted with reason `timeout`.
+    /// A transfer whose votes are not all in by then is aborted with reason `timeout`. A
+    /// coordinator that has just started, or rejoined its group, aborts nothing until it has
+    /// held its partitions this long, so that votes sent while it was away are read first.
     #[serde(with = "humantime_serde")]
     pub prepare_timeout: Duration,
     /// Commit and abort commands unanswered this long are sent again, with the wait doubling

@@ -44,11 +44,8 @@ async fn a_coordinator_killed_between_decision_and_commit_finishes_the_commit_on
     assert_eq!(env.balance(a).await, (dec("100"), dec("25")));
 
     env.start("coordinator");
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], WAIT)
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    let outcome = common::outcome_of(&watcher, &req.transfer_id, WAIT).await;
+    assert_outcome(&outcome, "completed", None);
     assert_eq!(env.balance(a).await, (dec("75"), Decimal::ZERO));
     assert_eq!(env.balance(b).await, (dec("25"), Decimal::ZERO));
     env.check_invariants().await;
@@ -78,11 +75,8 @@ async fn a_participant_killed_between_its_commit_and_its_reply_answers_from_its_
     assert!((1..=2).contains(&recorded), "{recorded} commands recorded");
 
     env.start("account");
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], WAIT)
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    let outcome = common::outcome_of(&watcher, &req.transfer_id, WAIT).await;
+    assert_outcome(&outcome, "completed", None);
     // Every command applied exactly once: hold, reserve, capture, credit.
     assert_eq!(
         env.count("SELECT count(*) FROM account.processed_commands")
@@ -150,11 +144,8 @@ async fn a_vote_that_never_comes_times_out_even_across_a_coordinator_restart() {
     env.kill("coordinator");
     env.start("coordinator");
 
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], WAIT)
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&req.transfer_id], "failed", Some("timeout"));
+    let outcome = common::outcome_of(&watcher, &req.transfer_id, WAIT).await;
+    assert_outcome(&outcome, "failed", Some("timeout"));
     assert_eq!(env.balance(a).await, (dec("100"), Decimal::ZERO));
     env.check_invariants().await;
 }
@@ -211,11 +202,8 @@ async fn completes_once_the_account_worker_is_back(
 ) {
     let watcher = env.watcher().await;
     env.start("account");
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], WAIT)
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    let outcome = common::outcome_of(&watcher, &req.transfer_id, WAIT).await;
+    assert_outcome(&outcome, "completed", None);
     assert_eq!(env.balance(to).await, (dec(&req.amount), Decimal::ZERO));
     env.check_invariants().await;
 }
@@ -334,11 +322,8 @@ async fn votes_that_came_while_the_coordinator_was_down_are_read_before_any_time
     tokio::time::sleep_until(sent + Duration::from_secs(4)).await;
 
     env.start("coordinator");
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], WAIT)
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&req.transfer_id], "completed", None);
+    let outcome = common::outcome_of(&watcher, &req.transfer_id, WAIT).await;
+    assert_outcome(&outcome, "completed", None);
     assert_eq!(env.balance(b).await, (dec("30"), Decimal::ZERO));
     env.check_invariants().await;
 }

@@ -840,11 +840,8 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
             "{out}"
         );
     }
-    let outcomes = watcher
-        .wait_for([stuck.transfer_id.clone()], Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&stuck.transfer_id], "completed", None);
+    let outcome = common::outcome_of(&watcher, &stuck.transfer_id, Duration::from_secs(30)).await;
+    assert_outcome(&outcome, "completed", None);
     assert_eq!(env.balance(a).await, (dec("65"), Decimal::ZERO));
     assert_eq!(env.balance(b).await, (dec("35"), Decimal::ZERO));
 

@@ -207,11 +207,9 @@ async fn an_abort_left_unacknowledged_counts_as_stuck() {
     wait_for_value(port, "twophase_sagas_stuck", 1.0).await;
 
     env.start("account");
-    let outcomes = watcher
-        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
-        .await
-        .unwrap();
-    common::assert_outcome(&outcomes[&transfer.transfer_id], "failed", Some("timeout"));
+    let outcome =
+        common::outcome_of(&watcher, &transfer.transfer_id, Duration::from_secs(60)).await;
+    common::assert_outcome(&outcome, "failed", Some("timeout"));
     wait_for_value(port, "twophase_sagas_stuck", 0.0).await;
     let zero = rust_decimal::Decimal::ZERO;
     assert_eq!(
@@ -240,11 +238,9 @@ async fn the_in_flight_gauge_counts_a_transfer_waiting_for_its_votes() {
     wait_for_value(port, preparing, 1.0).await;
 
     env.start("risk");
-    let outcomes = watcher
-        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
-        .await
-        .unwrap();
-    common::assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
+    let outcome =
+        common::outcome_of(&watcher, &transfer.transfer_id, Duration::from_secs(60)).await;
+    common::assert_outcome(&outcome, "completed", None);
     wait_for_value(port, preparing, 0.0).await;
     for status in ["committing", "aborting"] {
         let series = format!(r#"twophase_sagas_in_flight{{status="{status}"}}"#);

@@ -309,11 +309,8 @@ async fn the_same_request_twice_is_one_transfer_and_a_changed_body_conflicts() {
     shouted.from_account = shouted.from_account.to_uppercase();
     let watcher = env.watcher().await;
     env.request(&shouted).await;
-    let outcomes = watcher
-        .wait_for([req.transfer_id.clone()], Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(outcomes.get(&req.transfer_id), Some(&first));
+    let outcome = common::outcome_of(&watcher, &req.transfer_id, Duration::from_secs(60)).await;
+    assert_eq!(outcome, first);
     let mut changed = req.clone();
     changed.amount = "20".into();
     let conflict = env.transfer(&changed).await;
@@ -359,11 +356,9 @@ async fn a_record_on_the_outcome_topic_that_is_not_an_outcome_does_not_hide_the_
     }
     let transfer = request(a, b, "10", "USD");
     env.request(&transfer).await;
-    let outcomes = watcher
-        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
+    let outcome =
+        common::outcome_of(&watcher, &transfer.transfer_id, Duration::from_secs(60)).await;
+    assert_outcome(&outcome, "completed", None);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -385,11 +380,9 @@ async fn a_request_whose_cloudevents_id_is_not_a_uuid_is_settled() {
         )
         .await
         .unwrap();
-    let outcomes = watcher
-        .wait_for([transfer.transfer_id.clone()], Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_outcome(&outcomes[&transfer.transfer_id], "completed", None);
+    let outcome =
+        common::outcome_of(&watcher, &transfer.transfer_id, Duration::from_secs(60)).await;
+    assert_outcome(&outcome, "completed", None);
 }
 
 /// A request without `ce_time` is answered with its record's own Kafka time, so that an answer
@@ -423,12 +416,9 @@ async fn a_request_without_ce_time_is_answered_with_its_record_time() {
         .await
         .map_err(|(e, _)| e)
         .unwrap();
-    let outcomes = watcher
-        .wait_for([transfer_id.clone()], Duration::from_secs(60))
-        .await
-        .unwrap();
-    let Outcome::Rejected(rejected) = &outcomes[&transfer_id] else {
-        panic!("{:?}", outcomes[&transfer_id]);
+    let outcome = common::outcome_of(&watcher, &transfer_id, Duration::from_secs(60)).await;
+    let Outcome::Rejected(rejected) = &outcome else {
+        panic!("{outcome:?}");
     };
     assert_eq!(rejected.reason, reasons::INVALID_TRANSFER_ID);
     assert_eq!(rejected.rejected_at, written);

@@ -383,6 +383,17 @@ pub fn request(from: Uuid, to: Uuid, amount: &str, currency: &str) -> TransferRe
     }
 }
 
+/// The outcome of one transfer, waited for on `watcher` for at most `timeout`; panics if none
+/// came.
+pub async fn outcome_of(watcher: &OutcomeWatcher, transfer_id: &str, timeout: Duration) -> Outcome {
+    watcher
+        .wait_for([transfer_id.to_owned()], timeout)
+        .await
+        .unwrap()
+        .remove(transfer_id)
+        .unwrap_or_else(|| panic!("no outcome for transfer {transfer_id} within {timeout:?}"))
+}
+
 /// Asserts an outcome's status and reason.
 #[track_caller]
 pub fn assert_outcome(outcome: &Outcome, status: &str, reason: Option<&str>) {

@@ -20,6 +20,7 @@ use twophase_audit::{store, Entry};
 use twophase_messages::envelope::headers as ce;
 use twophase_messages::{types, Envelope, TransferRequested};
 use twophase_runtime::db::{Db, Timestamp};
+use twophase_runtime::kafka::headers::RawHeader;
 use twophase_runtime::worker::dlq_headers;
 use twophase_runtime::{execute, query_as, KafkaConfig, Outgoing};
 use uuid::Uuid;
@@ -362,7 +363,10 @@ fn entry_of(
         payload: Some(&payload),
         headers: headers
             .iter()
-            .map(|(k, v)| (*k, Some(v.as_bytes())))
+            .map(|(k, v)| RawHeader {
+                name: k.as_bytes(),
+                value: Some(v.as_bytes()),
+            })
             .collect(),
         timestamp_ms: Some(Utc::now().timestamp_millis()),
     };

@@ -28,6 +28,7 @@ use twophase_messages::{
     AccountAction, AccountCommand, AccountCommandBody, Decision, Message, Participant, Topics,
     TransferRequested, Vote,
 };
+use twophase_runtime::kafka::headers::{self as record_headers, RawHeader};
 use twophase_runtime::Outgoing;
 use uuid::Uuid;
 
@@ -100,6 +101,19 @@ impl RawProducer {
                 value: Some(v.as_bytes()),
             })
         });
+        self.send_with(topic, partition, key, payload, headers)
+            .await
+    }
+
+    /// [`RawProducer::send_to`] with headers as they are, names that are not UTF-8 included.
+    async fn send_with(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> (i32, i64) {
         let mut record = FutureRecord::to(topic)
             .key(key)
             .payload(payload)
@@ -468,6 +482,75 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
         ),
         None => eprintln!("the broker cannot list consumer groups; not checked"),
     }
+    env.check_invariants().await;
+}
+
+/// A header's name is bytes on the wire, and a producer outside the project can write one
+/// that is not UTF-8. rdkafka panics reading such a name; the workers read headers through
+/// librdkafka themselves, so a request that carries one is settled, and a dead letter keeps it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_name_that_is_not_utf8_stops_nothing_and_is_kept() {
+    let mut env = TestEnv::new("header-bytes").await;
+    env.start("coordinator");
+    env.start("account");
+    env.start("risk");
+    let a = env.open_account("USD", "10").await;
+    let b = env.open_account("USD", "0").await;
+    let raw = RawProducer::new(&env);
+    let watcher = env.watcher().await;
+    let requests = env.topics.requests();
+    let with_foreign = |headers: Vec<(&str, String)>| {
+        let named = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            record_headers::add(
+                h,
+                RawHeader {
+                    name: k.as_bytes(),
+                    value: Some(v.as_bytes()),
+                },
+            )
+        });
+        let foreign = RawHeader {
+            name: b"x-\xff\xfe",
+            value: Some(b"from-elsewhere"),
+        };
+        record_headers::add(named, foreign)
+    };
+
+    // One the coordinator cannot decode, then a transfer, on one partition: the first is set
+    // aside and the second settled.
+    let transfer = request(a, b, "1.00", "USD");
+    let message = Message::TransferRequested(transfer.clone());
+    let out = Outgoing::new(requests.clone(), &transfer.transfer_id, "/test", &message);
+    let garbage = with_foreign(vec![("x-test", "garbage".to_owned())]);
+    let key = &transfer.transfer_id;
+    let (partition, offset) = raw
+        .send_with(&requests, Some(0), key, b"not JSON", garbage)
+        .await;
+    let valid = with_foreign(out.envelope.to_headers());
+    raw.send_with(&requests, Some(0), key, &out.payload, valid)
+        .await;
+
+    let outcome = common::outcome_of(&watcher, key, Duration::from_secs(60)).await;
+    assert_outcome(&outcome, "completed", None);
+    assert_eq!(env.balance(b).await, (dec("1.00"), Decimal::ZERO));
+
+    let listed = list(&env, "transfers.requests", &[]).await;
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    let d = &listed[0];
+    assert_eq!(
+        (
+            d["original_partition"].as_i64(),
+            d["original_offset"].as_i64()
+        ),
+        (Some(partition.into()), Some(offset)),
+        "{d:#}"
+    );
+    assert_eq!(d["error_class"], "decode", "{d:#}");
+    assert_eq!(d["headers"]["x-test"], "garbage", "{d:#}");
+    assert_eq!(
+        d["headers"]["x-\u{fffd}\u{fffd}"], "from-elsewhere",
+        "{d:#}"
+    );
     env.check_invariants().await;
 }
 
@@ -877,7 +960,7 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
         assert_eq!(r.header(replay_headers::BY).as_deref(), Some("ops-tester"));
         assert!(r.header(replay_headers::AT).is_some());
         assert!(
-            !r.headers.iter().any(|(k, _)| k.starts_with("dlq-")),
+            !r.headers.iter().any(|(k, _)| k.starts_with(b"dlq-")),
             "{:?}",
             r.headers
         );

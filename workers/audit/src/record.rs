@@ -8,13 +8,13 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use chrono::{DateTime, TimeZone, Utc};
-use rdkafka::message::Headers;
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 use twophase_messages::envelope::{headers as ce, parse_time};
 use twophase_messages::{types, AccountAction, Envelope, Topics};
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::Timestamp;
+use twophase_runtime::kafka::headers::{self as record_headers, HeaderList, RawHeader};
 use twophase_runtime::telemetry;
 use twophase_runtime::worker::dlq_headers;
 use uuid::Uuid;
@@ -105,17 +105,18 @@ pub struct Source<'a> {
     pub offset: i64,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
-    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    pub headers: Vec<RawHeader<'a>>,
     /// The record's Kafka timestamp, in milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
 }
 
 impl<'a> Source<'a> {
-    pub fn of<M: rdkafka::Message>(message: &'a M) -> Source<'a> {
-        let headers = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
+    pub fn of<M>(message: &'a M) -> Source<'a>
+    where
+        M: rdkafka::Message,
+        M::Headers: HeaderList,
+    {
+        let headers = record_headers::of(message);
         Source {
             topic: message.topic(),
             partition: message.partition(),
@@ -127,12 +128,15 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// The first value of a header, if it is text.
+    /// A header's value, if it is text. The last value wins if the header occurs more than
+    /// once, as in the workers and `twophase dlq`.
     pub fn header(&self, name: &str) -> Option<&'a str> {
         self.headers
             .iter()
-            .find(|(k, v)| *k == name && v.is_some())
-            .and_then(|(_, v)| std::str::from_utf8(v.unwrap_or_default()).ok())
+            .rev()
+            .find(|h| h.name == name.as_bytes() && h.value.is_some())
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
     }
@@ -259,23 +263,18 @@ fn bytes_text(bytes: &[u8]) -> String {
     }
 }
 
-/// Every header in order as `[name, value]`: the value as text, `{"base64": …}` when it is not
-/// text, or null.
+/// Every header in order as `[name, value]`: each as text, or `{"base64": …}` when it is not
+/// text; a value may also be null.
 fn headers_of(source: &Source<'_>) -> Value {
+    let bytes = |bytes: &[u8]| match std::str::from_utf8(bytes) {
+        Ok(s) if !s.contains('\0') => Value::String(s.to_owned()),
+        _ => json!({ "base64": BASE64.encode(bytes) }),
+    };
     Value::Array(
         source
             .headers
             .iter()
-            .map(|(name, value)| {
-                let value = match value {
-                    None => Value::Null,
-                    Some(bytes) => match std::str::from_utf8(bytes) {
-                        Ok(s) if !s.contains('\0') => Value::String(s.to_owned()),
-                        _ => json!({ "base64": BASE64.encode(bytes) }),
-                    },
-                };
-                json!([text(name), value])
-            })
+            .map(|h| json!([bytes(h.name), h.value.map_or(Value::Null, bytes)]))
             .collect(),
     )
 }
@@ -612,7 +611,10 @@ mod tests {
                 headers: self
                     .headers
                     .iter()
-                    .map(|(k, v)| (*k, Some(v.as_bytes())))
+                    .map(|(k, v)| RawHeader {
+                        name: k.as_bytes(),
+                        value: Some(v.as_bytes()),
+                    })
                     .collect(),
                 timestamp_ms: Some(1_790_000_000_000),
             };
@@ -902,6 +904,44 @@ mod tests {
             format!("{}/2/7", t.requests()).as_bytes(),
         );
         assert_eq!(record("").entry().message_id, position);
+    }
+
+    #[test]
+    fn headers_are_kept_byte_for_byte_and_the_last_of_a_name_wins() {
+        let name = ce::CORRELATION_ID.as_bytes();
+        let source = Source {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: None,
+            headers: vec![
+                RawHeader {
+                    name,
+                    value: Some(b"first"),
+                },
+                RawHeader {
+                    name: b"x-\xff",
+                    value: Some(b"\x00"),
+                },
+                RawHeader {
+                    name,
+                    value: Some(b"last"),
+                },
+                RawHeader { name, value: None },
+            ],
+            timestamp_ms: None,
+        };
+        assert_eq!(source.header(ce::CORRELATION_ID), Some("last"));
+        assert_eq!(
+            headers_of(&source),
+            json!([
+                [ce::CORRELATION_ID, "first"],
+                [{ "base64": "eC3/" }, { "base64": "AA==" }],
+                [ce::CORRELATION_ID, "last"],
+                [ce::CORRELATION_ID, null],
+            ])
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Kafka clients: the producer every worker publishes with, consumers, topic creation.
 
+pub mod headers;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use twophase_messages::{Envelope, EnvelopeError, Message};
 use uuid::Uuid;
@@ -196,15 +198,19 @@ impl Publisher {
 /// The envelope of a record as read: from its headers, with the type the topic implies and the
 /// id `fallback_id` gives for missing ones, and the record's own Kafka time for a missing
 /// `ce_time` (see [`Envelope::from_headers`]).
-pub fn envelope_of(
-    record: &impl rdkafka::Message,
+pub fn envelope_of<M>(
+    record: &M,
     default_type: Option<&str>,
     fallback_id: impl FnOnce() -> Uuid,
-) -> Result<Envelope, EnvelopeError> {
-    let headers = record
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key, h.value)).collect::<Vec<_>>())
-        .unwrap_or_default();
+) -> Result<Envelope, EnvelopeError>
+where
+    M: rdkafka::Message,
+    M::Headers: headers::HeaderList,
+{
+    // A name that is not UTF-8 is none of the envelope's.
+    let headers = headers::of(record)
+        .into_iter()
+        .filter_map(|h| Some((h.name_text()?, h.value)));
     let time = record
         .timestamp()
         .to_millis()

@@ -25,7 +25,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders};
 use rdkafka::producer::DeliveryFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -835,10 +835,8 @@ impl<H: Handler> ConsumeLoop<H> {
             attempt += 1;
             let mut headers = OwnedHeaders::new();
             if form != DeadLetterForm::Bare {
-                if let Some(original) = raw.headers() {
-                    for h in original.iter() {
-                        headers = headers.insert(h);
-                    }
+                for h in crate::kafka::headers::of(raw) {
+                    headers = crate::kafka::headers::add(headers, h);
                 }
             }
             let omitted = form.note(raw, &topic);

@@ -21,11 +21,12 @@ use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
 use clap::Subcommand;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 use twophase_messages::envelope::headers;
 use twophase_messages::{Envelope, Topics};
+use twophase_runtime::kafka::headers::{self as record_headers, RawHeader};
 use twophase_runtime::kafka::{self, consumer_config};
 use twophase_runtime::telemetry;
 use twophase_runtime::worker::dlq_headers;
@@ -206,19 +207,16 @@ pub struct DeadLetter {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     /// Every header, in order: the original message's, then the consume loop's `dlq-*` ones.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Names are bytes: a producer may have written one that is not UTF-8.
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl DeadLetter {
     fn from_record(record: &BorrowedMessage<'_>) -> DeadLetter {
-        let headers = record
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = record_headers::of(record)
+            .into_iter()
+            .map(|h| (h.name.to_vec(), h.value.map(<[u8]>::to_vec)))
+            .collect();
         DeadLetter {
             topic: record.topic().to_owned(),
             partition: record.partition(),
@@ -238,7 +236,7 @@ impl DeadLetter {
         self.headers
             .iter()
             .rev()
-            .find(|(k, _)| k == name)
+            .find(|(k, _)| k == name.as_bytes())
             .and_then(|(_, v)| v.as_deref())
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
@@ -293,14 +291,17 @@ impl DeadLetter {
     /// ones and any earlier replay's, plus where, when and by whom this replay came.
     pub fn replay_headers(&self, at: DateTime<Utc>, by: &str) -> OwnedHeaders {
         let mut out = OwnedHeaders::new();
-        for (key, value) in &self.headers {
-            if key.starts_with(DLQ_HEADER_PREFIX) || key.starts_with(replay_headers::PREFIX) {
+        for (name, value) in &self.headers {
+            if name.starts_with(DLQ_HEADER_PREFIX.as_bytes())
+                || name.starts_with(replay_headers::PREFIX.as_bytes())
+            {
                 continue;
             }
-            out = out.insert(Header {
-                key,
+            let header = RawHeader {
+                name,
                 value: value.as_deref(),
-            });
+            };
+            out = record_headers::add(out, header);
         }
         let from = self.position();
         let at = at.to_rfc3339();
@@ -321,12 +322,12 @@ impl DeadLetter {
         let original_headers: serde_json::Map<String, serde_json::Value> = self
             .headers
             .iter()
-            .filter(|(k, _)| !k.starts_with(DLQ_HEADER_PREFIX))
+            .filter(|(k, _)| !k.starts_with(DLQ_HEADER_PREFIX.as_bytes()))
             .map(|(k, v)| {
                 let value = v
                     .as_deref()
                     .map(|v| String::from_utf8_lossy(v).into_owned());
-                (k.clone(), json!(value))
+                (String::from_utf8_lossy(k).into_owned(), json!(value))
             })
             .collect();
         let payload = self.payload.as_deref().unwrap_or_default();
@@ -792,6 +793,8 @@ async fn record_run(
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::message::Headers as _;
+
     use super::*;
 
     #[test]
@@ -858,7 +861,7 @@ mod tests {
             payload: Some(b"{}".to_vec()),
             headers: headers
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), Some(v.as_bytes().to_vec())))
+                .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec())))
                 .collect(),
         }
     }
@@ -894,6 +897,30 @@ mod tests {
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_replay_keeps_a_header_name_that_is_not_utf8_as_it_was() {
+        let mut d = letter(&[(dlq_headers::TOPIC, "p.saga.replies")]);
+        d.headers
+            .insert(0, (b"x-\xff\xfe".to_vec(), Some(b"\xff".to_vec())));
+        let at = Utc.with_ymd_and_hms(2026, 11, 24, 10, 0, 0).unwrap();
+        let replay = rdkafka::message::OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            0,
+            Some(d.replay_headers(at, "ops-1")),
+        );
+        let first = record_headers::of(&replay)[0];
+        assert_eq!(first.name, b"x-\xff\xfe");
+        assert_eq!(first.value, Some(&b"\xff"[..]));
+        assert_eq!(
+            d.to_json()["headers"],
+            json!({ "x-\u{fffd}\u{fffd}": "\u{fffd}" })
+        );
     }
 
     #[test]

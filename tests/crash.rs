@@ -327,3 +327,37 @@ async fn votes_that_came_while_the_coordinator_was_down_are_read_before_any_time
     assert_eq!(env.balance(b).await, (dec("30"), Decimal::ZERO));
     env.check_invariants().await;
 }
+
+/// librdkafka's idempotent producer raises a fatal error when it can no longer keep the order
+/// or the exactly-once delivery of what it sent, and then publishes nothing more. The account
+/// worker whose producer raises one just after it committed a hold stops with the error rather
+/// than hold its partitions and settle nothing; started again, it answers from its record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_producer_hits_a_fatal_error_exits_and_its_restart_settles_the_transfer() {
+    let mut env = TestEnv::new("crash-kafka-fatal").await;
+    env.start("coordinator");
+    env.start("risk");
+    env.start_with("account", &[(failpoint::ENV, "account.kafka_fatal")]);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let req = request(a, b, "40", "USD");
+    let watcher = env.watcher().await;
+
+    env.request(&req).await;
+    // Exit 3, the command line's for an error, with the error said.
+    assert_eq!(env.wait_exit("account", WAIT).await, Some(3));
+    let log = std::fs::read_to_string(env.log_dir.join("account-0.log")).unwrap();
+    assert!(
+        log.contains("error: the Kafka producer hit a fatal error"),
+        "the account worker's log says why it stopped:\n{log}"
+    );
+    // The hold it committed stands.
+    assert_eq!(env.balance(a).await, (dec("100"), dec("40")));
+
+    env.start("account");
+    let outcome = common::outcome_of(&watcher, &req.transfer_id, WAIT).await;
+    assert_outcome(&outcome, "completed", None);
+    assert_eq!(env.balance(a).await, (dec("60"), Decimal::ZERO));
+    assert_eq!(env.balance(b).await, (dec("40"), Decimal::ZERO));
+    env.check_invariants().await;
+}

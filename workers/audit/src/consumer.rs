@@ -53,7 +53,8 @@ pub fn topics(kafka: &KafkaConfig) -> Vec<String> {
 }
 
 /// Runs the consume loop until `shutdown` is cancelled; the batch in hand is written before it
-/// returns.
+/// returns. A fatal error of its Kafka consumer cancels `shutdown` and is returned
+/// (`twophase_runtime::kafka::fatal`).
 pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let group = settings.group_id();
     let context = MemberContext::new(group.clone(), settings.health.clone());
@@ -70,6 +71,7 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
     consumer.subscribe(&subscription)?;
     metrics::init_worker(crate::WORKER, &topics);
     tracing::info!(group = %group, ?subscription, "auditing");
+    twophase_runtime::kafka::fatal::stop_on_fatal(&shutdown);
 
     let prefix = settings.kafka.topic_prefix.clone();
     let saga = Topics::new(&prefix);
@@ -122,7 +124,7 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
     }
     commit_stored(&consumer);
     tracing::info!("audit consumer stopped");
-    Ok(())
+    twophase_runtime::kafka::fatal::outcome()
 }
 
 /// The span of one record's audit write, continuing the trace the record carries.

@@ -15,6 +15,9 @@
 //!   yet sent;
 //! - `coordinator.timer_after_commit`: a timer's aborts or re-sends are recorded, their commands
 //!   are not yet sent.
+//!
+//! One failpoint does not exit: `<worker>.kafka_fatal` makes the worker's producer raise a fatal
+//! error (see [`crate::kafka::fatal`]) when a handler's replies are about to be published.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,13 +54,20 @@ fn parse(spec: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Whether the failpoint `name` is armed and this is the hit it fires on.
+fn fires(name: &str) -> bool {
+    let Some(armed) = ARMED.as_ref() else {
+        return false;
+    };
+    let Some((nth, hits)) = armed.points.get(name) else {
+        return false;
+    };
+    hits.fetch_add(1, Ordering::SeqCst) + 1 == *nth
+}
+
 /// Exits the process if the failpoint `name` is armed and this is the hit it fires on.
 pub fn hit(name: &str) {
-    let Some(armed) = ARMED.as_ref() else { return };
-    let Some((nth, hits)) = armed.points.get(name) else {
-        return;
-    };
-    if hits.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+    if fires(name) {
         eprintln!("failpoint {name} reached: exiting");
         std::process::exit(EXIT_CODE);
     }
@@ -69,6 +79,11 @@ pub fn hit_at(worker: &str, point: &str) {
     if ARMED.is_some() {
         hit(&format!("{worker}.{point}"));
     }
+}
+
+/// Whether the failpoint `<worker>.<point>` fires at this hit, for one that does not exit.
+pub fn fires_at(worker: &str, point: &str) -> bool {
+    ARMED.is_some() && fires(&format!("{worker}.{point}"))
 }
 
 #[cfg(test)]

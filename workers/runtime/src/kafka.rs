@@ -1,5 +1,6 @@
 //! Kafka clients: the producer every worker publishes with, consumers, topic creation.
 
+pub mod fatal;
 pub mod headers;
 
 use std::collections::BTreeMap;
@@ -8,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{TimeZone as _, Utc};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -112,7 +113,21 @@ impl Outgoing {
 /// The idempotent producer every worker publishes with.
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<PublisherContext>,
+}
+
+/// What librdkafka tells the producer beyond deliveries: errors, a fatal one among them.
+#[derive(Debug, Clone, Copy)]
+pub struct PublisherContext;
+
+impl ClientContext for PublisherContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, line: &str) {
+        fatal::log(|| "the Kafka producer".to_owned(), level, facility, line);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(%error, reason, "librdkafka producer error");
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -140,8 +155,14 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
 
 impl Publisher {
     pub fn new(kafka: &KafkaConfig) -> Result<Publisher, KafkaError> {
-        let producer = producer_config(kafka).create()?;
+        let producer = producer_config(kafka).create_with_context(PublisherContext)?;
         Ok(Publisher { producer })
+    }
+
+    /// See [`fatal::raise_for_test`].
+    pub(crate) fn raise_fatal_for_test(&self) {
+        use rdkafka::producer::Producer as _;
+        fatal::raise_for_test(self.producer.client());
     }
 
     /// Publishes one message and waits until the broker has it.

@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use chrono::Utc;
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders};
@@ -247,6 +247,11 @@ impl ClientContext for MemberContext {
         metrics::record_consumer_lag(&self.group, &statistics);
     }
 
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, line: &str) {
+        let client = || format!("the Kafka consumer of group {}", self.group);
+        crate::kafka::fatal::log(client, level, facility, line);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if reason.starts_with("Subscribed topic not available") {
             // Right after topics are created the broker may not know them yet.
@@ -334,7 +339,8 @@ pub fn commit_stored<C: Consumer<X>, X: ConsumerContext>(consumer: &C) {
     }
 }
 
-/// Runs the consume loop until `shutdown` is cancelled, then commits the stored offsets.
+/// Runs the consume loop until `shutdown` is cancelled, then commits the stored offsets. A fatal
+/// error of a Kafka client (see [`crate::kafka::fatal`]) cancels `shutdown` and is returned.
 pub async fn run<H: Handler>(
     handler: Arc<H>,
     settings: WorkerSettings,
@@ -365,6 +371,7 @@ pub async fn run<H: Handler>(
         .subscribe(&topics)
         .with_context(|| format!("the {} worker's subscription to {topics:?}", settings.name))?;
     tracing::info!(worker = settings.name, group = %settings.group_id(), ?topics, "consuming");
+    crate::kafka::fatal::stop_on_fatal(&shutdown);
 
     let loop_ = ConsumeLoop {
         handler,
@@ -431,7 +438,7 @@ pub async fn run<H: Handler>(
     // Stored offsets are committed before leaving, so the next owner does not redo work.
     commit_stored(&consumer);
     tracing::info!(worker = loop_.settings.name, "stopped");
-    Ok(())
+    crate::kafka::fatal::outcome()
 }
 
 /// The most messages taken into one batch.
@@ -776,6 +783,9 @@ impl<H: Handler> ConsumeLoop<H> {
         mode: Mode,
     ) -> Result<Processed, KafkaError> {
         crate::failpoint::hit_at(self.settings.name, "after_commit");
+        if crate::failpoint::fires_at(self.settings.name, "kafka_fatal") {
+            self.publisher.raise_fatal_for_test();
+        }
         self.publish(outgoing, mode).await
     }
 

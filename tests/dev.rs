@@ -143,3 +143,33 @@ fn a_worker_that_cannot_start_ends_the_demo_with_its_own_error() {
     assert!(error.contains("Kafka consumer"), "{error}");
     assert!(error.contains("fetch.wait.max.mss"), "{error}");
 }
+
+#[test]
+fn dev_refuses_the_flags_that_name_real_services() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
+    let data = dir.join("data");
+    for (flag, value) in [
+        ("--brokers", "kafka.example:9092"),
+        ("--database-url", "postgres://db.example/twophase"),
+    ] {
+        let args = [
+            flag,
+            value,
+            "dev",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--demo",
+            "1",
+        ];
+        let (code, stdout, stderr) = twophase(&args);
+        assert_eq!(code, 64, "{stdout}{stderr}");
+        assert!(stdout.is_empty(), "{stdout}");
+        assert!(
+            stderr.starts_with("error: twophase dev runs its own in-memory broker")
+                && stderr.contains(&format!("so it takes no {flag}")),
+            "{stderr}"
+        );
+        // Nothing was started or written.
+        assert!(!data.exists());
+    }
+}

@@ -45,6 +45,19 @@ pub struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// The first flag given that names a real service, if any.
+    fn real_services_flag(&self) -> Option<&'static str> {
+        if self.brokers.is_some() {
+            Some("--brokers")
+        } else if self.database_url.is_some() {
+            Some("--database-url")
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run everything in one process on the embedded default: an in-memory Kafka cluster and
@@ -204,6 +217,14 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let (Command::Dev(_), Some(flag)) = (&cli.command, cli.real_services_flag()) {
+        eprintln!(
+            "error: twophase dev runs its own in-memory broker and keeps its data in --data-dir, \
+             so it takes no {flag}; that is for the workers on real services \
+             (twophase coordinator, account, risk, ...)"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     match run(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

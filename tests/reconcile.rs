@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{NaiveDate, TimeDelta, Utc};
+use chrono::{Days, NaiveDate, TimeDelta, Utc};
 use common::{assert_outcome, request, TestEnv};
 use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -648,6 +648,44 @@ async fn the_daily_run_reconciles_the_day_before_at_its_time() {
     let again: Report = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(output.status.code(), Some(0));
     assert_eq!((again.date, again.replaced), (yesterday, true));
+}
+
+/// A reconciler that was not running when a day's run was due reconciles that day when it
+/// starts: every day after the newest stored report, up to the one whose run was last due.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconciler_started_late_reconciles_the_days_it_missed() {
+    let env = TestEnv::new("recon-catch-up").await;
+    let mut settings = settings(&env);
+    // The daily run was due an hour ago, for the day before.
+    let due = Utc::now() - TimeDelta::hours(1);
+    settings.config.run_at = due.time();
+    let last_due = due.date_naive().pred_opt().unwrap();
+    let newest = last_due - Days::new(3);
+    let earlier = twophase_reconciler::reconcile(&settings, newest).await;
+    assert!(earlier.stored, "{}", earlier.to_table());
+
+    let shutdown = twophase_runtime::CancellationToken::new();
+    let daily = tokio::spawn({
+        let (settings, shutdown) = (settings.clone(), shutdown.clone());
+        async move { twophase_reconciler::run_daily(&settings, shutdown).await }
+    });
+    let published = published_reports(&env, 4);
+    shutdown.cancel();
+    daily.await.unwrap();
+    let mut days: Vec<NaiveDate> = published
+        .iter()
+        .map(|(_, r)| serde_json::from_value::<Report>(r.clone()).unwrap().date)
+        .collect();
+    days.sort();
+    let expected: Vec<NaiveDate> = (0..4).map(|n| newest + Days::new(n)).collect();
+    assert_eq!(days, expected, "the day run by hand, then each day missed");
+    for day in &expected[1..] {
+        let stored = twophase_reconciler::stored_report(&env.database_url, *day)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{day} has no stored report"));
+        assert_eq!(stored.status, RunStatus::Completed);
+    }
 }
 
 /// Keeps `in_flight` transfers between `accounts` in flight, publishing a new one as each

@@ -756,11 +756,11 @@ async fn publish(settings: &Settings, report: &Report) -> Result<(), ReconcileEr
     publisher.publish(&outgoing).await.map_err(error)
 }
 
-/// Reads the stored report of a day.
-/// Sets the discrepancy gauges from a report, unless its run failed (a failed run is no
-/// verdict).
+/// Sets the discrepancy gauges, and how far the books are reconciled, from a report, unless its
+/// run failed (a failed run is no verdict).
 pub(crate) fn set_gauges(report: &Report) {
     if report.status != RunStatus::Failed {
+        metrics::set_reconciled_through(report.window.end);
         for kind in Kind::ALL {
             let n = i64::try_from(report.count(kind)).unwrap_or(i64::MAX);
             metrics::set_reconciliation_discrepancies(kind.as_str(), n);
@@ -768,6 +768,7 @@ pub(crate) fn set_gauges(report: &Report) {
     }
 }
 
+/// Reads the stored report of a day.
 pub async fn stored_report(
     database_url: &str,
     date: NaiveDate,

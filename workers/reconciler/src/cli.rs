@@ -14,7 +14,7 @@ use twophase_runtime::{http, shutdown};
 use crate::checks::set_gauges;
 use crate::report::Report;
 use crate::store;
-use crate::window::{next_run, today};
+use crate::window::{missed_days, next_run, today};
 use crate::{reconcile, reconcile_in, Settings, DEFAULT_METRICS_PORT, SCHEMA};
 
 #[derive(Debug, clap::Args)]
@@ -91,10 +91,17 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
     Ok(0)
 }
 
-/// Reconciles the day before at `run_at` every day until `shutdown`. A run that has begun is
-/// finished before stopping.
+/// Reconciles the day before at `run_at` every day until `shutdown`, after the days missed
+/// while no reconciler ran ([`missed_days`]). A run that has begun is finished before stopping.
 pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     let config = &settings.config;
+    for day in missed(settings).await {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tracing::info!(%day, "catching up: the day's run was missed or failed");
+        reconcile(settings, day).await;
+    }
     loop {
         let (due, day) = next_run(Utc::now(), config.time_zone, config.run_at);
         tracing::info!(%due, %day, "next reconciliation");
@@ -114,6 +121,34 @@ pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
             return;
         }
     }
+}
+
+/// The days to catch up on now, from the newest stored report.
+async fn missed(settings: &Settings) -> Vec<NaiveDate> {
+    let newest = async {
+        let db = Db::connect(&settings.database_url, SCHEMA, 1).await?;
+        let newest = store::newest_day(&db).await;
+        db.close().await;
+        newest
+    };
+    let newest = match newest.await {
+        Ok(newest) => newest,
+        Err(e) => {
+            tracing::warn!(error = %e, "the stored reports could not be read: no day is caught up");
+            return Vec::new();
+        }
+    };
+    let config = &settings.config;
+    let (days, left_out) = missed_days(Utc::now(), config.time_zone, config.run_at, newest);
+    if left_out > 0 {
+        tracing::warn!(
+            left_out,
+            first_caught_up = ?days.first(),
+            "more days were missed than a start catches up on; reconcile the earlier ones with \
+             `twophase reconcile --date`"
+        );
+    }
+    days
 }
 
 fn yesterday(today: NaiveDate) -> NaiveDate {

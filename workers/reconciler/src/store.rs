@@ -6,7 +6,7 @@ use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::{execute, query_as};
 
-use crate::report::Report;
+use crate::report::{Report, RunStatus};
 
 /// What is kept of an earlier report of the same day.
 #[derive(Debug, Clone)]
@@ -122,7 +122,6 @@ pub(crate) async fn write(
     Ok(())
 }
 
-/// The stored report of a day.
 /// The report of the latest day whose run did not fail: the verdict the discrepancy gauges
 /// show until the next run.
 pub async fn latest_verdict(db: &Db) -> Result<Option<Report>, sqlx::Error> {
@@ -135,6 +134,19 @@ pub async fn latest_verdict(db: &Db) -> Result<Option<Report>, sqlx::Error> {
     )?;
     tx.commit().await?;
     Ok(row.map(|(Json(report),)| report))
+}
+
+/// The newest day with a stored report, and whether that report's run failed.
+pub async fn newest_day(db: &Db) -> Result<Option<(NaiveDate, bool)>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let row = query_as!(
+        &mut tx,
+        (NaiveDate, String),
+        fetch_optional,
+        "SELECT report_date, status FROM reports ORDER BY report_date DESC LIMIT 1",
+    )?;
+    tx.commit().await?;
+    Ok(row.map(|(date, status)| (date, status == RunStatus::Failed.as_str())))
 }
 
 pub async fn load(db: &Db, date: NaiveDate) -> Result<Option<Report>, sqlx::Error> {

@@ -64,6 +64,45 @@ pub fn next_run(now: DateTime<Utc>, tz: Tz, at: NaiveTime) -> (DateTime<Utc>, Na
     }
 }
 
+/// The most days a starting reconciler catches up on; earlier ones are left to `twophase
+/// reconcile --date`.
+pub const MAX_CATCH_UP: usize = 31;
+
+/// The days a reconciler starting at `now` missed, oldest first, given the newest day with a
+/// stored report and whether that report's run failed: the days after it up to the one whose run
+/// was last due, and that day itself if its run failed. With no report at all, none: nothing
+/// says that a run was missed. At most [`MAX_CATCH_UP`], the latest; the second value is how
+/// many earlier days were left out.
+pub fn missed_days(
+    now: DateTime<Utc>,
+    tz: Tz,
+    at: NaiveTime,
+    newest: Option<(NaiveDate, bool)>,
+) -> (Vec<NaiveDate>, u64) {
+    let Some((newest, failed)) = newest else {
+        return (Vec::new(), 0);
+    };
+    let (_, next) = next_run(now, tz, at);
+    let Some(last_due) = next.checked_sub_days(Days::new(1)) else {
+        return (Vec::new(), 0);
+    };
+    let first = if failed {
+        newest
+    } else {
+        match newest.checked_add_days(Days::new(1)) {
+            Some(day) => day,
+            None => return (Vec::new(), 0),
+        }
+    };
+    let missed = u64::try_from((last_due - first).num_days() + 1).unwrap_or(0);
+    let kept = missed.min(MAX_CATCH_UP as u64);
+    let days = (0..kept)
+        .rev()
+        .filter_map(|back| last_due.checked_sub_days(Days::new(back)))
+        .collect();
+    (days, missed - kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +113,50 @@ mod tests {
 
     fn date(s: &str) -> NaiveDate {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_restart_catches_up_on_the_days_since_the_newest_report() {
+        let at = NaiveTime::from_hms_opt(2, 0, 0).unwrap();
+        let after_the_run = utc("2026-11-25T03:00:00Z");
+        let before_the_run = utc("2026-11-25T01:00:00Z");
+        let missed = |now, newest: Option<(&str, bool)>| {
+            missed_days(now, Tz::UTC, at, newest.map(|(d, f)| (date(d), f)))
+        };
+        // The run for the 24th was due at 02:00 on the 25th.
+        assert_eq!(
+            missed(after_the_run, Some(("2026-11-22", false))),
+            (vec![date("2026-11-23"), date("2026-11-24")], 0)
+        );
+        assert_eq!(
+            missed(after_the_run, Some(("2026-11-24", false))),
+            (vec![], 0)
+        );
+        assert_eq!(
+            missed(after_the_run, Some(("2026-11-24", true))),
+            (vec![date("2026-11-24")], 0)
+        );
+        // Before 02:00 the 24th is not due yet.
+        assert_eq!(
+            missed(before_the_run, Some(("2026-11-23", false))),
+            (vec![], 0)
+        );
+        assert_eq!(
+            missed(before_the_run, Some(("2026-11-22", false))),
+            (vec![date("2026-11-23")], 0)
+        );
+        // A report of a later day (a run by hand) leaves nothing to catch up.
+        assert_eq!(
+            missed(before_the_run, Some(("2026-11-24", false))),
+            (vec![], 0)
+        );
+        assert_eq!(missed(after_the_run, None), (vec![], 0));
+        // Down for a hundred days: the latest 31, and how many more were missed.
+        let (days, left_out) = missed(after_the_run, Some(("2026-08-16", false)));
+        assert_eq!(days.len(), MAX_CATCH_UP);
+        assert_eq!(days.first(), Some(&date("2026-10-25")));
+        assert_eq!(days.last(), Some(&date("2026-11-24")));
+        assert_eq!(left_out, 100 - MAX_CATCH_UP as u64);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use std::sync::LazyLock;
 
+use chrono::{DateTime, Utc};
 use prometheus::core::Collector;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -91,6 +92,15 @@ pub const RECONCILIATION_DISCREPANCIES: Def = Def {
     kind: Kind::Gauge,
 };
 
+pub const RECONCILED_THROUGH: Def = Def {
+    name: "twophase_reconciled_through_timestamp_seconds",
+    help: "End of the newest day a reconciliation run gave a verdict on (discrepancies or \
+           none; a failed run is no verdict), as a Unix time. Exported by the reconciler once \
+           it has one.",
+    labels: &[],
+    kind: Kind::Gauge,
+};
+
 pub const CONSUMER_LAG: Def = Def {
     name: "twophase_consumer_lag",
     help: "Messages between the group's committed offset and the end of each partition this \
@@ -161,6 +171,7 @@ pub const ALL: &[Def] = &[
     ACCOUNTS_NEGATIVE_BALANCE,
     ACCOUNTS_BALANCE,
     RECONCILIATION_DISCREPANCIES,
+    RECONCILED_THROUGH,
     CONSUMER_LAG,
     DEAD_LETTERS,
     MESSAGES_HANDLED,
@@ -219,6 +230,7 @@ struct Metrics {
     accounts_negative_balance: IntGaugeVec,
     accounts_balance: prometheus::GaugeVec,
     reconciliation_discrepancies: IntGaugeVec,
+    reconciled_through: IntGaugeVec,
     consumer_lag: IntGaugeVec,
     dead_letters: IntCounterVec,
     messages_handled: IntCounterVec,
@@ -272,6 +284,7 @@ impl Metrics {
                 prometheus::GaugeVec::new(opts(ACCOUNTS_BALANCE), ACCOUNTS_BALANCE.labels).unwrap(),
             ),
             reconciliation_discrepancies: gauge_vec(RECONCILIATION_DISCREPANCIES),
+            reconciled_through: gauge_vec(RECONCILED_THROUGH),
             consumer_lag: gauge_vec(CONSUMER_LAG),
             dead_letters: counter_vec(DEAD_LETTERS),
             messages_handled: counter_vec(MESSAGES_HANDLED),
@@ -464,6 +477,12 @@ pub fn set_reconciliation_discrepancies(kind: &str, n: i64) {
         .set(n);
 }
 
+/// The end of a day a reconciliation run gave a verdict on, unless a later one is already set.
+pub fn set_reconciled_through(end: DateTime<Utc>) {
+    let gauge = METRICS.reconciled_through.with_label_values::<&str>(&[]);
+    gauge.set(gauge.get().max(end.timestamp()));
+}
+
 pub fn set_consumer_lag(group: &str, topic: &str, partition: i32, lag: i64) {
     METRICS
         .consumer_lag
@@ -527,6 +546,28 @@ mod tests {
     }
 
     #[test]
+    fn the_reconciled_through_gauge_only_moves_forward() {
+        let day = |d: u32| {
+            chrono::NaiveDate::from_ymd_opt(2026, 11, d)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+        };
+        let gauge = || {
+            METRICS
+                .reconciled_through
+                .with_label_values::<&str>(&[])
+                .get()
+        };
+        set_reconciled_through(day(24));
+        set_reconciled_through(day(20));
+        assert_eq!(gauge(), day(24).timestamp());
+        set_reconciled_through(day(25));
+        assert_eq!(gauge(), day(25).timestamp());
+    }
+
+    #[test]
     fn every_definition_is_registered_with_its_kind_and_names_follow_conventions() {
         // Touch each labelled metric so that its family is exported.
         init_worker("convention-test", &["convention.topic".to_owned()]);
@@ -536,6 +577,7 @@ mod tests {
         set_negative_balance_accounts(0);
         set_balance_total("XTS", Decimal::ZERO);
         set_reconciliation_discrepancies("convention", 0);
+        set_reconciled_through(DateTime::UNIX_EPOCH);
         let families = registry().gather();
         let mut names = BTreeSet::new();
         for def in ALL {

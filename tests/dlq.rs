@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Output, Stdio};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{assert_outcome, request, TestEnv};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -822,33 +822,37 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
         .connect(&env.database_url)
         .await
         .unwrap();
-    // The prepare phase outlasts the outage, so only the replay can finish the transfer.
+    // The prepare phase outlasts the failures, so only the replay can finish the transfer.
     env.with_config("[coordinator]\nprepare_timeout = \"5min\"\n");
     env.start("coordinator");
     env.start("risk");
-    let upstream = PgConnectOptions::from_str(&env.database_url).unwrap();
-    let upstream = format!("{}:{}", upstream.get_host(), upstream.get_port());
-    let proxy = DbProxy::start(upstream).await;
     let _account = start_with_env(
         &env,
         "account",
-        "account-behind-proxy.log",
-        &[
-            ("TWOPHASE_DATABASE_URL", &proxy.url(&env.database_url)),
-            ("TWOPHASE_RETRY__GIVE_UP_AFTER", "1s"),
-        ],
+        "account-short-budget.log",
+        &[("TWOPHASE_RETRY__GIVE_UP_AFTER", "1s")],
     );
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;
     let warm_up = env.transfer(&request(a, b, "10", "USD")).await;
     assert_outcome(&warm_up, "completed", None);
 
-    // The account worker loses its database for longer than its retry budget.
+    // Every hold and credit the account worker writes now fails with a serialization failure,
+    // an error worth retrying, for longer than its retry budget, while its database answers.
     let account_dlq = Topics::dead_letters(&env.topics.account_commands());
     let tail = TopicTail::start(&env.kafka, account_dlq.clone())
         .await
         .unwrap();
-    proxy.cut();
+    for statement in [
+        "CREATE FUNCTION account.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '40001'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT ON account.holds \
+         FOR EACH ROW EXECUTE FUNCTION account.refuse()",
+        "CREATE TRIGGER refuse BEFORE INSERT ON account.credits \
+         FOR EACH ROW EXECUTE FUNCTION account.refuse()",
+    ] {
+        sqlx::query(statement).execute(&pg).await.unwrap();
+    }
     let stuck = request(a, b, "25", "USD");
     let transfer_id: Uuid = stuck.transfer_id.parse().unwrap();
     let watcher = env.watcher().await;
@@ -884,8 +888,11 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
         assert_eq!(d["original_topic"], env.topics.account_commands(), "{d:#}");
     }
 
-    // The cause is fixed: the database is reachable again.
-    proxy.restore();
+    // The cause is fixed.
+    sqlx::query("DROP FUNCTION account.refuse() CASCADE")
+        .execute(&pg)
+        .await
+        .unwrap();
     let ids: Vec<String> = dead.iter().map(|(id, _)| id.to_string()).collect();
     let mut replay: Vec<&str> = vec!["dlq", "replay", "--topic", "saga.commands.account"];
     for id in &ids {
@@ -1028,6 +1035,66 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
             ids.iter().map(String::as_str).collect::<HashSet<_>>()
         );
     }
+    env.check_invariants().await;
+}
+
+/// A database outage longer than the retry budget is waited out: the message is not set aside,
+/// and its transfer completes once the database answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_longer_than_the_retry_budget_dead_letters_nothing() {
+    if std::env::var("TWOPHASE_TEST_DATABASE_URL").is_err() {
+        eprintln!(
+            "skipped: this test cuts a worker off PostgreSQL; it needs TWOPHASE_TEST_DATABASE_URL"
+        );
+        return;
+    }
+    let mut env = TestEnv::new("outage-budget").await;
+    env.with_config("[coordinator]\nprepare_timeout = \"5min\"\n");
+    env.start("coordinator");
+    env.start("risk");
+    let upstream = PgConnectOptions::from_str(&env.database_url).unwrap();
+    let upstream = format!("{}:{}", upstream.get_host(), upstream.get_port());
+    let proxy = DbProxy::start(upstream).await;
+    let log = "account-behind-proxy.log";
+    let _account = start_with_env(
+        &env,
+        "account",
+        log,
+        &[
+            ("TWOPHASE_DATABASE_URL", &proxy.url(&env.database_url)),
+            ("TWOPHASE_RETRY__GIVE_UP_AFTER", "1s"),
+        ],
+    );
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let warm_up = env.transfer(&request(a, b, "10", "USD")).await;
+    assert_outcome(&warm_up, "completed", None);
+
+    // The account worker loses its database; its messages outlast their retry budget.
+    proxy.cut();
+    let watcher = env.watcher().await;
+    let during = request(a, b, "25", "USD");
+    env.request(&during).await;
+    let waiting = "the database does not answer: the message waits for it";
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(env.log_dir.join(log)).unwrap();
+        if text.matches(waiting).count() >= 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the account worker never found its budget spent with the database down:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.restore();
+
+    let outcome = common::outcome_of(&watcher, &during.transfer_id, Duration::from_secs(60)).await;
+    assert_outcome(&outcome, "completed", None);
+    assert_eq!(env.balance(a).await, (dec("65"), Decimal::ZERO));
+    let account_dlq = Topics::dead_letters(&env.topics.account_commands());
+    assert_eq!(high_watermark(&env, &account_dlq).await, 0);
     env.check_invariants().await;
 }
 

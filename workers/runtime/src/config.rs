@@ -87,8 +87,9 @@ pub struct RetryConfig {
     pub initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
-    /// How long a message may keep failing transiently before it is set aside. Long, so a
-    /// database restart or broker failover never dead-letters anything.
+    /// How long a message may keep failing transiently, with its database answering, before it
+    /// is set aside. While the database does not answer, or the broker takes no replies, the
+    /// message waits and this does not run out.
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
 }

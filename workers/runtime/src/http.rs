@@ -134,6 +134,25 @@ impl Health {
         let _ = assigned.wait_for(|assigned| *assigned).await;
     }
 
+    /// Whether the database answers its check in time (true for a worker without one).
+    pub async fn database_answers(&self) -> bool {
+        !matches!(self.check_database().await, Some(Err(_)))
+    }
+
+    /// The database check's result, or none for a worker without a database.
+    async fn check_database(&self) -> Option<Result<(), String>> {
+        let check = self.inner.database.as_ref()?;
+        Some(
+            match tokio::time::timeout(self.inner.database_timeout, check()).await {
+                Ok(result) => result.map_err(|e| format!("error: {e}")),
+                Err(_) => Err(format!(
+                    "no answer within {} ms",
+                    self.inner.database_timeout.as_millis()
+                )),
+            },
+        )
+    }
+
     /// Runs the checks.
     pub async fn report(&self) -> HealthReport {
         let consumer = if self.is_assigned() {
@@ -141,16 +160,10 @@ impl Health {
         } else {
             "no partitions assigned".to_owned()
         };
-        let database = match &self.inner.database {
+        let database = match self.check_database().await {
             None => "not used".to_owned(),
-            Some(check) => match tokio::time::timeout(self.inner.database_timeout, check()).await {
-                Ok(Ok(())) => "ok".to_owned(),
-                Ok(Err(e)) => format!("error: {e}"),
-                Err(_) => format!(
-                    "no answer within {} ms",
-                    self.inner.database_timeout.as_millis()
-                ),
-            },
+            Some(Ok(())) => "ok".to_owned(),
+            Some(Err(e)) => e,
         };
         let ready = self.is_assigned() && matches!(database.as_str(), "ok" | "not used");
         HealthReport {

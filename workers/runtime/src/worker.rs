@@ -12,7 +12,9 @@
 //!
 //! A message that cannot be decoded, or whose handler fails permanently, or transiently for
 //! longer than the retry budget, goes to `<topic>.dlq` with its original key, bytes and headers
-//! plus headers that say why; then the partition moves on.
+//! plus headers that say why; then the partition moves on. An outage is not the message's
+//! fault: while the database does not answer, or the broker takes no replies, the message
+//! waits, however long that is, and the budget counts only once the database answers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -183,6 +185,27 @@ fn too_large(error: &KafkaError) -> bool {
     )
 }
 
+/// Whether the broker could not be reached to take a record (librdkafka retries such errors
+/// until `message.timeout.ms`, then reports them), rather than refused it.
+fn broker_unavailable(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::BrokerNotAvailable
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+        )
+    )
+}
+
 /// How much of a record its dead letter carries: all of it, or less when that is too large.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DeadLetterForm {
@@ -314,10 +337,10 @@ pub fn member_config(
         )
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        // A message may wait out the retry budget for a recovering database, with a minute to
-        // spare, before it is set aside. Each message of a batch has a budget of its own, so
-        // in a longer outage the member leaves the group while it waits, and rejoins when it
-        // polls again; what it had not stored is redone by whoever holds the partition then
+        // A message may fail for its whole retry budget, with a minute to spare, before it is
+        // set aside. Each message of a batch has a budget of its own, and an outage is waited
+        // out, so in a longer one the member leaves the group while it waits, and rejoins when
+        // it polls again; what it had not stored is redone by whoever holds the partition then
         // (handlers are idempotent). (librdkafka's ceiling is a day.)
         .set(
             "max.poll.interval.ms",
@@ -726,9 +749,13 @@ impl<H: Handler> ConsumeLoop<H> {
     ) -> Processed {
         let started = Instant::now();
         let first_failure = Utc::now();
+        // The retry budget counts from here, and again from when the database was last found
+        // down: an outage is waited out, not held against the message.
+        let mut budget_from = started;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
+            let mut broker_down = false;
             let error = match self.apply_alone(incoming).await {
                 Ok(handled) => match self.publish_committed(&handled.replies, mode).await {
                     Ok(processed) => {
@@ -746,6 +773,7 @@ impl<H: Handler> ConsumeLoop<H> {
                         HandlerError::Permanent(anyhow::Error::new(e).context("publishing replies"))
                     }
                     Err(e) => {
+                        broker_down = broker_unavailable(&e);
                         HandlerError::Transient(anyhow::Error::new(e).context("publishing replies"))
                     }
                 },
@@ -753,9 +781,9 @@ impl<H: Handler> ConsumeLoop<H> {
             };
             let give_up = match &error {
                 HandlerError::Permanent(_) => true,
-                HandlerError::Transient(_) => {
-                    started.elapsed() >= self.settings.retry.give_up_after
-                }
+                // Nothing can be set aside while the broker takes nothing.
+                HandlerError::Transient(_) if broker_down => false,
+                HandlerError::Transient(_) => self.budget_spent(&mut budget_from).await,
             };
             if give_up {
                 let class = match &error {
@@ -773,6 +801,23 @@ impl<H: Handler> ConsumeLoop<H> {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Whether a message failing since `budget_from` has spent its retry budget. While the
+    /// database does not answer, it has not: the budget starts again, and the message waits.
+    async fn budget_spent(&self, budget_from: &mut Instant) -> bool {
+        if budget_from.elapsed() < self.settings.retry.give_up_after {
+            return false;
+        }
+        if self.settings.health.database_answers().await {
+            return true;
+        }
+        tracing::warn!(
+            "the database does not answer: the message waits for it, and its retry budget \
+             starts again"
+        );
+        *budget_from = Instant::now();
+        false
     }
 
     /// Publishes the replies of a committed message (the `after_commit` failpoint counts

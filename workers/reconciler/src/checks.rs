@@ -52,7 +52,7 @@ pub async fn reconcile_in(settings: &Settings, date: NaiveDate, time_zone: Tz) -
     if let Err(e) = store_and_publish(settings, &mut report).await {
         report.fail(&e);
     }
-    set_gauges(&report);
+    set_gauges(&report, settings.config.time_zone.name());
     let seconds = (report.finished_at - report.started_at).as_seconds_f64();
     match report.status {
         RunStatus::Completed => tracing::info!(
@@ -756,15 +756,34 @@ async fn publish(settings: &Settings, report: &Report) -> Result<(), ReconcileEr
     publisher.publish(&outgoing).await.map_err(error)
 }
 
-/// Sets the discrepancy gauges, and how far the books are reconciled, from a report, unless its
-/// run failed (a failed run is no verdict).
-pub(crate) fn set_gauges(report: &Report) {
-    if report.status != RunStatus::Failed {
-        metrics::set_reconciled_through(report.window.end);
+/// Sets the discrepancy gauges from a report, unless its run failed (a failed run is no
+/// verdict), and how far the books are reconciled if it is a verdict on its whole day.
+pub(crate) fn set_gauges(report: &Report, of_record: &str) {
+    set_gauges_of(std::slice::from_ref(report), of_record);
+}
+
+/// [`set_gauges`] for several reports at once, such as the days a start caught up on: each
+/// discrepancy gauge shows the most of its kind any of them found, so that a day's findings are
+/// not cleared by the next day's before anyone could see them.
+pub(crate) fn set_gauges_of(reports: &[Report], of_record: &str) {
+    let verdicts: Vec<&Report> = reports
+        .iter()
+        .filter(|r| r.status != RunStatus::Failed)
+        .collect();
+    if !verdicts.is_empty() {
         for kind in Kind::ALL {
-            let n = i64::try_from(report.count(kind)).unwrap_or(i64::MAX);
+            let most = verdicts.iter().map(|r| r.count(kind)).max().unwrap_or(0);
+            let n = i64::try_from(most).unwrap_or(i64::MAX);
             metrics::set_reconciliation_discrepancies(kind.as_str(), n);
         }
+    }
+    let through = verdicts
+        .iter()
+        .filter(|r| r.is_whole_day_verdict(of_record))
+        .map(|r| r.window.end)
+        .max();
+    if let Some(end) = through {
+        metrics::set_reconciled_through(end);
     }
 }
 

@@ -9,12 +9,12 @@ use chrono::{Days, NaiveDate, Utc};
 use chrono_tz::Tz;
 use tokio_util::sync::CancellationToken;
 use twophase_runtime::db::Db;
-use twophase_runtime::{http, shutdown};
+use twophase_runtime::{http, metrics, shutdown};
 
-use crate::checks::set_gauges;
+use crate::checks::{set_gauges, set_gauges_of};
 use crate::report::Report;
 use crate::store;
-use crate::window::{missed_days, next_run, today};
+use crate::window::{catch_up_from, missed_days, next_run, today};
 use crate::{reconcile, reconcile_in, Settings, DEFAULT_METRICS_PORT, SCHEMA};
 
 #[derive(Debug, clap::Args)]
@@ -73,7 +73,7 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
     // The gauges show the last verdict from the start, not only after the next run: a restart
     // must not clear a discrepancy alert.
     match store::latest_verdict(&db).await {
-        Ok(Some(report)) => set_gauges(&report),
+        Ok(Some(report)) => set_gauges(&report, settings.config.time_zone.name()),
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "the last report could not be read for the gauges"),
     }
@@ -91,18 +91,17 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
     Ok(0)
 }
 
-/// Reconciles the day before at `run_at` every day until `shutdown`, after the days missed
-/// while no reconciler ran ([`missed_days`]). A run that has begun is finished before stopping.
+/// Reconciles the day before at `run_at` every day until `shutdown`. Before each wait for the
+/// next run it catches up on the days that have no verdict ([`missed_days`]): missed while no
+/// reconciler ran, failed, or only reconciled before they were over. A run that has begun is
+/// finished before stopping.
 pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     let config = &settings.config;
-    for day in missed(settings).await {
+    loop {
+        catch_up(settings, &shutdown).await;
         if shutdown.is_cancelled() {
             return;
         }
-        tracing::info!(%day, "catching up: the day's run was missed or failed");
-        reconcile(settings, day).await;
-    }
-    loop {
         let (due, day) = next_run(Utc::now(), config.time_zone, config.run_at);
         tracing::info!(%due, %day, "next reconciliation");
         loop {
@@ -123,29 +122,56 @@ pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     }
 }
 
-/// The days to catch up on now, from the newest stored report.
+/// Reconciles the days that have no verdict, oldest first, and shows what all of them found.
+async fn catch_up(settings: &Settings, shutdown: &CancellationToken) {
+    let mut reports = Vec::new();
+    for day in missed(settings).await {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        tracing::info!(%day, "catching up: the day has no verdict");
+        reports.push(reconcile(settings, day).await);
+    }
+    if reports.len() > 1 {
+        set_gauges_of(&reports, settings.config.time_zone.name());
+    }
+}
+
+/// The days to catch up on now, from the stored reports.
 async fn missed(settings: &Settings) -> Vec<NaiveDate> {
-    let newest = async {
-        let db = Db::connect(&settings.database_url, SCHEMA, 1).await?;
-        let newest = store::newest_day(&db).await;
-        db.close().await;
-        newest
+    let config = &settings.config;
+    let (tz, at) = (config.time_zone, config.run_at);
+    let Some(from) = catch_up_from(Utc::now(), tz, at) else {
+        return Vec::new();
     };
-    let newest = match newest.await {
-        Ok(newest) => newest,
+    let stored = async {
+        let db = Db::connect(&settings.database_url, SCHEMA, 1).await?;
+        let stored = store::since(&db, from).await;
+        db.close().await;
+        stored
+    };
+    let (first, reports) = match stored.await {
+        Ok(stored) => stored,
         Err(e) => {
             tracing::warn!(error = %e, "the stored reports could not be read: no day is caught up");
             return Vec::new();
         }
     };
-    let config = &settings.config;
-    let (days, left_out) = missed_days(Utc::now(), config.time_zone, config.run_at, newest);
-    if left_out > 0 {
+    let verdicts: Vec<&Report> = reports
+        .iter()
+        .filter(|r| r.is_whole_day_verdict(tz.name()))
+        .collect();
+    // How far the books are reconciled shows from the start, not only after the next run.
+    if let Some(end) = verdicts.iter().map(|r| r.window.end).max() {
+        metrics::set_reconciled_through(end);
+    }
+    let verdicts = verdicts.iter().map(|r| r.date).collect();
+    let (days, earlier) = missed_days(Utc::now(), tz, at, first, &verdicts);
+    if earlier {
         tracing::warn!(
-            left_out,
-            first_caught_up = ?days.first(),
-            "more days were missed than a start catches up on; reconcile the earlier ones with \
-             `twophase reconcile --date`"
+            %from,
+            "days before {from} may have no verdict either; reconcile them with `twophase \
+             reconcile --date`"
         );
     }
     days

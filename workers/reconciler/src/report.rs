@@ -287,6 +287,15 @@ impl Report {
         }
     }
 
+    /// Whether this report is the verdict of record on its whole day: its run did not fail,
+    /// began once the day was over (not a run by hand of the day itself), and cut the day in
+    /// `of_record`, the configured zone.
+    pub fn is_whole_day_verdict(&self, of_record: &str) -> bool {
+        self.status != RunStatus::Failed
+            && self.started_at >= self.window.end
+            && self.time_zone == of_record
+    }
+
     /// The exit code of `twophase reconcile`: 0 no discrepancies, 1 discrepancies, 3 failed.
     pub fn exit_code(&self) -> u8 {
         match self.status {
@@ -454,6 +463,22 @@ mod tests {
     fn report() -> Report {
         let window = Window::of("2026-11-23".parse().unwrap(), chrono_tz::Tz::UTC);
         Report::new(&window, window.end)
+    }
+
+    #[test]
+    fn only_a_run_of_a_day_that_was_over_in_the_zone_of_record_is_its_verdict() {
+        let whole = report();
+        assert!(whole.is_whole_day_verdict("UTC"));
+        assert!(!whole.is_whole_day_verdict("Europe/Berlin"));
+        let mut by_hand = report();
+        by_hand.started_at = by_hand.window.end - chrono::TimeDelta::seconds(1);
+        assert!(!by_hand.is_whole_day_verdict("UTC"));
+        let mut failed = report();
+        failed.status = RunStatus::Failed;
+        assert!(!failed.is_whole_day_verdict("UTC"));
+        let mut found = report();
+        found.status = RunStatus::CompletedWithErrors;
+        assert!(found.is_whole_day_verdict("UTC"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::{execute, query_as};
 
-use crate::report::{Report, RunStatus};
+use crate::report::Report;
 
 /// What is kept of an earlier report of the same day.
 #[derive(Debug, Clone)]
@@ -136,19 +136,33 @@ pub async fn latest_verdict(db: &Db) -> Result<Option<Report>, sqlx::Error> {
     Ok(row.map(|(Json(report),)| report))
 }
 
-/// The newest day with a stored report, and whether that report's run failed.
-pub async fn newest_day(db: &Db) -> Result<Option<(NaiveDate, bool)>, sqlx::Error> {
+/// The day of the oldest stored report, and the reports of `from` on, oldest first.
+pub async fn since(
+    db: &Db,
+    from: NaiveDate,
+) -> Result<(Option<NaiveDate>, Vec<Report>), sqlx::Error> {
     let mut tx = db.begin().await?;
-    let row = query_as!(
+    let first = query_as!(
         &mut tx,
-        (NaiveDate, String),
+        (NaiveDate,),
         fetch_optional,
-        "SELECT report_date, status FROM reports ORDER BY report_date DESC LIMIT 1",
+        "SELECT report_date FROM reports ORDER BY report_date LIMIT 1",
+    )?;
+    let reports = query_as!(
+        &mut tx,
+        (Json<Report>,),
+        fetch_all,
+        "SELECT report FROM reports WHERE report_date >= $1 ORDER BY report_date",
+        from,
     )?;
     tx.commit().await?;
-    Ok(row.map(|(date, status)| (date, status == RunStatus::Failed.as_str())))
+    Ok((
+        first.map(|(day,)| day),
+        reports.into_iter().map(|(Json(r),)| r).collect(),
+    ))
 }
 
+/// The stored report of a day.
 pub async fn load(db: &Db, date: NaiveDate) -> Result<Option<Report>, sqlx::Error> {
     let mut tx = db.begin().await?;
     let row = query_as!(

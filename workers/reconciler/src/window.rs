@@ -1,5 +1,7 @@
 //! Days as cut in a time zone, and when the daily run is due.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, Days, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
@@ -64,43 +66,46 @@ pub fn next_run(now: DateTime<Utc>, tz: Tz, at: NaiveTime) -> (DateTime<Utc>, Na
     }
 }
 
-/// The most days a starting reconciler catches up on; earlier ones are left to `twophase
-/// reconcile --date`.
-pub const MAX_CATCH_UP: usize = 31;
+/// How many days back a reconciler looks for days to catch up on; earlier ones are left to
+/// `twophase reconcile --date`.
+pub const MAX_CATCH_UP: u64 = 31;
 
-/// The days a reconciler starting at `now` missed, oldest first, given the newest day with a
-/// stored report and whether that report's run failed: the days after it up to the one whose run
-/// was last due, and that day itself if its run failed. With no report at all, none: nothing
-/// says that a run was missed. At most [`MAX_CATCH_UP`], the latest; the second value is how
-/// many earlier days were left out.
+/// The day whose run was last due at `now`, if any: the one before [`next_run`]'s.
+pub fn last_due(now: DateTime<Utc>, tz: Tz, at: NaiveTime) -> Option<NaiveDate> {
+    let (_, next) = next_run(now, tz, at);
+    next.checked_sub_days(Days::new(1))
+}
+
+/// The first day a reconciler starting at `now` looks at for days to catch up on.
+pub fn catch_up_from(now: DateTime<Utc>, tz: Tz, at: NaiveTime) -> Option<NaiveDate> {
+    last_due(now, tz, at)?.checked_sub_days(Days::new(MAX_CATCH_UP - 1))
+}
+
+/// The days a reconciler starting at `now` has to catch up on, oldest first: of the last
+/// [`MAX_CATCH_UP`] up to the one whose run was last due, those without a verdict on the whole
+/// day (`verdicts`), but none before the oldest stored report (`first`). With no report at all,
+/// none: nothing says that a run was missed. The flag says that the oldest of the days looked
+/// at is among them, and that stored reports go back further: earlier days may lack one too.
 pub fn missed_days(
     now: DateTime<Utc>,
     tz: Tz,
     at: NaiveTime,
-    newest: Option<(NaiveDate, bool)>,
-) -> (Vec<NaiveDate>, u64) {
-    let Some((newest, failed)) = newest else {
-        return (Vec::new(), 0);
+    first: Option<NaiveDate>,
+    verdicts: &BTreeSet<NaiveDate>,
+) -> (Vec<NaiveDate>, bool) {
+    let (Some(first), Some(last_due), Some(from)) =
+        (first, last_due(now, tz, at), catch_up_from(now, tz, at))
+    else {
+        return (Vec::new(), false);
     };
-    let (_, next) = next_run(now, tz, at);
-    let Some(last_due) = next.checked_sub_days(Days::new(1)) else {
-        return (Vec::new(), 0);
-    };
-    let first = if failed {
-        newest
-    } else {
-        match newest.checked_add_days(Days::new(1)) {
-            Some(day) => day,
-            None => return (Vec::new(), 0),
-        }
-    };
-    let missed = u64::try_from((last_due - first).num_days() + 1).unwrap_or(0);
-    let kept = missed.min(MAX_CATCH_UP as u64);
-    let days = (0..kept)
-        .rev()
-        .filter_map(|back| last_due.checked_sub_days(Days::new(back)))
+    let start = from.max(first);
+    let days: Vec<NaiveDate> = start
+        .iter_days()
+        .take_while(|day| *day <= last_due)
+        .filter(|day| !verdicts.contains(day))
         .collect();
-    (days, missed - kept)
+    let earlier = first < from && days.first() == Some(&from);
+    (days, earlier)
 }
 
 #[cfg(test)]
@@ -116,47 +121,57 @@ mod tests {
     }
 
     #[test]
-    fn a_restart_catches_up_on_the_days_since_the_newest_report() {
+    fn a_restart_catches_up_on_the_days_without_a_verdict() {
         let at = NaiveTime::from_hms_opt(2, 0, 0).unwrap();
         let after_the_run = utc("2026-11-25T03:00:00Z");
         let before_the_run = utc("2026-11-25T01:00:00Z");
-        let missed = |now, newest: Option<(&str, bool)>| {
-            missed_days(now, Tz::UTC, at, newest.map(|(d, f)| (date(d), f)))
+        let days = |list: &[&str]| list.iter().map(|d| date(d)).collect::<Vec<_>>();
+        let missed = |now, first: Option<&str>, verdicts: &[&str]| {
+            let verdicts = days(verdicts).into_iter().collect();
+            missed_days(now, Tz::UTC, at, first.map(date), &verdicts)
         };
         // The run for the 24th was due at 02:00 on the 25th.
         assert_eq!(
-            missed(after_the_run, Some(("2026-11-22", false))),
-            (vec![date("2026-11-23"), date("2026-11-24")], 0)
+            missed(
+                after_the_run,
+                Some("2026-11-20"),
+                &["2026-11-20", "2026-11-22"]
+            ),
+            (days(&["2026-11-21", "2026-11-23", "2026-11-24"]), false)
         );
+        let all = [
+            "2026-11-20",
+            "2026-11-21",
+            "2026-11-22",
+            "2026-11-23",
+            "2026-11-24",
+        ];
         assert_eq!(
-            missed(after_the_run, Some(("2026-11-24", false))),
-            (vec![], 0)
-        );
-        assert_eq!(
-            missed(after_the_run, Some(("2026-11-24", true))),
-            (vec![date("2026-11-24")], 0)
+            missed(after_the_run, Some("2026-11-20"), &all),
+            (vec![], false)
         );
         // Before 02:00 the 24th is not due yet.
         assert_eq!(
-            missed(before_the_run, Some(("2026-11-23", false))),
-            (vec![], 0)
+            missed(before_the_run, Some("2026-11-20"), &all[..3]),
+            (days(&["2026-11-23"]), false)
         );
+        // A report of a later day (a run by hand) leaves the days before it to catch up on.
         assert_eq!(
-            missed(before_the_run, Some(("2026-11-22", false))),
-            (vec![date("2026-11-23")], 0)
+            missed(before_the_run, Some("2026-11-24"), &["2026-11-24"]),
+            (vec![], false)
         );
-        // A report of a later day (a run by hand) leaves nothing to catch up.
-        assert_eq!(
-            missed(before_the_run, Some(("2026-11-24", false))),
-            (vec![], 0)
-        );
-        assert_eq!(missed(after_the_run, None), (vec![], 0));
-        // Down for a hundred days: the latest 31, and how many more were missed.
-        let (days, left_out) = missed(after_the_run, Some(("2026-08-16", false)));
-        assert_eq!(days.len(), MAX_CATCH_UP);
-        assert_eq!(days.first(), Some(&date("2026-10-25")));
-        assert_eq!(days.last(), Some(&date("2026-11-24")));
-        assert_eq!(left_out, 100 - MAX_CATCH_UP as u64);
+        // With no report at all, nothing was missed.
+        assert_eq!(missed(after_the_run, None, &[]), (vec![], false));
+        // Down for a hundred days: the latest 31, and earlier days may lack a report too.
+        let (caught_up, earlier) = missed(after_the_run, Some("2026-08-16"), &["2026-08-16"]);
+        assert_eq!(caught_up.len() as u64, MAX_CATCH_UP);
+        assert_eq!(caught_up.first(), Some(&date("2026-10-25")));
+        assert_eq!(caught_up.last(), Some(&date("2026-11-24")));
+        assert!(earlier);
+        // Stored reports that go back further, with the days looked at all judged: nothing more.
+        let (caught_up, earlier) = missed(after_the_run, Some("2026-08-16"), &["2026-10-25"]);
+        assert_eq!(caught_up.first(), Some(&date("2026-10-26")));
+        assert!(!earlier);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use twophase_messages::envelope::{headers as ce, parse_time};
 use twophase_messages::{types, AccountAction, Envelope, Topics};
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::Timestamp;
-use twophase_runtime::kafka::headers::{self as record_headers, HeaderList, RawHeader};
+use twophase_runtime::kafka::headers::{self as record_headers, RawHeader};
 use twophase_runtime::telemetry;
 use twophase_runtime::worker::dlq_headers;
 use uuid::Uuid;
@@ -113,8 +113,7 @@ pub struct Source<'a> {
 impl<'a> Source<'a> {
     pub fn of<M>(message: &'a M) -> Source<'a>
     where
-        M: rdkafka::Message,
-        M::Headers: HeaderList,
+        M: rdkafka::Message + record_headers::Record,
     {
         let headers = record_headers::of(message);
         Source {

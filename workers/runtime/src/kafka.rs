@@ -225,8 +225,7 @@ pub fn envelope_of<M>(
     fallback_id: impl FnOnce() -> Uuid,
 ) -> Result<Envelope, EnvelopeError>
 where
-    M: rdkafka::Message,
-    M::Headers: headers::HeaderList,
+    M: rdkafka::Message + headers::Record,
 {
     // A name that is not UTF-8 is none of the envelope's.
     let headers = headers::of(record)

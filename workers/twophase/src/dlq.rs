@@ -231,12 +231,13 @@ impl DeadLetter {
         }
     }
 
-    /// A header's value as text; the last one wins if it occurs more than once.
+    /// A header's value as text; the last one with a value wins if it occurs more than once, as
+    /// in the workers and the audit store.
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
             .rev()
-            .find(|(k, _)| k == name.as_bytes())
+            .find(|(k, v)| k == name.as_bytes() && v.is_some())
             .and_then(|(_, v)| v.as_deref())
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
@@ -924,8 +925,11 @@ mod tests {
     }
 
     #[test]
-    fn the_last_header_of_a_name_wins() {
-        let d = letter(&[(dlq_headers::ATTEMPTS, "1"), (dlq_headers::ATTEMPTS, "3")]);
+    fn the_last_header_of_a_name_with_a_value_wins() {
+        let mut d = letter(&[(dlq_headers::ATTEMPTS, "1"), (dlq_headers::ATTEMPTS, "3")]);
+        assert_eq!(d.number(dlq_headers::ATTEMPTS), Some(3));
+        d.headers
+            .push((dlq_headers::ATTEMPTS.as_bytes().to_vec(), None));
         assert_eq!(d.number(dlq_headers::ATTEMPTS), Some(3));
     }
 }

@@ -27,14 +27,19 @@ static RAISED: LazyLock<CancellationToken> = LazyLock::new(CancellationToken::ne
 /// Notes a fatal error of the client `client` names ("the Kafka producer"), `reason` being
 /// librdkafka's account of it.
 pub fn note(client: &str, reason: &str) {
-    tracing::error!(client, reason, "fatal Kafka client error: the worker stops");
+    tracing::error!(
+        client,
+        reason,
+        "fatal Kafka client error: the client can do nothing more"
+    );
     let _ = FIRST.set(format!("{client} hit a fatal error: {reason}"));
     RAISED.cancel();
 }
 
 /// A librdkafka log line, passed on to the process's log. librdkafka logs a fatal error under
-/// the facility `FATAL` as it raises it (its error event does not say that the error is fatal,
-/// and rdkafka does not ask), so this is where it is noted, for the client `client` names.
+/// the facility `FATAL` as it raises it, for producers and consumers alike, so this is where it
+/// is noted, for the client `client` names. (rdkafka hands a producer's fatal error to the
+/// context's `error` with its underlying code, not as fatal: the crash test shows it.)
 pub fn log(client: impl FnOnce() -> String, level: RDKafkaLogLevel, facility: &str, line: &str) {
     if facility == "FATAL" {
         note(&client(), line);

@@ -1,4 +1,4 @@
-//! Kafka record headers read and written byte for byte.
+//! Kafka record headers read and written as bytes.
 //!
 //! On the wire a header's name is bytes, and a producer outside the project (librdkafka's C
 //! interface, a Go client) can write any. rdkafka reads a name as `&str` and panics when it is
@@ -6,7 +6,8 @@
 //! `&str`. A worker that read such a record through rdkafka's `Headers` would panic on it at
 //! every restart and never get past it; a dead letter could not carry the name on. So every
 //! record's headers are read here, through librdkafka's own accessor, and copied here as they
-//! were.
+//! were: values byte for byte, names up to a NUL byte, if one has any (librdkafka hands names
+//! out as C strings, without their length).
 #![allow(unsafe_code)]
 
 use std::borrow::Cow;
@@ -37,37 +38,40 @@ impl<'a> RawHeader<'a> {
     }
 }
 
-/// The header lists of both kinds of rdkafka message.
-pub trait HeaderList {
-    fn borrowed(&self) -> &BorrowedHeaders;
+/// rdkafka's two kinds of message, whose header lists come from librdkafka. Sealed: a
+/// `BorrowedHeaders` made any other way (it is a unit struct anyone can name) points nowhere.
+pub trait Record: sealed::Sealed {
+    fn header_list(&self) -> Option<&BorrowedHeaders>;
 }
 
-impl HeaderList for BorrowedHeaders {
-    fn borrowed(&self) -> &BorrowedHeaders {
-        self
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for rdkafka::message::BorrowedMessage<'_> {}
+    impl Sealed for rdkafka::message::OwnedMessage {}
+}
+
+impl Record for rdkafka::message::BorrowedMessage<'_> {
+    fn header_list(&self) -> Option<&BorrowedHeaders> {
+        rdkafka::Message::headers(self)
     }
 }
 
-impl HeaderList for OwnedHeaders {
-    fn borrowed(&self) -> &BorrowedHeaders {
-        self.as_borrowed()
+impl Record for rdkafka::message::OwnedMessage {
+    fn header_list(&self) -> Option<&BorrowedHeaders> {
+        rdkafka::Message::headers(self).map(OwnedHeaders::as_borrowed)
     }
 }
 
 /// Every header of a record, in order; none if it has none.
-pub fn of<M>(record: &M) -> Vec<RawHeader<'_>>
-where
-    M: rdkafka::Message,
-    M::Headers: HeaderList,
-{
-    record
-        .headers()
-        .map(|h| all(h.borrowed()))
-        .unwrap_or_default()
+pub fn of(record: &impl Record) -> Vec<RawHeader<'_>> {
+    record.header_list().map(all).unwrap_or_default()
 }
 
 /// librdkafka's header list behind rdkafka's zero-sized stand-in: rdkafka hands out a
-/// `&BorrowedHeaders` whose address is the `rd_kafka_headers_t`, and converts back the same way.
+/// `&BorrowedHeaders` whose address is the `rd_kafka_headers_t`, and converts back the same way
+/// (rdkafka 0.39's `BorrowedHeaders::from_native_ptr` and `as_native_ptr`; the workspace pins
+/// that version). Being zero-sized, the reference covers no bytes of the list, so librdkafka
+/// may change the list behind it.
 fn native(headers: &BorrowedHeaders) -> *mut rd_kafka_headers_t {
     (headers as *const BorrowedHeaders).cast_mut().cast()
 }
@@ -106,8 +110,9 @@ pub fn add(headers: OwnedHeaders, header: RawHeader<'_>) -> OwnedHeaders {
         Some(v) => (v.as_ptr().cast::<c_void>(), as_size(v.len())),
         None => (ptr::null(), 0),
     };
-    // SAFETY: `headers` is owned here, so nothing reads the list while librdkafka appends to it;
-    // it copies the name and the value, which need to live only for the call.
+    // SAFETY: `headers` is owned here, so nothing reads the list while librdkafka appends to it,
+    // and the zero-sized reference `native` takes covers none of its bytes; librdkafka copies
+    // the name and the value, which need to live only for the call.
     let err = unsafe {
         rd_kafka_header_add(
             native(headers.as_borrowed()),

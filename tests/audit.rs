@@ -758,11 +758,29 @@ async fn a_record_delivered_twice_or_a_message_published_twice_is_stored_once() 
         .unwrap();
     assert_eq!((once.inserted, once.duplicates), (0, 1));
 
-    assert_eq!(count_rows(&db).await, 100);
+    // A new message where one is stored already: the broker's offsets started again (a topic
+    // made anew, a restarted `twophase dev`'s embedded broker). It is stored too.
+    let mut reused = synthetic(&env, 1).remove(0);
+    (reused.kafka_partition, reused.kafka_offset) = (entries[0].kafka_partition, 0);
+    let new = store::append(&db, &[reused], Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!((new.inserted, new.duplicates), (1, 0));
+
+    assert_eq!(count_rows(&db).await, 101);
     let reports = store::verify(&db).await.unwrap();
     assert_eq!(reports.len(), 2);
     for r in &reports {
-        assert_eq!((r.rows, r.head_seq, &r.broken), (50, 50, &None), "{r:?}");
+        let rows = if r.partition == entries[0].kafka_partition {
+            51
+        } else {
+            50
+        };
+        assert_eq!(
+            (r.rows, r.head_seq, &r.broken),
+            (rows, rows, &None),
+            "{r:?}"
+        );
     }
 }
 

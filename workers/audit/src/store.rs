@@ -120,18 +120,16 @@ async fn head(tx: &mut Tx, topic: &str, partition: i32) -> Result<(i64, String),
     Ok(head.unwrap_or_else(|| (0, GENESIS.to_owned())))
 }
 
-/// Whether a record is stored: by its position or by its message id.
+/// Whether a record is stored, by its message id: the same on every delivery of the record
+/// (its `ce_id`, or derived from where it sits when it has none). Its position alone says
+/// nothing, as offsets start again when a topic is made anew.
 async fn stored(tx: &mut Tx, entry: &Entry) -> Result<bool, sqlx::Error> {
     let found = query_as!(
         tx,
         (i64,),
         fetch_optional,
-        "SELECT id FROM audit_log WHERE message_id = $1 \
-         OR (topic = $2 AND kafka_partition = $3 AND kafka_offset = $4) LIMIT 1",
+        "SELECT id FROM audit_log WHERE message_id = $1",
         entry.message_id,
-        &entry.topic,
-        entry.kafka_partition,
-        entry.kafka_offset,
     )?;
     Ok(found.is_some())
 }

@@ -20,7 +20,7 @@ use crate::{reconcile, reconcile_in, Settings, DEFAULT_METRICS_PORT, SCHEMA};
 #[derive(Debug, clap::Args)]
 pub struct ReconcileArgs {
     /// The day to reconcile, YYYY-MM-DD, as a day in the time zone (default: yesterday).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_day)]
     pub date: Option<NaiveDate>,
     /// The IANA time zone the day is cut in, e.g. Europe/Berlin (default: reconciler.time_zone).
     /// A report in another zone is printed and published, but does not replace the day's
@@ -177,6 +177,33 @@ async fn missed(settings: &Settings) -> Vec<NaiveDate> {
     days
 }
 
+/// A day as `--date` takes it: YYYY-MM-DD with a four-digit year (chrono alone reads `26-12-06`
+/// as the year 26), no earlier than 1970-01-02, the first day every time zone has Kafka
+/// timestamps for.
+fn parse_day(text: &str) -> Result<NaiveDate, String> {
+    let digits = |from: usize, to: usize| {
+        text.get(from..to)
+            .is_some_and(|part| part.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let shape = text.len() == 10
+        && digits(0, 4)
+        && text.get(4..5) == Some("-")
+        && digits(5, 7)
+        && text.get(7..8) == Some("-")
+        && digits(8, 10);
+    let day = shape
+        .then(|| text.parse::<NaiveDate>().ok())
+        .flatten()
+        .ok_or_else(|| "write the day as YYYY-MM-DD, e.g. 2026-11-23".to_owned())?;
+    let first = NaiveDate::from_ymd_opt(1970, 1, 2).expect("a date");
+    if day < first {
+        return Err(format!(
+            "{day} is before {first}: Kafka keeps no records of it to reconcile"
+        ));
+    }
+    Ok(day)
+}
+
 fn yesterday(today: NaiveDate) -> NaiveDate {
     today.checked_sub_days(Days::new(1)).unwrap_or(today)
 }
@@ -188,4 +215,35 @@ fn print(report: &Report, json: bool) -> anyhow::Result<()> {
         print!("{}", report.to_table());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_day_is_written_in_full_and_kafka_has_times_for_it() {
+        assert_eq!(
+            parse_day("2026-11-23"),
+            Ok(NaiveDate::from_ymd_opt(2026, 11, 23).unwrap())
+        );
+        for bad in [
+            "26-12-06",
+            "2026-1-05",
+            "2026-13-01",
+            " 2026-11-05",
+            "2026-11-05x",
+            "２０２６-11-05",
+        ] {
+            let err = parse_day(bad).unwrap_err();
+            assert!(
+                err.starts_with("write the day as YYYY-MM-DD"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(parse_day("1970-01-01")
+            .unwrap_err()
+            .contains("before 1970-01-02"));
+        assert!(parse_day("1970-01-02").is_ok());
+    }
 }

@@ -371,7 +371,12 @@ impl Report {
         }
         out.push('\n');
         if self.discrepancies.is_empty() {
-            let _ = writeln!(out, "no discrepancies");
+            let verdict = if self.status == RunStatus::Failed {
+                "no verdict: the run did not finish its checks"
+            } else {
+                "no discrepancies"
+            };
+            let _ = writeln!(out, "{verdict}");
             return out;
         }
         let _ = writeln!(out, "{} discrepancies", self.discrepancies.len());
@@ -527,6 +532,10 @@ mod tests {
         r.set_discrepancies(Vec::new());
         assert_eq!((r.status, r.exit_code()), (RunStatus::Completed, 0));
         assert!(r.to_table().contains("no discrepancies"));
+        let mut failed = r.clone();
+        failed.status = RunStatus::Failed;
+        assert!(!failed.to_table().contains("no discrepancies"));
+        assert!(failed.to_table().contains("no verdict"));
         r.fail(anyhow::anyhow!("broker down").as_ref());
         r.set_discrepancies(Vec::new());
         assert_eq!((r.status, r.exit_code()), (RunStatus::Failed, 3));

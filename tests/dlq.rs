@@ -25,8 +25,8 @@ use tokio::sync::watch;
 use twophase::client::{Outcome, TopicTail};
 use twophase::dlq::{replay_headers, DeadLetter, REPLAYS_TOPIC, REPLAY_RECORD_TYPE};
 use twophase_messages::{
-    AccountAction, AccountCommand, AccountCommandBody, Decision, Message, Participant, Topics,
-    TransferRequested, Vote,
+    AccountAction, AccountCommand, AccountCommandBody, Decision, Envelope, Message, Participant,
+    Topics, TransferRequested, Vote,
 };
 use twophase_runtime::kafka::headers::{self as record_headers, RawHeader};
 use twophase_runtime::Outgoing;
@@ -430,6 +430,42 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
     assert_eq!(
         list(&env, "saga.commands.risk", &[]).await,
         Vec::<Value>::new()
+    );
+
+    // A dead letter without a ce_id is shown, and chosen for a replay, by the id the workers
+    // know its record by. A dry run does not ask who runs it.
+    let (partition, offset) = positions["garbage"];
+    let identity = Envelope::position_id(&topics.requests(), partition, offset).to_string();
+    let garbage = listed
+        .iter()
+        .find(|d| d["headers"]["x-test"] == "garbage")
+        .unwrap();
+    assert_eq!(garbage["identity"], identity.as_str(), "{garbage:#}");
+    let text = twophase_ok(&env, &["dlq", "list", "--topic", "transfers.requests"]).await;
+    assert!(text.contains(&format!("id {identity}")), "{text}");
+    let mut dry = env.command();
+    dry.args([
+        "dlq",
+        "replay",
+        "--topic",
+        "transfers.requests",
+        "--dry-run",
+    ])
+    .args(["--message-id", &identity])
+    .env_remove("USER");
+    let out = tokio::task::spawn_blocking(move || dry.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.starts_with("would replay ") && stdout.contains(&identity),
+        "{stdout}"
     );
 
     // The coordinator counts what it set aside, by topic and class, for the dead-letter alert.

@@ -268,6 +268,14 @@ impl DeadLetter {
         }
     }
 
+    /// The id to show for this dead letter, as `--message-id` takes it: its `ce_id`, or without
+    /// one its identity.
+    fn id_to_show(&self) -> Option<String> {
+        self.message_id()
+            .filter(|id| !id.is_empty())
+            .or_else(|| self.identity().map(|id| id.to_string()))
+    }
+
     /// Whether `id` names this dead letter's record: its `ce_id` as written, or its identity.
     fn is(&self, id: &str) -> bool {
         self.message_id().as_deref() == Some(id)
@@ -342,6 +350,7 @@ impl DeadLetter {
             "dlq_offset": self.offset,
             "dead_lettered_at": self.timestamp.map(|t| t.to_rfc3339()),
             "message_id": self.message_id(),
+            "identity": self.identity(),
             "type": self.header(headers::TYPE),
             "key": self.key_text(),
             "message_time": self.header(headers::TIME),
@@ -372,7 +381,7 @@ impl DeadLetter {
             self.partition,
             self.offset,
             or_dash(self.timestamp.map(|t| t.to_rfc3339())),
-            or_dash(self.message_id()),
+            or_dash(self.id_to_show()),
             or_dash(self.header(headers::TYPE)),
             or_dash(self.key_text()),
             or_dash(self.original_topic()),
@@ -608,11 +617,7 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         .clone()
         .or_else(|| std::env::var("USER").ok())
         .map(|a| a.trim().to_owned())
-        .filter(|a| !a.is_empty())
-        .context(
-            "cannot tell who is replaying: pass --actor NAME (or set $USER); the audit trail \
-             records who replayed what",
-        )?;
+        .filter(|a| !a.is_empty());
 
     let letters = read(kafka, &topic, args.since).await?;
     let ids: HashSet<&str> = args.message_ids.iter().map(String::as_str).collect();
@@ -688,7 +693,7 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         format!(
             "{} -> {origin}  id {}  type {}  key {}",
             d.position(),
-            or_dash(d.message_id()),
+            or_dash(d.id_to_show()),
             or_dash(d.header(headers::TYPE)),
             or_dash(d.key_text()),
         )
@@ -704,6 +709,11 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
 
+    // A dry run publishes nothing, so it need not say who runs it.
+    let actor = actor.context(
+        "cannot tell who is replaying: pass --actor NAME (or set $USER); the audit trail \
+         records who replayed what",
+    )?;
     let publisher = Publisher::new(kafka).context("creating a Kafka producer")?;
     let at = Utc::now();
     let mut replayed: Vec<&DeadLetter> = Vec::new();

@@ -618,6 +618,12 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         .or_else(|| std::env::var("USER").ok())
         .map(|a| a.trim().to_owned())
         .filter(|a| !a.is_empty());
+    // A dry run publishes nothing, so it need not say who runs it.
+    anyhow::ensure!(
+        actor.is_some() || args.dry_run,
+        "cannot tell who is replaying: pass --actor NAME (or set $USER); the audit trail \
+         records who replayed what"
+    );
 
     let letters = read(kafka, &topic, args.since).await?;
     let ids: HashSet<&str> = args.message_ids.iter().map(String::as_str).collect();
@@ -709,11 +715,7 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
 
-    // A dry run publishes nothing, so it need not say who runs it.
-    let actor = actor.context(
-        "cannot tell who is replaying: pass --actor NAME (or set $USER); the audit trail \
-         records who replayed what",
-    )?;
+    let actor = actor.expect("a replay that publishes has an actor, checked above");
     let publisher = Publisher::new(kafka).context("creating a Kafka producer")?;
     let at = Utc::now();
     let mut replayed: Vec<&DeadLetter> = Vec::new();

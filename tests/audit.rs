@@ -1398,3 +1398,50 @@ async fn a_filtered_page_of_a_million_rows_answers_quickly() {
     }
     eprintln!("slowest median: {:.1} ms", worst.as_secs_f64() * 1000.0);
 }
+
+/// An operator pipes a long answer into `head`: when the reader stops reading, the command ends
+/// quietly with status 0, rather than panicking on the broken pipe.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reader_that_stops_early_ends_a_query_quietly() {
+    use std::io::Read as _;
+
+    let env = TestEnv::new("audit-pipe").await;
+    let db = env.pool("audit").await;
+    store::append(&db, &synthetic(&env, 100), Timestamp::now())
+        .await
+        .unwrap();
+    let mut cmd = env.command();
+    cmd.args(["audit", "query", "--json", "--page-size", "100"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let (status, read, stderr) = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        let mut first = [0u8; 1];
+        let mut stdout = child.stdout.take().unwrap();
+        stdout.read_exact(&mut first).unwrap();
+        // The reader goes away with most of the answer (far more than a pipe holds) unread.
+        drop(stdout);
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (child.wait().unwrap(), first, stderr)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&read, b"{");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The whole answer is twice what a pipe holds (64 KiB), so the command did meet the closed
+    // pipe.
+    let whole = twophase(&env, &["audit", "query", "--json", "--page-size", "100"]).await;
+    assert!(
+        whole.stdout.len() > 128 * 1024,
+        "{} bytes",
+        whole.stdout.len()
+    );
+}

@@ -3,6 +3,7 @@
 //! running worker.
 
 use std::net::SocketAddr;
+use twophase_runtime::outln;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -143,10 +144,10 @@ pub async fn transfers(database_url: &str, command: TransfersCommand) -> anyhow:
             "transfer_id": crate::record::normalize_transfer_id(&id),
             "steps": store::to_json(&steps),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
-    println!("transfer {}", crate::record::normalize_transfer_id(&id));
+    outln!("transfer {}", crate::record::normalize_transfer_id(&id));
     for step in &steps {
         print_step(step);
     }
@@ -202,23 +203,31 @@ async fn verify(db: &Db, json: bool) -> anyhow::Result<u8> {
             "rows": rows,
             "chains": store::to_json(&reports),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         for r in &reports {
             let state = if r.broken.is_some() { "BROKEN" } else { "ok" };
-            println!(
+            outln!(
                 "{}/{}  {} rows  head seq {} hash {}  {state}",
-                r.topic, r.partition, r.rows, r.head_seq, r.head_hash
+                r.topic,
+                r.partition,
+                r.rows,
+                r.head_seq,
+                r.head_hash
             );
         }
         for r in &broken {
             let b = r.broken.as_ref().expect("filtered on broken");
-            println!(
+            outln!(
                 "broken: chain {}/{} at row {} (seq {}): {}",
-                r.topic, r.partition, b.id, b.chain_seq, b.problem
+                r.topic,
+                r.partition,
+                b.id,
+                b.chain_seq,
+                b.problem
             );
         }
-        println!(
+        outln!(
             "{} chains, {rows} rows: {}",
             reports.len(),
             if broken.is_empty() {
@@ -251,7 +260,7 @@ async fn query(db: &Db, args: QueryArgs) -> anyhow::Result<u8> {
         .context("reading the audit log")?;
     db.close().await;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&store::to_json(&page))?);
+        outln!("{}", serde_json::to_string_pretty(&store::to_json(&page))?);
         return Ok(0);
     }
     for row in &page.rows {
@@ -259,7 +268,7 @@ async fn query(db: &Db, args: QueryArgs) -> anyhow::Result<u8> {
     }
     let pages = (page.total + i64::from(page.page_size) - 1) / i64::from(page.page_size);
     let more = if page.total_exact { "" } else { "more than " };
-    println!(
+    outln!(
         "page {} of {more}{} ({more}{} rows match)",
         page.page,
         pages.max(1),
@@ -270,7 +279,7 @@ async fn query(db: &Db, args: QueryArgs) -> anyhow::Result<u8> {
 
 fn print_row(row: &Row) {
     let e = &row.entry;
-    println!(
+    outln!(
         "#{:<8} {}  {:<8} {:<34} {:<48} {:<16} {}  trace {}",
         row.id,
         format_time(&e.occurred_at),
@@ -291,7 +300,7 @@ fn print_step(step: &Step) {
     let since = step
         .since_previous_ms
         .map_or_else(|| "".to_owned(), |ms| format!("+{ms:.1} ms"));
-    println!(
+    outln!(
         "  {}  {:>12}  {:<8} {:<34} {:<18} {:<24} {}",
         format_time(&e.occurred_at),
         since,

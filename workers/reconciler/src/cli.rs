@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::time::Duration;
+use twophase_runtime::{out, outln};
 
 use anyhow::Context;
 use chrono::{Days, NaiveDate, Utc};
@@ -210,9 +211,9 @@ fn yesterday(today: NaiveDate) -> NaiveDate {
 
 fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print!("{}", report.to_table());
+        out!("{}", report.to_table());
     }
     Ok(())
 }

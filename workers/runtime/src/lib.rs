@@ -13,6 +13,7 @@ pub mod failpoint;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod output;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use twophase_runtime::outln;
 
 use anyhow::Context;
 use futures::FutureExt as _;
@@ -684,25 +685,32 @@ async fn database_ceiling(url: &str, duration: Duration) -> anyhow::Result<f64> 
 }
 
 fn print_results(r: &Results) {
-    println!(
+    outln!(
         "{}: {} transfers in {:.1} s",
-        r.mode, r.transfers, r.seconds
+        r.mode,
+        r.transfers,
+        r.seconds
     );
-    println!(
+    outln!(
         "  throughput   {:.0} transfers/s ({:.0} completed/s)",
-        r.transfers_per_second, r.completed_per_second
+        r.transfers_per_second,
+        r.completed_per_second
     );
     let l = &r.latency_ms;
-    println!(
+    outln!(
         "  latency ms   p50 {:.1}  p95 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-        l.p50, l.p95, l.p99, l.p999, l.max
+        l.p50,
+        l.p95,
+        l.p99,
+        l.p999,
+        l.max
     );
     if let Some(worst) = r
         .seconds_sent
         .iter()
         .max_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms))
     {
-        println!(
+        outln!(
             "  worst second #{} of {}: {} requests, p99 {:.1}  max {:.1}",
             worst.second,
             r.seconds_sent.len(),
@@ -712,10 +720,10 @@ fn print_results(r: &Results) {
         );
     }
     for (outcome, n) in &r.outcomes {
-        println!("  {n:>8}  {outcome}");
+        outln!("  {n:>8}  {outcome}");
     }
     if let Some(c) = &r.ceiling {
-        println!(
+        outln!(
             "  ceiling      broker {:.0} transfers/s ({:.0}% reached), database {:.0} rows/s = {:.0} transfers/s ({:.0}% reached)",
             c.broker_transfers_per_second,
             100.0 * c.share_of_broker,
@@ -724,7 +732,7 @@ fn print_results(r: &Results) {
             100.0 * c.share_of_database
         );
     }
-    println!(
+    outln!(
         "  invariants   {} ({} accounts, {} transfers checked)",
         if r.invariants.holds() {
             "hold"

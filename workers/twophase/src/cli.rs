@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use twophase_runtime::{out, outln};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -292,19 +293,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             db::migrate(&config.database_url)
                 .await
                 .context("applying migrations")?;
-            println!("migrations applied");
+            outln!("migrations applied");
         }
         Command::Topics(TopicsCommand::Create) => {
             kafka::ensure_topics(&config.kafka, &topics.all())
                 .await
                 .context("creating topics")?;
             for t in topics.all() {
-                println!("{t}");
+                outln!("{t}");
             }
         }
         Command::Topics(TopicsCommand::List) => {
             for t in topics.all() {
-                println!("{t}");
+                outln!("{t}");
             }
         }
         Command::Accounts(command) => return accounts(&config, command).await,
@@ -327,7 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .into_iter()
                 .map(|(t, s)| ((*t).to_owned(), s.clone()))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::Dlq(command) => return crate::dlq::run(&config.kafka, command).await,
         Command::Audit(args) => {
@@ -352,7 +353,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await
         }
         Command::Bench(args) => return crate::bench::run(&config, args).await,
-        Command::Config => print!("{}", config.redacted_toml()),
+        Command::Config => out!("{}", config.redacted_toml()),
     }
     Ok(0)
 }
@@ -410,7 +411,7 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
     use twophase_account::store;
     let pool = pool(config, twophase_account::SCHEMA, db::Lookups::Any).await?;
     let show = |a: &twophase_account::Account| {
-        println!(
+        outln!(
             "{}  {}  {}  balance {}  held {}  available {}",
             a.account_id,
             a.currency,
@@ -423,7 +424,7 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
     match command {
         AccountsCommand::Open { currency } => {
             let a = store::open(&pool, &currency).await?;
-            println!("{}", a.account_id);
+            outln!("{}", a.account_id);
         }
         AccountsCommand::Deposit {
             id,
@@ -440,11 +441,11 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
             let ledger = store::ledger(&pool, id, entries).await?;
             if json {
                 let out = serde_json::json!({ "account": account, "ledger": ledger });
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                outln!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 show(&account);
                 for e in ledger {
-                    println!(
+                    outln!(
                         "  #{:<6} {}  {:<10} {:>14}  balance {:>14}  {}",
                         e.entry_id,
                         e.created_at.format("%Y-%m-%d %H:%M:%S"),
@@ -462,7 +463,7 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
         AccountsCommand::List { json } => {
             let all = store::list(&pool).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                outln!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 all.iter().for_each(show);
             }
@@ -504,7 +505,7 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
     let publisher = Publisher::new(&config.kafka)?;
     client::request_transfer(&publisher, &config.kafka, &request).await?;
     let Some(watcher) = watcher else {
-        println!("{}", request.transfer_id);
+        outln!("{}", request.transfer_id);
         return Ok(0);
     };
     let outcomes = watcher
@@ -525,14 +526,18 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
             Outcome::Rejected(m) => serde_json::to_value(m)?,
         };
         let out = serde_json::json!({ "status": outcome.status(), "outcome": value });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         match outcome {
-            Outcome::Completed(m) => println!(
+            Outcome::Completed(m) => outln!(
                 "completed  transfer {}  {} {} from {} to {}",
-                m.transfer_id, m.amount, m.currency, m.from_account, m.to_account
+                m.transfer_id,
+                m.amount,
+                m.currency,
+                m.from_account,
+                m.to_account
             ),
-            Outcome::Failed(m) => println!(
+            Outcome::Failed(m) => outln!(
                 "failed  transfer {}  reason {}{}",
                 m.transfer_id,
                 m.reason,
@@ -540,9 +545,11 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
                     .map(|p| format!(" (voted no: {})", p.as_str()))
                     .unwrap_or_default()
             ),
-            Outcome::Rejected(m) => println!(
+            Outcome::Rejected(m) => outln!(
                 "rejected  transfer {}  reason {}: {}",
-                m.transfer_id, m.reason, m.detail
+                m.transfer_id,
+                m.reason,
+                m.detail
             ),
         }
     }

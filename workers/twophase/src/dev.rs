@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use twophase_runtime::outln;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -178,7 +179,7 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
             shutdown.cancel();
             let summary = summary?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                outln!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
                 print_summary(&summary);
             }
@@ -447,19 +448,25 @@ async fn demo(
 }
 
 fn print_summary(s: &Summary) {
-    println!(
+    outln!(
         "workers ready after {:.1} s; {} of {} transfers settled in {:.1} s ({:.0} transfers/s)",
-        s.workers_ready_seconds, s.terminal, s.transfers, s.seconds, s.transfers_per_second
+        s.workers_ready_seconds,
+        s.terminal,
+        s.transfers,
+        s.seconds,
+        s.transfers_per_second
     );
     for (outcome, count) in &s.outcomes {
-        println!("  {count:>6}  {outcome}");
+        outln!("  {count:>6}  {outcome}");
     }
-    println!(
+    outln!(
         "latency from request to outcome: p50 {} ms, p99 {} ms, max {} ms",
-        s.latency_p50_ms, s.latency_p99_ms, s.latency_max_ms
+        s.latency_p50_ms,
+        s.latency_p99_ms,
+        s.latency_max_ms
     );
     let r = &s.reconciliation;
-    println!(
+    outln!(
         "reconciliation of {}: {}, {} accounts, {} discrepancies",
         r.date,
         r.status.as_str(),
@@ -467,16 +474,19 @@ fn print_summary(s: &Summary) {
         r.discrepancies.len()
     );
     if s.discrepancies.is_empty() {
-        println!(
+        outln!(
             "balance check: {} accounts replayed from their ledgers, no discrepancies",
             s.accounts_checked
         );
     } else {
-        println!("balance check: {} discrepancies", s.discrepancies.len());
+        outln!("balance check: {} discrepancies", s.discrepancies.len());
         for d in &s.discrepancies {
-            println!(
+            outln!(
                 "  account {} {}: expected {}, found {}",
-                d.account_id, d.field, d.expected, d.actual
+                d.account_id,
+                d.field,
+                d.expected,
+                d.actual
             );
         }
     }

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
+use twophase_runtime::outln;
 
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
@@ -580,10 +581,10 @@ async fn list(kafka: &KafkaConfig, args: ListArgs) -> anyhow::Result<u8> {
     }
     if args.json {
         let all: Vec<serde_json::Value> = letters.iter().map(DeadLetter::to_json).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
     } else {
         for d in &letters {
-            println!("{}", d.summary());
+            outln!("{}", d.summary());
         }
         eprintln!("{} dead letter(s) listed from {topic}", letters.len());
     }
@@ -706,7 +707,7 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
     };
     if args.dry_run {
         for d in &chosen {
-            println!("would replay {}", line(d));
+            outln!("would replay {}", line(d));
         }
         eprintln!(
             "dry run: {} dead letter(s) would be replayed; nothing was published",
@@ -733,7 +734,7 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
             .await
         {
             Ok(()) => {
-                println!("replayed {}", line(d));
+                outln!("replayed {}", line(d));
                 replayed.push(d);
             }
             Err(e) => {

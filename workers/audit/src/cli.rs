@@ -16,6 +16,7 @@ use crate::api::{self, parse_filter};
 use crate::record::format_time;
 use crate::store::{self, Row, Step};
 use crate::{consumer, AuditConfig, SCHEMA};
+use twophase_runtime::output::EXIT_USAGE;
 
 /// Exit code of `twophase audit verify` when a chain is broken.
 pub const EXIT_BROKEN: u8 = 1;
@@ -253,8 +254,13 @@ async fn query(db: &Db, args: QueryArgs) -> anyhow::Result<u8> {
         ("page", Some(page.as_str())),
         ("page_size", Some(page_size.as_str())),
     ];
-    let filter = parse_filter(given.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))))
-        .map_err(|e| anyhow::anyhow!("--{}: {}", e.parameter.replace('_', "-"), e.message))?;
+    let filter = match parse_filter(given.into_iter().filter_map(|(k, v)| v.map(|v| (k, v)))) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: --{}: {}", e.parameter.replace('_', "-"), e.message);
+            return Ok(EXIT_USAGE);
+        }
+    };
     let page = store::query(db, &filter)
         .await
         .context("reading the audit log")?;

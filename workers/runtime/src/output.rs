@@ -1,10 +1,16 @@
 //! A command's output on standard output. `println!` panics when the reader has gone away (`|
 //! head`, a pager quit early); [`outln!`](crate::outln) and [`out!`](crate::out) end the command
 //! quietly instead, with status 0, as the reader asked for no more. Any other failure to write
-//! is still a panic: the output would be incomplete without a word.
+//! is still a panic: the output would be incomplete without a word. Also the exit statuses
+//! every command shares.
 
 use std::fmt;
 use std::io::{self, Write as _};
+
+/// Exit status of a command that failed itself (bad configuration, a service out of reach).
+pub const EXIT_ERROR: u8 = 3;
+/// Exit status of a command whose arguments are not what it takes.
+pub const EXIT_USAGE: u8 = 64;
 
 /// Writes `args` to standard output, and a newline if `newline`.
 pub fn write(args: fmt::Arguments<'_>, newline: bool) {

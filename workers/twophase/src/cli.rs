@@ -15,10 +15,7 @@ use uuid::Uuid;
 use crate::client::{self, Outcome, OutcomeWatcher};
 use crate::config::Config;
 
-/// Exit code for a failure of the command itself (bad config, unreachable service).
-const EXIT_ERROR: u8 = 3;
-/// Exit code for a command line that does not parse.
-const EXIT_USAGE: u8 = 64;
+use twophase_runtime::output::{EXIT_ERROR, EXIT_USAGE};
 
 #[derive(Debug, Parser)]
 #[command(

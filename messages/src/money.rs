@@ -46,10 +46,10 @@ struct Plain<'a> {
 
 impl<'a> Plain<'a> {
     /// `None` for anything but plain notation: scientific notation, a plus sign, separators,
-    /// a bare point ("1e3", "+5", "1_000", ".5"), none of which is an amount a producer means
-    /// by accident.
+    /// a bare point, spaces around it ("1e3", "+5", "1_000", ".5", " 5"), none of which is an
+    /// amount a producer means by accident.
     fn parse(amount: &'a str) -> Option<Plain<'a>> {
-        let text = amount.trim();
+        let text = amount;
         let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         let unsigned = text.strip_prefix('-');
         let (whole, fraction) = unsigned
@@ -142,7 +142,8 @@ pub mod positive_amount {
 
 /// Parses a decimal string for a currency: positive, in plain notation ([`plain_decimal`]),
 /// and with no more decimals than the currency's minor unit (trailing zeros beyond it are
-/// accepted: "1.500" USD is 1.50). A leading minus is refused as not positive.
+/// accepted: "1.500" USD is 1.50). A leading minus is refused as not positive. The amount is
+/// written with the currency's decimals, as money in it is: "1" and "1.5" USD are 1.00 and 1.50.
 pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountError> {
     let code = Currency::from_code(currency)
         .ok_or_else(|| AmountError::UnknownCurrency(currency.to_owned()))?;
@@ -152,7 +153,7 @@ pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountEr
     let allowed = u32::from(code.exponent().unwrap_or(0));
     if plain.fraction.len() > allowed as usize {
         return Err(AmountError::TooManyDecimals {
-            amount: amount.trim().to_owned(),
+            amount: amount.to_owned(),
             currency: currency.to_owned(),
             allowed,
         });
@@ -161,7 +162,9 @@ pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountEr
     if value <= Decimal::ZERO {
         return Err(AmountError::NotPositive(value));
     }
-    Ok(value.normalize())
+    let mut written = value;
+    written.rescale(allowed);
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -174,18 +177,27 @@ mod tests {
             validate_amount("12.34", "USD").unwrap().to_string(),
             "12.34"
         );
-        assert_eq!(validate_amount("1.500", "USD").unwrap().to_string(), "1.5");
+        // Written with the currency's decimals.
+        assert_eq!(validate_amount("1.500", "USD").unwrap().to_string(), "1.50");
+        assert_eq!(validate_amount("1", "USD").unwrap().to_string(), "1.00");
         assert_eq!(validate_amount("100", "JPY").unwrap().to_string(), "100");
         assert_eq!(
             validate_amount("0.001", "BHD").unwrap().to_string(),
             "0.001"
         );
         assert_eq!(
-            validate_amount(" 7.10000000000000000000000000000000 ", "USD")
+            validate_amount("7.10000000000000000000000000000000", "USD")
                 .unwrap()
                 .to_string(),
-            "7.1"
+            "7.10"
         );
+        // Spaces are not part of an amount.
+        for spaced in [" 1.00", "1.00 ", "1 .00", "\t1"] {
+            assert_eq!(
+                validate_amount(spaced, "USD"),
+                Err(AmountError::NotANumber(spaced.to_owned()))
+            );
+        }
         assert_eq!(
             validate_amount("79228162514264337593543950335", "JPY")
                 .unwrap()

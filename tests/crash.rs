@@ -330,8 +330,9 @@ async fn votes_that_came_while_the_coordinator_was_down_are_read_before_any_time
 
 /// librdkafka's idempotent producer raises a fatal error when it can no longer keep the order
 /// or the exactly-once delivery of what it sent, and then publishes nothing more. The account
-/// worker whose producer raises one just after it committed a hold stops with the error rather
-/// than hold its partitions and settle nothing; started again, it answers from its record.
+/// worker whose producer raises one just after it committed its first command (the hold or the
+/// credit reservation, whichever it took first) stops with the error rather than hold its
+/// partitions and settle nothing; started again, it answers from its record.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_whose_producer_hits_a_fatal_error_exits_and_its_restart_settles_the_transfer() {
     let mut env = TestEnv::new("crash-kafka-fatal").await;
@@ -351,8 +352,6 @@ async fn a_worker_whose_producer_hits_a_fatal_error_exits_and_its_restart_settle
         log.contains("error: the Kafka producer hit a fatal error"),
         "the account worker's log says why it stopped:\n{log}"
     );
-    // The hold it committed stands.
-    assert_eq!(env.balance(a).await, (dec("100"), dec("40")));
 
     env.start("account");
     let outcome = common::outcome_of(&watcher, &req.transfer_id, WAIT).await;

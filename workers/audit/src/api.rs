@@ -197,7 +197,17 @@ pub async fn serve(
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("listening for the audit API on {addr} (audit.listen)"))?;
+        .with_context(|| format!("listening for the audit API on {addr}"))?;
+    serve_on(listener, db, health, shutdown)
+}
+
+/// [`serve`] on a listener already bound.
+pub fn serve_on(
+    listener: tokio::net::TcpListener,
+    db: Db,
+    health: Health,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     let app = router(db).merge(http::router(health));
     tokio::spawn(async move {

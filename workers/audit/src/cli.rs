@@ -170,7 +170,8 @@ async fn worker(services: Services<'_>) -> anyhow::Result<u8> {
         health.clone(),
         token.clone(),
     )
-    .await?;
+    .await
+    .context("set audit.listen (TWOPHASE_AUDIT__LISTEN) to a free address")?;
     tracing::info!(%bound, "serving the audit API (/audit/logs, /transfers/{{id}}/timeline), /metrics and /healthz");
     if let Some(metrics) = services
         .metrics_listen

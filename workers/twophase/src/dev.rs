@@ -79,6 +79,16 @@ pub struct Summary {
 }
 
 pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
+    // One address serves the audit API beside /metrics and /healthz. Taken first, so that an
+    // address in use is said before anything starts, not among the shutdown's broker errors.
+    let listen = config
+        .metrics_listen
+        .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 9100)));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| {
+            format!("listening on {listen}: set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")
+        })?;
     let topics = Topics::new(&config.kafka.topic_prefix);
     let broker = EmbeddedBroker::start(&topics.all(), config.kafka.partitions)
         .context("starting the embedded Kafka cluster")?;
@@ -103,15 +113,13 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     let (mut workers, saga_workers) = start_workers(&config, &publisher, &shutdown).await?;
     // `/healthz` reports the coordinator's.
     let health = saga_workers.coordinator.clone();
-    // One address serves the audit API beside /metrics and /healthz.
-    let listen = config
-        .metrics_listen
-        .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 9100)));
     let audit_db = Db::connect(&config.database_url, twophase_audit::SCHEMA, 1).await?;
-    let http =
-        twophase_audit::api::serve(listen, audit_db.clone(), health.clone(), shutdown.clone())
-            .await
-            .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
+    let http = twophase_audit::api::serve_on(
+        listener,
+        audit_db.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )?;
     let reconciler = twophase_reconciler::Settings {
         database_url: config.database_url.clone(),
         kafka: config.kafka.clone(),

@@ -1,5 +1,6 @@
 //! `twophase dev`: the embedded default runs the whole system with nothing installed, and a
-//! restart on the same data directory keeps balances and history.
+//! restart on the same data directory keeps balances and history. Also the command line with
+//! nothing running at all.
 
 use std::path::Path;
 use std::process::Command;
@@ -172,4 +173,60 @@ fn dev_refuses_the_flags_that_name_real_services() {
         // Nothing was started or written.
         assert!(!data.exists());
     }
+}
+
+#[test]
+fn an_address_in_use_is_said_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
+    let data = dir.join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_twophase"))
+        .args(["dev", "--data-dir", data.to_str().unwrap(), "--demo", "1"])
+        .env("TWOPHASE_METRICS_LISTEN", &addr)
+        .env_remove("TWOPHASE_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [format!(
+            "error: listening on {addr}: set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free \
+             address: Address already in use (os error 98)"
+        )],
+    );
+    assert!(!data.exists());
+}
+
+/// Brokers out of reach: the command says which, within the --timeout it was given.
+#[test]
+fn a_transfer_to_brokers_out_of_reach_says_so_within_its_timeout() {
+    let (from, to) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = twophase(&[
+        "--brokers",
+        "127.0.0.1:1",
+        "transfer",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--amount",
+        "1.00",
+        "--currency",
+        "USD",
+        "--wait",
+        "--timeout",
+        "2s",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    let said = "error: reaching the Kafka brokers at 127.0.0.1:1: no answer within 2s";
+    assert!(stderr.lines().any(|l| l == said), "{stderr}");
+    // Its own timeout and the start of a process, not a client's deadline of 20 or 30 s.
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }

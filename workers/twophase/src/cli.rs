@@ -1,7 +1,6 @@
 //! The command line: `twophase <worker>` runs a worker; the other subcommands are ops tasks.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 use twophase_runtime::{out, outln};
 
@@ -36,7 +35,8 @@ pub struct Cli {
     /// Kafka bootstrap servers (overrides kafka.brokers).
     #[arg(long, global = true)]
     brokers: Option<String>,
-    /// PostgreSQL URL (overrides database_url).
+    /// Database URL: postgres://…, or sqlite:DIR for the data directory of `twophase dev`
+    /// (overrides database_url).
     #[arg(long, global = true)]
     database_url: Option<String>,
     #[command(subcommand)]
@@ -206,13 +206,13 @@ struct TransferArgs {
 }
 
 /// Parses the command line, runs the command and maps the result to an exit code.
-pub async fn main() -> ExitCode {
+pub async fn main() -> u8 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
             let _ = e.print();
-            return ExitCode::from(code);
+            return code;
         }
     };
     if let (Command::Dev(_), Some(flag)) = (&cli.command, cli.real_services_flag()) {
@@ -221,13 +221,13 @@ pub async fn main() -> ExitCode {
              so it takes no {flag}; that is for the workers on real services \
              (twophase coordinator, account, risk, ...)"
         );
-        return ExitCode::from(EXIT_USAGE);
+        return EXIT_USAGE;
     }
     match run(cli).await {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            EXIT_ERROR
         }
     }
 }
@@ -478,6 +478,11 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
     Ok(0)
 }
 
+/// The error of a step that took all of `timeout`.
+fn no_answer(timeout: Duration) -> anyhow::Error {
+    anyhow::anyhow!("no answer within {}", humantime::format_duration(timeout))
+}
+
 async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
     // Outcomes carry a transfer id in its lower-case hyphenated form, whatever form the
     // request spelled it in: so the request does too, and the wait looks for that.
@@ -493,20 +498,40 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
         currency: args.currency,
         reference: args.reference,
     };
+    let reaching = || format!("reaching the Kafka brokers at {}", config.kafka.brokers);
     // The watcher starts before the request is published, so the outcome cannot slip past.
+    // Both count against --timeout.
+    let started = tokio::time::Instant::now();
     let watcher = if args.wait {
-        Some(OutcomeWatcher::start(&config.kafka).await?)
+        let start = OutcomeWatcher::start(&config.kafka);
+        let watcher = tokio::time::timeout(args.timeout, start)
+            .await
+            .map_err(|_| no_answer(args.timeout))
+            .and_then(|started| started)
+            .with_context(reaching)?;
+        Some(watcher)
     } else {
         None
     };
     let publisher = Publisher::new(&config.kafka)?;
-    client::request_transfer(&publisher, &config.kafka, &request).await?;
+    let send = client::request_transfer(&publisher, &config.kafka, &request);
+    if args.wait {
+        let left = args.timeout.saturating_sub(started.elapsed());
+        tokio::time::timeout(left, send)
+            .await
+            .map_err(|_| no_answer(args.timeout))
+            .and_then(|sent| sent)
+            .with_context(reaching)?;
+    } else {
+        send.await.with_context(reaching)?;
+    }
     let Some(watcher) = watcher else {
         outln!("{}", request.transfer_id);
         return Ok(0);
     };
+    let left = args.timeout.saturating_sub(started.elapsed());
     let outcomes = watcher
-        .wait_for([request.transfer_id.clone()], args.timeout)
+        .wait_for([request.transfer_id.clone()], left)
         .await?;
     let Some(outcome) = outcomes.get(&request.transfer_id) else {
         eprintln!(

@@ -844,11 +844,32 @@ fn start_with_env(env: &TestEnv, worker: &str, log: &str, vars: &[(&str, &str)])
     Process(cmd.spawn().expect("the twophase binary starts"))
 }
 
+/// Starts a coordinator that waits five minutes for votes, a risk worker, and an account worker
+/// whose retry budget is 1 s (logging to `account_log`, with `vars` beside), opens accounts A
+/// (100 USD) and B, and settles 10 USD from A to B, so that every worker has its connections.
+async fn with_a_short_budget(
+    env: &mut TestEnv,
+    account_log: &str,
+    vars: &[(&str, &str)],
+) -> (Process, Uuid, Uuid) {
+    env.with_config("[coordinator]\nprepare_timeout = \"5min\"\n");
+    env.start("coordinator");
+    env.start("risk");
+    let mut vars = vars.to_vec();
+    vars.push(("TWOPHASE_RETRY__GIVE_UP_AFTER", "1s"));
+    let account = start_with_env(env, "account", account_log, &vars);
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let warm_up = env.transfer(&request(a, b, "10", "USD")).await;
+    assert_outcome(&warm_up, "completed", None);
+    (account, a, b)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer() {
     if std::env::var("TWOPHASE_TEST_DATABASE_URL").is_err() {
         eprintln!(
-            "skipped: this test cuts a worker off PostgreSQL; it needs TWOPHASE_TEST_DATABASE_URL"
+            "skipped: this test makes PostgreSQL refuse holds; it needs TWOPHASE_TEST_DATABASE_URL"
         );
         return;
     }
@@ -859,19 +880,7 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
         .await
         .unwrap();
     // The prepare phase outlasts the failures, so only the replay can finish the transfer.
-    env.with_config("[coordinator]\nprepare_timeout = \"5min\"\n");
-    env.start("coordinator");
-    env.start("risk");
-    let _account = start_with_env(
-        &env,
-        "account",
-        "account-short-budget.log",
-        &[("TWOPHASE_RETRY__GIVE_UP_AFTER", "1s")],
-    );
-    let a = env.open_account("USD", "100").await;
-    let b = env.open_account("USD", "0").await;
-    let warm_up = env.transfer(&request(a, b, "10", "USD")).await;
-    assert_outcome(&warm_up, "completed", None);
+    let (_account, a, b) = with_a_short_budget(&mut env, "account-short-budget.log", &[]).await;
 
     // Every hold and credit the account worker writes now fails with a serialization failure,
     // an error worth retrying, for longer than its retry budget, while its database answers.
@@ -1085,26 +1094,13 @@ async fn an_outage_longer_than_the_retry_budget_dead_letters_nothing() {
         return;
     }
     let mut env = TestEnv::new("outage-budget").await;
-    env.with_config("[coordinator]\nprepare_timeout = \"5min\"\n");
-    env.start("coordinator");
-    env.start("risk");
     let upstream = PgConnectOptions::from_str(&env.database_url).unwrap();
     let upstream = format!("{}:{}", upstream.get_host(), upstream.get_port());
     let proxy = DbProxy::start(upstream).await;
     let log = "account-behind-proxy.log";
-    let _account = start_with_env(
-        &env,
-        "account",
-        log,
-        &[
-            ("TWOPHASE_DATABASE_URL", &proxy.url(&env.database_url)),
-            ("TWOPHASE_RETRY__GIVE_UP_AFTER", "1s"),
-        ],
-    );
-    let a = env.open_account("USD", "100").await;
-    let b = env.open_account("USD", "0").await;
-    let warm_up = env.transfer(&request(a, b, "10", "USD")).await;
-    assert_outcome(&warm_up, "completed", None);
+    let behind_proxy = proxy.url(&env.database_url);
+    let vars = [("TWOPHASE_DATABASE_URL", behind_proxy.as_str())];
+    let (_account, a, b) = with_a_short_budget(&mut env, log, &vars).await;
 
     // The account worker loses its database; its messages outlast their retry budget.
     proxy.cut();

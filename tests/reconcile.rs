@@ -686,6 +686,14 @@ async fn a_reconciler_started_late_reconciles_the_days_it_missed() {
             .unwrap_or_else(|| panic!("{day} has no stored report"));
         assert_eq!(stored.status, RunStatus::Completed);
     }
+    // How far the books are reconciled is exported for the ReconciliationOverdue alert.
+    let exported = metrics::render();
+    assert!(
+        exported
+            .lines()
+            .any(|l| l.starts_with("twophase_reconciled_through_timestamp_seconds ")),
+        "{exported}"
+    );
 }
 
 /// Keeps `in_flight` transfers between `accounts` in flight, publishing a new one as each

@@ -3,20 +3,19 @@
 //! running worker.
 
 use std::net::SocketAddr;
-use twophase_runtime::outln;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use twophase_messages::Topics;
 use twophase_runtime::db::Db;
 use twophase_runtime::http::{self, Health};
-use twophase_runtime::{kafka, shutdown, KafkaConfig, RetryConfig};
+use twophase_runtime::output::EXIT_USAGE;
+use twophase_runtime::{kafka, outln, shutdown, KafkaConfig, RetryConfig};
 
 use crate::api::{self, parse_filter};
 use crate::record::format_time;
 use crate::store::{self, Row, Step};
 use crate::{consumer, AuditConfig, SCHEMA};
-use twophase_runtime::output::EXIT_USAGE;
 
 /// Exit code of `twophase audit verify` when a chain is broken.
 pub const EXIT_BROKEN: u8 = 1;

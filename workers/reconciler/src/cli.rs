@@ -3,14 +3,13 @@
 
 use std::net::SocketAddr;
 use std::time::Duration;
-use twophase_runtime::{out, outln};
 
 use anyhow::Context;
 use chrono::{Days, NaiveDate, Utc};
 use chrono_tz::Tz;
 use tokio_util::sync::CancellationToken;
 use twophase_runtime::db::Db;
-use twophase_runtime::{http, metrics, shutdown};
+use twophase_runtime::{http, metrics, out, outln, shutdown};
 
 use crate::checks::{set_gauges, set_gauges_of};
 use crate::report::Report;

@@ -18,7 +18,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use twophase_runtime::outln;
 
 use anyhow::Context;
 use futures::FutureExt as _;
@@ -34,7 +33,7 @@ use twophase_account::store;
 use twophase_messages::TransferRequested;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::kafka::{client_config, consumer_config};
-use twophase_runtime::{execute, execute_rows, KafkaConfig, Publisher};
+use twophase_runtime::{execute, execute_rows, outln, KafkaConfig, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, Outcome, OutcomeWatcher};

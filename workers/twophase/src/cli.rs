@@ -2,19 +2,17 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use twophase_runtime::{out, outln};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use twophase_account::AccountStatus;
 use twophase_messages::{Topics, TransferRequested};
-use twophase_runtime::{db, http, kafka, shutdown, telemetry, Publisher};
+use twophase_runtime::output::{EXIT_ERROR, EXIT_USAGE};
+use twophase_runtime::{db, http, kafka, out, outln, shutdown, telemetry, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, Outcome, OutcomeWatcher};
 use crate::config::Config;
-
-use twophase_runtime::output::{EXIT_ERROR, EXIT_USAGE};
 
 #[derive(Debug, Parser)]
 #[command(

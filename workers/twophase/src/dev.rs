@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use twophase_runtime::outln;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -27,7 +26,7 @@ use twophase_account::{store, AccountStatus};
 use twophase_messages::{Topics, TransferRequested};
 use twophase_runtime::db::{self, Db, Lookups};
 use twophase_runtime::embedded::EmbeddedBroker;
-use twophase_runtime::{http, shutdown, CancellationToken, Publisher};
+use twophase_runtime::{http, outln, shutdown, CancellationToken, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, OutcomeWatcher};
@@ -87,7 +86,10 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| {
-            format!("listening on {listen}: set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")
+            format!(
+                "listening on {listen}: set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free \
+                 address"
+            )
         })?;
     let topics = Topics::new(&config.kafka.topic_prefix);
     let broker = EmbeddedBroker::start(&topics.all(), config.kafka.partitions)

@@ -16,7 +16,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
-use twophase_runtime::outln;
 
 use anyhow::Context;
 use chrono::{DateTime, TimeZone, Utc};
@@ -31,7 +30,7 @@ use twophase_runtime::kafka::headers::{self as record_headers, RawHeader};
 use twophase_runtime::kafka::{self, consumer_config};
 use twophase_runtime::telemetry;
 use twophase_runtime::worker::dlq_headers;
-use twophase_runtime::{KafkaConfig, Outgoing, Publisher};
+use twophase_runtime::{outln, KafkaConfig, Outgoing, Publisher};
 use uuid::Uuid;
 
 /// The topic replay runs are recorded on, under the configured prefix.

@@ -5,9 +5,10 @@
 //! fails every later message with it; a consumer raises one when its group fences it. The only
 //! way on is a new client. A worker that kept running would hold its partitions and settle
 //! nothing, with `/healthz` still ready, until someone restarted it. So the clients' contexts
-//! note a fatal error here ([`log`]), the consume loops stop on it ([`stop_on_fatal`]) and the worker exits
-//! with it (exit 3), for its supervisor to start it again. Nothing is lost: as after any
-//! crash, a message counts as done only once its effects are durable and its replies taken.
+//! note a fatal error here ([`log`]), the consume loops stop on it ([`stop_on_fatal`]), and the
+//! worker exits with it (exit 3), for its supervisor to start it again. Nothing is lost: as
+//! after any crash, a message counts as done only once its effects are durable and its replies
+//! taken.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;

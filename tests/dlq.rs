@@ -867,10 +867,7 @@ async fn with_a_short_budget(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer() {
-    if std::env::var("TWOPHASE_TEST_DATABASE_URL").is_err() {
-        eprintln!(
-            "skipped: this test makes PostgreSQL refuse holds; it needs TWOPHASE_TEST_DATABASE_URL"
-        );
+    if !common::on_postgres("makes PostgreSQL refuse holds") {
         return;
     }
     let mut env = TestEnv::new("replay").await;
@@ -1087,10 +1084,7 @@ async fn a_dead_letter_replayed_once_the_database_is_back_completes_its_transfer
 /// and its transfer completes once the database answers again.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outage_longer_than_the_retry_budget_dead_letters_nothing() {
-    if std::env::var("TWOPHASE_TEST_DATABASE_URL").is_err() {
-        eprintln!(
-            "skipped: this test cuts a worker off PostgreSQL; it needs TWOPHASE_TEST_DATABASE_URL"
-        );
+    if !common::on_postgres("cuts a worker off PostgreSQL") {
         return;
     }
     let mut env = TestEnv::new("outage-budget").await;

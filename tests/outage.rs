@@ -84,8 +84,7 @@ fn high_watermark(env: &TestEnv, topic: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn transfers_published_while_postgres_is_down_complete_after_it_returns_and_none_is_dead_lettered(
 ) {
-    if std::env::var("TWOPHASE_TEST_DATABASE_URL").is_err() {
-        eprintln!("skipped: this test stops PostgreSQL; it needs TWOPHASE_TEST_DATABASE_URL");
+    if !common::on_postgres("stops PostgreSQL") {
         return;
     }
     let mut env = TestEnv::new("outage").await;

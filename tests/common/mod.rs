@@ -343,6 +343,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
     Some((status, body.to_owned()))
 }
 
+/// Whether the tests run on the real PostgreSQL; if not, says that the test, which `does`
+/// something only PostgreSQL can take, is skipped.
+pub fn on_postgres(does: &str) -> bool {
+    let real = std::env::var("TWOPHASE_TEST_DATABASE_URL").is_ok();
+    if !real {
+        eprintln!("skipped: this test {does}; it needs TWOPHASE_TEST_DATABASE_URL");
+    }
+    real
+}
+
 /// A loopback port nothing listens on right now, for a worker's `/metrics` and `/healthz`.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

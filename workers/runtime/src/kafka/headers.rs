@@ -10,7 +10,6 @@
 //! out as C strings, without their length).
 #![allow(unsafe_code)]
 
-use std::borrow::Cow;
 use std::ffi::{c_void, CStr};
 use std::ptr;
 
@@ -30,11 +29,6 @@ impl<'a> RawHeader<'a> {
     /// without one is never one of them.
     pub fn name_text(&self) -> Option<&'a str> {
         std::str::from_utf8(self.name).ok()
-    }
-
-    /// The name for display, with U+FFFD for bytes that are not UTF-8.
-    pub fn name_lossy(&self) -> Cow<'a, str> {
-        String::from_utf8_lossy(self.name)
     }
 }
 
@@ -175,7 +169,6 @@ mod tests {
         assert_eq!(read, written);
         assert_eq!(read[0].name_text(), Some("ce_id"));
         assert_eq!(read[1].name_text(), None);
-        assert_eq!(read[1].name_lossy(), "x-\u{fffd}\u{fffd}");
 
         // A copy made from what was read is the same list again.
         let copy = read.iter().fold(OwnedHeaders::new(), |h, r| add(h, *r));

@@ -777,8 +777,17 @@ pub(crate) fn set_gauges_of(reports: &[Report], of_record: &str) {
             metrics::set_reconciliation_discrepancies(kind.as_str(), n);
         }
     }
-    let through = verdicts
-        .iter()
+    show_reconciled_through(reports, of_record);
+}
+
+/// Shows how far the books are reconciled: to the end of the newest day among `reports` with
+/// a verdict on the whole of it, if any has one.
+pub(crate) fn show_reconciled_through<'a>(
+    reports: impl IntoIterator<Item = &'a Report>,
+    of_record: &str,
+) {
+    let through = reports
+        .into_iter()
         .filter(|r| r.is_whole_day_verdict(of_record))
         .map(|r| r.window.end)
         .max();

@@ -9,9 +9,9 @@ use chrono::{Days, NaiveDate, Utc};
 use chrono_tz::Tz;
 use tokio_util::sync::CancellationToken;
 use twophase_runtime::db::Db;
-use twophase_runtime::{http, metrics, out, outln, shutdown};
+use twophase_runtime::{http, out, outln, shutdown};
 
-use crate::checks::{set_gauges, set_gauges_of};
+use crate::checks::{set_gauges, set_gauges_of, show_reconciled_through};
 use crate::report::Report;
 use crate::store;
 use crate::window::{catch_up_from, missed_days, next_run, today};
@@ -140,8 +140,8 @@ async fn catch_up(settings: &Settings, shutdown: &CancellationToken) {
 /// The days to catch up on now, from the stored reports.
 async fn missed(settings: &Settings) -> Vec<NaiveDate> {
     let config = &settings.config;
-    let (tz, at) = (config.time_zone, config.run_at);
-    let Some(from) = catch_up_from(Utc::now(), tz, at) else {
+    let (now, tz, at) = (Utc::now(), config.time_zone, config.run_at);
+    let Some(from) = catch_up_from(now, tz, at) else {
         return Vec::new();
     };
     let stored = async {
@@ -157,16 +157,14 @@ async fn missed(settings: &Settings) -> Vec<NaiveDate> {
             return Vec::new();
         }
     };
-    let verdicts: Vec<&Report> = reports
+    // How far the books are reconciled shows from the start, not only after the next run.
+    show_reconciled_through(&reports, tz.name());
+    let verdicts = reports
         .iter()
         .filter(|r| r.is_whole_day_verdict(tz.name()))
+        .map(|r| r.date)
         .collect();
-    // How far the books are reconciled shows from the start, not only after the next run.
-    if let Some(end) = verdicts.iter().map(|r| r.window.end).max() {
-        metrics::set_reconciled_through(end);
-    }
-    let verdicts = verdicts.iter().map(|r| r.date).collect();
-    let (days, earlier) = missed_days(Utc::now(), tz, at, first, &verdicts);
+    let (days, earlier) = missed_days(now, tz, at, first, &verdicts);
     if earlier {
         tracing::warn!(
             %from,

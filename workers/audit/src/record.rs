@@ -254,20 +254,27 @@ pub(crate) fn text(s: &str) -> String {
     twophase_runtime::db::stored_text(s).into_owned()
 }
 
+/// Bytes as text a text column takes: UTF-8 without NUL (which PostgreSQL refuses).
+fn storable_text(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .filter(|s| !s.contains('\0'))
+}
+
 /// Bytes as stored in a text column: the text itself, or `base64:` and the bytes.
 fn bytes_text(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(s) if !s.contains('\0') => s.to_owned(),
-        _ => format!("base64:{}", BASE64.encode(bytes)),
+    match storable_text(bytes) {
+        Some(s) => s.to_owned(),
+        None => format!("base64:{}", BASE64.encode(bytes)),
     }
 }
 
 /// Every header in order as `[name, value]`: each as text, or `{"base64": …}` when it is not
 /// text; a value may also be null.
 fn headers_of(source: &Source<'_>) -> Value {
-    let bytes = |bytes: &[u8]| match std::str::from_utf8(bytes) {
-        Ok(s) if !s.contains('\0') => Value::String(s.to_owned()),
-        _ => json!({ "base64": BASE64.encode(bytes) }),
+    let bytes = |bytes: &[u8]| match storable_text(bytes) {
+        Some(s) => Value::String(s.to_owned()),
+        None => json!({ "base64": BASE64.encode(bytes) }),
     };
     Value::Array(
         source

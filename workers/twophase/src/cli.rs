@@ -476,9 +476,15 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
     Ok(0)
 }
 
-/// The error of a step that took all of `timeout`.
-fn no_answer(timeout: Duration) -> anyhow::Error {
-    anyhow::anyhow!("no answer within {}", humantime::format_duration(timeout))
+/// `step`'s result if it comes within `left`, of a `timeout` given for all the steps.
+async fn within<T>(
+    left: Duration,
+    timeout: Duration,
+    step: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(left, step)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {}", humantime::format_duration(timeout)))?
 }
 
 async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
@@ -502,12 +508,11 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
     let started = tokio::time::Instant::now();
     let watcher = if args.wait {
         let start = OutcomeWatcher::start(&config.kafka);
-        let watcher = tokio::time::timeout(args.timeout, start)
-            .await
-            .map_err(|_| no_answer(args.timeout))
-            .and_then(|started| started)
-            .with_context(reaching)?;
-        Some(watcher)
+        Some(
+            within(args.timeout, args.timeout, start)
+                .await
+                .with_context(reaching)?,
+        )
     } else {
         None
     };
@@ -515,10 +520,8 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
     let send = client::request_transfer(&publisher, &config.kafka, &request);
     if args.wait {
         let left = args.timeout.saturating_sub(started.elapsed());
-        tokio::time::timeout(left, send)
+        within(left, args.timeout, send)
             .await
-            .map_err(|_| no_answer(args.timeout))
-            .and_then(|sent| sent)
             .with_context(reaching)?;
     } else {
         send.await.with_context(reaching)?;

@@ -11,6 +11,10 @@ cd "$REPO"
 
 scripts/services.sh start
 eval "$(scripts/services.sh env)"
+# Without both, the tests would fall back to the embedded default and prove nothing about
+# the real services.
+: "${TWOPHASE_TEST_DATABASE_URL:?scripts/services.sh env gave no database URL}"
+: "${TWOPHASE_TEST_BROKERS:?scripts/services.sh env gave no Kafka bootstrap servers}"
 if [[ $# -eq 0 ]]; then
   # --show-output prints what passing tests print too (the figures they measure).
   set -- -- --show-output

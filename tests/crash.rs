@@ -1,5 +1,5 @@
 //! Crash safety: a worker dying at the worst moment loses no money and no transfer. Each test
-//! arms a failpoint (`TWOPHASE_FAILPOINTS`) that makes a worker process exit abruptly at a named
+//! arms a failpoint (`TWOPHASE_FAILPOINTS`) that makes a worker process SIGKILL itself at a named
 //! point, restarts it, and ends with the invariants checked and every transfer terminal.
 
 mod common;
@@ -34,10 +34,7 @@ async fn a_coordinator_killed_between_decision_and_commit_finishes_the_commit_on
     let watcher = env.watcher().await;
 
     env.request(&req).await;
-    assert_eq!(
-        env.wait_exit("coordinator", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    env.wait_failpoint("coordinator", WAIT).await;
     // The decision is durable; nothing was captured yet and the funds are still held.
     let committing = "SELECT count(*) FROM coordinator.transfers WHERE status = 'committing'";
     assert_eq!(env.count(committing).await, 1);
@@ -63,10 +60,7 @@ async fn a_participant_killed_between_its_commit_and_its_reply_answers_from_its_
     let watcher = env.watcher().await;
 
     env.request(&req).await;
-    assert_eq!(
-        env.wait_exit("account", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    env.wait_failpoint("account", WAIT).await;
     // Its first command was applied and recorded (with the other prepare, when both arrived
     // on one partition together and were committed in one transaction), but no vote left.
     let recorded = env
@@ -107,10 +101,7 @@ async fn a_coordinator_killed_after_publishing_but_before_its_offset_sends_dupli
     for r in &reqs {
         env.request(r).await;
     }
-    assert_eq!(
-        env.wait_exit("coordinator", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    env.wait_failpoint("coordinator", WAIT).await;
     env.start("coordinator");
     let ids = reqs.iter().map(|r| r.transfer_id.clone());
     let outcomes = watcher.wait_for(ids, WAIT).await.unwrap();
@@ -172,10 +163,7 @@ async fn a_transfer_whose_capture_is_never_acknowledged(
         .await
         .unwrap();
     env.request(&req).await;
-    assert_eq!(
-        env.wait_exit("account", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    env.wait_failpoint("account", WAIT).await;
     (req, b, events)
 }
 
@@ -246,10 +234,7 @@ async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
     env.start("risk");
     start_an_account_worker_that_dies_before_the_capture(&mut env);
     let (req, b, events) = a_transfer_whose_capture_is_never_acknowledged(&mut env).await;
-    assert_eq!(
-        env.wait_exit("coordinator", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    env.wait_failpoint("coordinator", WAIT).await;
     let committing = |attempts: &str| {
         format!(
             "SELECT count(*) FROM coordinator.transfers \
@@ -302,10 +287,7 @@ async fn votes_that_came_while_the_coordinator_was_down_are_read_before_any_time
 
     let sent = tokio::time::Instant::now();
     env.request(&req).await;
-    assert_eq!(
-        env.wait_exit("coordinator", WAIT).await,
-        Some(failpoint::EXIT_CODE)
-    );
+    env.wait_failpoint("coordinator", WAIT).await;
     let mut votes = 0;
     while votes < 3 {
         let (_, message) = tokio::time::timeout(WAIT, replies.next())
@@ -346,7 +328,7 @@ async fn a_worker_whose_producer_hits_a_fatal_error_exits_and_its_restart_settle
 
     env.request(&req).await;
     // Exit 3, the command line's for an error, with the error said.
-    assert_eq!(env.wait_exit("account", WAIT).await, Some(3));
+    assert_eq!(env.wait_exit("account", WAIT).await.code(), Some(3));
     let log = std::fs::read_to_string(env.log_dir.join("account-0.log")).unwrap();
     assert!(
         log.contains("error: the Kafka producer hit a fatal error"),

@@ -9,8 +9,9 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
@@ -18,7 +19,7 @@ use twophase::client::{self, Outcome, OutcomeWatcher};
 use twophase_messages::{Topics, TransferRequested};
 use twophase_runtime::db::{Amount, Db};
 use twophase_runtime::embedded::EmbeddedBroker;
-use twophase_runtime::{query_as, KafkaConfig, Publisher};
+use twophase_runtime::{failpoint, query_as, KafkaConfig, Publisher};
 use uuid::Uuid;
 
 /// One test's world: its own database, topic prefix and consumer groups.
@@ -73,12 +74,17 @@ impl TestEnv {
                     None,
                 )
             }
-            _ => {
+            (Err(_), Err(_)) => {
                 let broker =
                     EmbeddedBroker::start(&topics.all(), 4).expect("the mock cluster starts");
                 let url = format!("sqlite:{}", log_dir.join("data").display());
                 (url, broker.bootstrap_servers().to_owned(), Some(broker))
             }
+            // Half the real services would be the embedded default passed off as them.
+            _ => panic!(
+                "TWOPHASE_TEST_DATABASE_URL and TWOPHASE_TEST_BROKERS go together, and only \
+                 one is set: set both for the real services (scripts/test.sh) or neither"
+            ),
         };
         twophase_runtime::db::migrate(&database_url)
             .await
@@ -171,8 +177,8 @@ impl TestEnv {
         });
     }
 
-    /// Waits until the newest `worker` process exits by itself; its exit code.
-    pub async fn wait_exit(&mut self, worker: &str, timeout: Duration) -> Option<i32> {
+    /// Waits until the newest `worker` process ends by itself; how it ended.
+    pub async fn wait_exit(&mut self, worker: &str, timeout: Duration) -> ExitStatus {
         let deadline = std::time::Instant::now() + timeout;
         let w = self
             .workers
@@ -182,7 +188,7 @@ impl TestEnv {
             .expect("the worker was started");
         loop {
             if let Some(status) = w.child.try_wait().unwrap() {
-                return status.code();
+                return status;
             }
             assert!(
                 std::time::Instant::now() < deadline,
@@ -191,6 +197,17 @@ impl TestEnv {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits until the newest `worker` process is killed by the failpoint it was started with.
+    pub async fn wait_failpoint(&mut self, worker: &str, timeout: Duration) {
+        let status = self.wait_exit(worker, timeout).await;
+        assert_eq!(
+            status.signal(),
+            Some(failpoint::SIGNAL.as_raw()),
+            "{worker} was to be killed by its failpoint, but {status} (logs in {})",
+            self.log_dir.display()
+        );
     }
 
     /// SIGKILLs the newest `worker` process.

@@ -1,10 +1,11 @@
 //! Failpoints: named places where a test can make a worker die abruptly, to prove that a crash
 //! at the worst moment loses no money and no message.
 //!
-//! `TWOPHASE_FAILPOINTS=name[@n][,name[@n]…]` makes the process exit at once (no destructors,
-//! no flushing, no offset commit, as if killed) the `n`-th time it reaches `name` (the first
-//! time without `@n`). The variable is read once; with it unset a failpoint costs one atomic
-//! load.
+//! `TWOPHASE_FAILPOINTS=name[@n][,name[@n]…]` makes the process kill itself with SIGKILL the
+//! `n`-th time it reaches `name` (the first time without `@n`): every thread stops where it is,
+//! with nothing flushed, no destructor run and no offset committed, as when the kernel or an
+//! operator kills a worker. The variable is read once; with it unset a failpoint costs one
+//! atomic load.
 //!
 //! The names:
 //! - `<worker>.after_commit`: the handler's transaction is committed, its replies are not yet
@@ -16,18 +17,20 @@
 //! - `coordinator.timer_after_commit`: a timer's aborts or re-sends are recorded, their commands
 //!   are not yet sent.
 //!
-//! One failpoint does not exit: `<worker>.kafka_fatal` makes the worker's producer raise a fatal
+//! One failpoint does not kill: `<worker>.kafka_fatal` makes the worker's producer raise a fatal
 //! error (see [`crate::kafka::fatal`]) when a handler's replies are about to be published.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 
+use rustix::process::Signal;
+
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "TWOPHASE_FAILPOINTS";
 
-/// The exit code of a process stopped by a failpoint.
-pub const EXIT_CODE: i32 = 86;
+/// The signal a failpoint kills its process with.
+pub const SIGNAL: Signal = Signal::KILL;
 
 struct Armed {
     /// Failpoint name → (the hit that fires, hits so far).
@@ -65,11 +68,14 @@ fn fires(name: &str) -> bool {
     hits.fetch_add(1, Ordering::SeqCst) + 1 == *nth
 }
 
-/// Exits the process if the failpoint `name` is armed and this is the hit it fires on.
+/// Kills the process if the failpoint `name` is armed and this is the hit it fires on.
 pub fn hit(name: &str) {
     if fires(name) {
-        eprintln!("failpoint {name} reached: exiting");
-        std::process::exit(EXIT_CODE);
+        eprintln!("failpoint {name} reached: killing the process");
+        let killed = rustix::process::kill_process(rustix::process::getpid(), SIGNAL);
+        // A process may always signal itself; should it fail, it still must not go on.
+        eprintln!("failpoint {name} could not kill the process ({killed:?}): aborting");
+        std::process::abort();
     }
 }
 
@@ -81,7 +87,7 @@ pub fn hit_at(worker: &str, point: &str) {
     }
 }
 
-/// Whether the failpoint `<worker>.<point>` fires at this hit, for one that does not exit.
+/// Whether the failpoint `<worker>.<point>` fires at this hit, for one that does not kill.
 pub fn fires_at(worker: &str, point: &str) -> bool {
     ARMED.is_some() && fires(&format!("{worker}.{point}"))
 }

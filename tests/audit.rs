@@ -19,6 +19,7 @@ use twophase_audit::record::{self, Source};
 use twophase_audit::{store, Entry};
 use twophase_messages::envelope::headers as ce;
 use twophase_messages::{types, Envelope, TransferRequested};
+use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::kafka::headers::RawHeader;
 use twophase_runtime::worker::dlq_headers;
@@ -782,6 +783,57 @@ async fn a_record_delivered_twice_or_a_message_published_twice_is_stored_once() 
             "{r:?}"
         );
     }
+}
+
+/// A producer's oversized transfer id or type is stored as the coordinator names it: whole, it
+/// was past what PostgreSQL takes in an index entry, and the audit worker retried the batch
+/// forever, auditing nothing more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_an_oversized_id_and_type_is_audited_as_its_rejection_names_it() {
+    let env = TestEnv::new("audit-oversized").await;
+    let db = env.pool("audit").await;
+    // Random text, which no compression brings under the limit.
+    let id: String = (0..250)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect();
+    let ce_type: String = (0..250)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect();
+    let mut headers = envelope_headers(&ce_type, Utc::now(), &id);
+    headers.retain(|(name, _)| *name != ce::CORRELATION_ID);
+    let request = entry_of(
+        &env,
+        &env.topics.requests(),
+        0,
+        0,
+        &headers,
+        &json!({ "transfer_id": id }),
+    );
+    let appended = store::append(&db, &[request], Timestamp::now())
+        .await
+        .expect("the oversized request is stored");
+    assert_eq!(appended.inserted, 1);
+
+    let named = twophase_messages::named(&id).into_owned();
+    assert!(
+        named.len() < 300 && named.ends_with(" more bytes)"),
+        "{named}"
+    );
+    let rows = stored(&db).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].transfer_id.as_deref(), Some(named.as_str()));
+    let mut tx = db.begin().await.unwrap();
+    let (event_type, headers): (String, Json<Value>) = query_as!(
+        &mut tx,
+        (String, Json<Value>),
+        fetch_one,
+        "SELECT event_type, headers FROM audit_log",
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(event_type, twophase_messages::named(&ce_type));
+    // The whole type is kept where it came from.
+    assert!(headers.0.to_string().contains(&ce_type));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -171,6 +171,23 @@ pub fn excerpt(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The most of a producer's identifier that [`named`] keeps, in bytes.
+pub const MAX_NAMED: usize = 256;
+
+/// A producer's identifier (a transfer id that is not a UUID, a message type) as the system
+/// writes it again, in a rejection or an audit row: whole if it is no longer than an excerpt
+/// of it would be, else [`excerpt`]ed to its first [`MAX_NAMED`] bytes. Naming what was named
+/// gives it back, so that a rejection names a transfer as the audit log stores its request.
+pub fn named(text: &str) -> std::borrow::Cow<'_, str> {
+    // The longest excerpt: its bytes, "… (", at most twenty digits, " more bytes)".
+    const LONGEST: usize = MAX_NAMED + "… (".len() + 20 + " more bytes)".len();
+    if text.len() <= LONGEST {
+        text.into()
+    } else {
+        excerpt(text, MAX_NAMED)
+    }
+}
+
 /// A producer's field as a rejection quotes it: Rust-quoted, at most 64 bytes of it.
 pub fn quoted(text: &str) -> String {
     match cut(text, 64) {
@@ -307,6 +324,23 @@ mod tests {
             format!("\"{}\"… (999936 more bytes)", "x".repeat(64))
         );
         assert_eq!(quoted("a\"b"), r#""a\"b""#);
+    }
+
+    #[test]
+    fn a_name_is_cut_only_past_what_its_excerpt_would_take_and_naming_it_again_keeps_it() {
+        for len in [0, MAX_NAMED, 293, 294, 300_000] {
+            let id = "x".repeat(len);
+            let once = named(&id);
+            assert!(once.len() <= 293, "{len}: {}", once.len());
+            assert_eq!(once == id, len <= 293, "{len}");
+            assert_eq!(named(&once), once, "{len}");
+        }
+        let longest = "x".repeat(usize::MAX.to_string().len() + MAX_NAMED + 17);
+        assert_eq!(named(&longest), longest);
+        assert_eq!(
+            named(&"é".repeat(200)),
+            format!("{}… (144 more bytes)", "é".repeat(128))
+        );
     }
 
     /// The amounts of the workers' own messages are read as exactly as requests' are, and a

@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 use twophase_messages::envelope::{headers as ce, parse_time};
-use twophase_messages::{types, AccountAction, Envelope, Topics};
+use twophase_messages::{named, types, AccountAction, Envelope, Topics};
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::Timestamp;
 use twophase_runtime::kafka::headers::{self as record_headers, RawHeader};
@@ -286,11 +286,12 @@ fn headers_of(source: &Source<'_>) -> Value {
 }
 
 /// A transfer id as stored: the canonical form of a UUID (so `ABC…` and `abc…` are one
-/// transfer), or the producer's text as it was when it is not one.
+/// transfer), or the producer's text as the coordinator's rejection names it when it is not
+/// one ([`twophase_messages::named`]).
 pub fn normalize_transfer_id(id: &str) -> String {
     match Uuid::parse_str(id.trim()) {
         Ok(uuid) => uuid.to_string(),
-        Err(_) => text(id),
+        Err(_) => named(&text(id)).into_owned(),
     }
 }
 
@@ -553,9 +554,11 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
         kafka_offset: source.offset,
         message_id: message_id_of(source, kind),
         message_key: source.key.map(bytes_text),
-        event_type,
+        // Indexed, and PostgreSQL refuses an index entry over about 2.7 KB: a producer's type
+        // or id is kept whole in the headers and payload, and named here.
+        event_type: named(&event_type).into_owned(),
         entity_type: meaning.entity_type.map(str::to_owned),
-        entity_id: meaning.entity_id,
+        entity_id: meaning.entity_id.map(|id| named(&id).into_owned()),
         transfer_id,
         action: meaning.action,
         actor_id,

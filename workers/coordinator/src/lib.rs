@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use twophase_messages::{
-    excerpt, quoted, reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, CommitStuck,
+    named, quoted, reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, CommitStuck,
     Envelope, EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
     TransferRejected, TransferRequested, Vote,
 };
@@ -42,6 +42,12 @@ fn now() -> DateTime<Utc> {
 }
 
 /// Counts a transfer that just reached its outcome, with the time from request to outcome.
+/// Counts a rejection that stores no transfer (a malformed id, an id reused for another
+/// request): it is decided as it is received, so it took no time.
+fn record_unstored_rejection(reason: &'static str) {
+    metrics::transfer_finished(metrics::status::REJECTED, Some(reason), 0.0);
+}
+
 fn record_if_finished(stored: &Stored) {
     let saga = &stored.saga;
     if let (true, Some(finished)) = (saga.status.is_terminal(), saga.finished_at) {
@@ -52,9 +58,6 @@ fn record_if_finished(stored: &Stored) {
 
 /// The database schema this worker owns.
 pub const SCHEMA: &str = "coordinator";
-
-/// The most of a malformed transfer id its rejection echoes, in bytes; a longer one is cut.
-const MAX_ECHOED_ID: usize = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -158,20 +161,22 @@ impl Coordinator {
             // Nothing can be stored under a malformed id; the rejection is re-sent on every
             // redelivery with the same message id. It names the transfer as the producer did,
             // up to a length that keeps it publishable.
-            let named = excerpt(&request.transfer_id, MAX_ECHOED_ID);
+            let echoed = named(&request.transfer_id);
             let rejected = TransferRejected {
-                transfer_id: named.clone().into_owned(),
+                transfer_id: echoed.clone().into_owned(),
                 reason: reasons::INVALID_TRANSFER_ID.to_owned(),
                 detail: format!("transfer_id {} is not a UUID", quoted(&request.transfer_id)),
                 rejected_at: envelope.time,
             };
             let id_seed = format!("rejected:{}", request.transfer_id);
-            return Ok(Handled::replies(vec![self.outcome(
+            let reply = self.outcome(
                 envelope,
-                &named,
+                &echoed,
                 &id_seed,
                 Message::TransferRejected(rejected),
-            )]));
+            );
+            return Ok(Handled::replies(vec![reply])
+                .then(|| record_unstored_rejection(reasons::INVALID_TRANSFER_ID)));
         };
         let hash = validate::fingerprint(request);
         if let Some(existing) = sagas.get(transfer_id) {
@@ -184,12 +189,14 @@ impl Coordinator {
                     rejected_at: envelope.time,
                 };
                 let id_seed = format!("conflict:{transfer_id}:{hash}");
-                return Ok(Handled::replies(vec![self.outcome(
+                let reply = self.outcome(
                     envelope,
                     &transfer_id.to_string(),
                     &id_seed,
                     Message::TransferRejected(rejected),
-                )]));
+                );
+                return Ok(Handled::replies(vec![reply])
+                    .then(|| record_unstored_rejection(reasons::CONFLICT)));
             }
             // The same request again: answer with what its state calls for (the outcome, once
             // there is one).

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{free_port, request, TestEnv};
+use twophase_messages::{reasons, TransferRequested};
 
 /// `GET path` on a worker's loopback port.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -66,17 +67,31 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
     }
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;
+    let completed = request(a, b, "10", "USD");
+    let mut malformed_id = request(a, b, "1", "USD");
+    malformed_id.transfer_id = "not-a-uuid".into();
     let outcomes = env
         .run_transfers(
             &[
-                request(a, b, "10", "USD"),
+                completed.clone(),
                 request(a, b, "1000", "USD"),
                 request(a, a, "1", "USD"),
+                malformed_id,
             ],
             Duration::from_secs(60),
         )
         .await;
-    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes.len(), 4);
+    // Its id again for another amount: rejected, and stored as nothing.
+    let conflict = TransferRequested {
+        amount: "20".into(),
+        ..completed
+    };
+    common::assert_outcome(
+        &env.transfer(&conflict).await,
+        "rejected",
+        Some(reasons::CONFLICT),
+    );
 
     // Ready once consuming: every worker has partitions and a database that answers.
     for (worker, port) in &ports {
@@ -113,7 +128,7 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
 
     // Consumer lag comes with librdkafka's periodic statistics: scrape until it has arrived.
     let started = Instant::now();
-    let scraped = loop {
+    loop {
         let mut scraped: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (worker, port) in &ports {
             let (status, body) = get(*port, "/metrics").await.expect("/metrics answers");
@@ -127,28 +142,62 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
             .filter(|name| !scraped.contains_key(*name) && !elsewhere.contains(&name.as_str()))
             .collect();
         if missing.is_empty() {
-            break scraped;
+            break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "used by alerts or dashboard but not exported: {missing:?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    }
 
-    // The labels the alert ratios select on carry this run's outcomes.
-    let transfers = &scraped["twophase_transfers_total"];
-    for status in ["completed", "failed", "rejected"] {
+    // Each of this run's outcomes is counted, under the labels the alert ratios select on.
+    // (Every series exists at 0 from the start: only a count shows that anything counted.)
+    let port = |worker: &str| ports.iter().find(|(w, _)| *w == worker).unwrap().1;
+    for (worker, name, labels) in [
+        (
+            "coordinator",
+            "twophase_transfers_total",
+            &[("status", "completed"), ("reason", "none")][..],
+        ),
+        (
+            "coordinator",
+            "twophase_transfers_total",
+            &[
+                ("status", "failed"),
+                ("reason", reasons::INSUFFICIENT_FUNDS),
+            ],
+        ),
+        (
+            "coordinator",
+            "twophase_transfers_total",
+            &[("status", "rejected"), ("reason", reasons::SAME_ACCOUNT)],
+        ),
+        (
+            "coordinator",
+            "twophase_transfers_total",
+            &[
+                ("status", "rejected"),
+                ("reason", reasons::INVALID_TRANSFER_ID),
+            ],
+        ),
+        (
+            "coordinator",
+            "twophase_transfers_total",
+            &[("status", "rejected"), ("reason", reasons::CONFLICT)],
+        ),
+        (
+            "risk",
+            "twophase_risk_decisions_total",
+            &[("decision", "approved")],
+        ),
+    ] {
+        let counted = common::metric(port(worker), name, labels).await;
         assert!(
-            transfers
-                .iter()
-                .any(|l| l.contains(&format!("status=\"{status}\""))),
-            "no status {status} in {transfers:?}"
+            counted.is_some_and(|n| n >= 1.0),
+            "{name}{labels:?} is {counted:?} on the {worker}, after this run's outcomes"
         );
     }
-    assert!(scraped["twophase_risk_decisions_total"]
-        .iter()
-        .any(|l| l.contains("decision=\"approved\"")));
 }
 
 /// The value of a series in a scrape (`name{labels}`), if exported.
@@ -202,10 +251,7 @@ async fn an_abort_left_unacknowledged_counts_as_stuck() {
     let watcher = env.watcher().await;
     let transfer = request(a, b, "10", "USD");
     env.request(&transfer).await;
-    assert_eq!(
-        env.wait_exit("account", Duration::from_secs(60)).await,
-        Some(twophase_runtime::failpoint::EXIT_CODE)
-    );
+    env.wait_failpoint("account", Duration::from_secs(60)).await;
     wait_for_value(port, r#"twophase_sagas_in_flight{status="aborting"}"#, 1.0).await;
     wait_for_value(port, "twophase_sagas_stuck", 1.0).await;
 

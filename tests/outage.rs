@@ -88,7 +88,11 @@ async fn transfers_published_while_postgres_is_down_complete_after_it_returns_an
         return;
     }
     let mut env = TestEnv::new("outage").await;
-    env.start_all(1);
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    env.start_with("coordinator", &[("TWOPHASE_METRICS_LISTEN", &listen)]);
+    env.start("account");
+    env.start("risk");
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;
     // Every worker is up and has its database connections before the outage.
@@ -129,6 +133,15 @@ async fn transfers_published_while_postgres_is_down_complete_after_it_returns_an
     for r in &during {
         assert_outcome(&outcomes[&r.transfer_id], "completed", None);
     }
+    // The requests were retried, and counted for the alert that tells ops of an outage.
+    let requests = env.topics.requests();
+    let retries = common::metric(
+        port,
+        "twophase_handler_retries_total",
+        &[("worker", "coordinator"), ("topic", &requests)],
+    )
+    .await;
+    assert!(retries.is_some_and(|n| n >= 1.0), "{retries:?}");
     let dec = |s: &str| s.parse::<Decimal>().unwrap();
     assert_eq!(env.balance(a).await, (dec("89"), Decimal::ZERO));
     assert_eq!(env.balance(b).await, (dec("11"), Decimal::ZERO));

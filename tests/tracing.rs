@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use prost::Message as _;
-use twophase_messages::Message;
+use twophase_messages::{AccountAction, AccountCommand, AccountCommandBody, Message};
 use twophase_runtime::Outgoing;
 use uuid::Uuid;
 
@@ -285,4 +285,44 @@ async fn one_transfer_is_one_trace_across_every_worker() {
         .into()
     ));
     all_in_one_trace(&spans, &second.transfer_id, producer_trace);
+
+    // A command whose payload cannot be read, under headers that can, is set aside in the trace
+    // they carry: the dead letter's span and log lines are the transfer's.
+    let (bad_trace, bad_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let hold = AccountCommand::new(
+        AccountAction::Hold,
+        AccountCommandBody {
+            transfer_id: Uuid::new_v4(),
+            account_id: a,
+            amount: "1".parse().unwrap(),
+            currency: "USD".into(),
+        },
+    );
+    let mut unreadable = Outgoing::new(
+        env.topics.account_commands(),
+        a,
+        "/producer",
+        &Message::Account(hold),
+    );
+    unreadable.payload = b"{\"transfer_id\": ".to_vec();
+    unreadable.envelope.traceparent = Some(format!("00-{bad_trace}-{bad_span}-01"));
+    env.publisher.publish(&unreadable).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let account: Vec<Collected> = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.service == "twophase-account" && s.trace_id == bad_trace)
+            .cloned()
+            .collect();
+        if account.iter().any(|s| s.parent_span_id == bad_span) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no span of the account worker hangs under the unreadable command's: {account:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

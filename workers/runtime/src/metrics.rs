@@ -104,7 +104,8 @@ pub const RECONCILED_THROUGH: Def = Def {
 pub const CONSUMER_LAG: Def = Def {
     name: "twophase_consumer_lag",
     help: "Messages between the group's committed offset and the end of each partition this \
-           process is assigned, from librdkafka statistics.",
+           process is assigned, from librdkafka statistics. They come while the worker polls, \
+           so the gauge stands still while a message is retried (twophase_handler_retries_total).",
     labels: &["group", "topic", "partition"],
     kind: Kind::Gauge,
 };
@@ -114,6 +115,15 @@ pub const DEAD_LETTERS: Def = Def {
     help: "Messages set aside on a dead-letter topic, by original topic and error class \
            (decode, permanent, retries_exhausted).",
     labels: &["topic", "error_class"],
+    kind: Kind::Counter,
+};
+
+pub const HANDLER_RETRIES: Def = Def {
+    name: "twophase_handler_retries_total",
+    help: "Failed attempts at handling a message that are to be tried again (a transient error: \
+           the database or the broker out of reach, a lost race), by worker and topic. Through an \
+           outage they go on while the message's partition waits.",
+    labels: &["worker", "topic"],
     kind: Kind::Counter,
 };
 
@@ -174,6 +184,7 @@ pub const ALL: &[Def] = &[
     RECONCILED_THROUGH,
     CONSUMER_LAG,
     DEAD_LETTERS,
+    HANDLER_RETRIES,
     MESSAGES_HANDLED,
     MESSAGE_HANDLING,
     SAGAS_IN_FLIGHT,
@@ -233,6 +244,7 @@ struct Metrics {
     reconciled_through: IntGaugeVec,
     consumer_lag: IntGaugeVec,
     dead_letters: IntCounterVec,
+    handler_retries: IntCounterVec,
     messages_handled: IntCounterVec,
     message_handling: HistogramVec,
     sagas_in_flight: IntGaugeVec,
@@ -287,6 +299,7 @@ impl Metrics {
             reconciled_through: gauge_vec(RECONCILED_THROUGH),
             consumer_lag: gauge_vec(CONSUMER_LAG),
             dead_letters: counter_vec(DEAD_LETTERS),
+            handler_retries: counter_vec(HANDLER_RETRIES),
             messages_handled: counter_vec(MESSAGES_HANDLED),
             message_handling: histogram_vec(MESSAGE_HANDLING, HANDLING_BUCKETS),
             sagas_in_flight: gauge_vec(SAGAS_IN_FLIGHT),
@@ -383,6 +396,8 @@ pub fn init_worker(worker: &str, topics: &[String]) {
         for class in ERROR_CLASSES {
             m.dead_letters.with_label_values(&[topic.as_str(), class]);
         }
+        m.handler_retries
+            .with_label_values(&[worker, topic.as_str()]);
     }
 }
 
@@ -430,6 +445,14 @@ pub fn message_handled(worker: &str, topic: &str, outcome: &str, seconds: f64) {
     m.message_handling
         .with_label_values(&[worker])
         .observe(seconds.max(0.0));
+}
+
+/// An attempt at handling a message of `topic` failed, and the message is to be tried again.
+pub fn handler_retry(worker: &str, topic: &str) {
+    METRICS
+        .handler_retries
+        .with_label_values(&[worker, topic])
+        .inc();
 }
 
 /// A commit command was sent again.

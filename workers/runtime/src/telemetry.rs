@@ -179,7 +179,36 @@ fn protocol_named(name: &str, value: &str) -> anyhow::Result<Protocol> {
     }
 }
 
+/// Refuses an `https` endpoint, which the exporter, built without TLS, would fail to reach on
+/// every export without a word.
+fn check_endpoints() -> anyhow::Result<()> {
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        if let Ok(value) = std::env::var(name) {
+            check_endpoint(name, &value)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_endpoint(name: &str, value: &str) -> anyhow::Result<()> {
+    let https = value
+        .trim()
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    anyhow::ensure!(
+        !https,
+        "{name}={value:?} is not supported: spans are exported over plain HTTP, to an \
+         OpenTelemetry Collector beside the workers that forwards them over TLS; point it at \
+         that collector's HTTP port (usually http://127.0.0.1:4318)"
+    );
+    Ok(())
+}
+
 fn tracer_provider(service: &str) -> anyhow::Result<SdkTracerProvider> {
+    check_endpoints()?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(protocol()?)
@@ -439,5 +468,21 @@ mod tests {
             protocol_named("OTEL_EXPORTER_OTLP_PROTOCOL", "HTTP/JSON"),
             Ok(Protocol::HttpJson)
         ));
+    }
+
+    #[test]
+    fn an_https_endpoint_is_refused_with_a_reason() {
+        let name = "OTEL_EXPORTER_OTLP_ENDPOINT";
+        for refused in ["https://collector:4318", " HTTPS://collector"] {
+            let error = check_endpoint(name, refused).unwrap_err().to_string();
+            assert!(error.contains("http://127.0.0.1:4318"), "{error}");
+        }
+        for taken in [
+            "http://127.0.0.1:4318",
+            "http://collector:4318/v1/traces",
+            "https",
+        ] {
+            check_endpoint(name, taken).unwrap();
+        }
     }
 }

@@ -31,7 +31,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders};
 use rdkafka::producer::DeliveryFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use twophase_messages::{Envelope, Message};
+use twophase_messages::{Envelope, EnvelopeError, Message};
 
 use crate::config::{KafkaConfig, RetryConfig};
 use crate::db::{Db, Tx};
@@ -617,9 +617,14 @@ impl<H: Handler> ConsumeLoop<H> {
         let seconds = started.elapsed().as_secs_f64();
         let mut queued = Vec::with_capacity(handled.len());
         for (incoming, mut h) in batch.iter().zip(handled) {
-            let _in_span = incoming.span.enter();
-            h.committed();
-            match self.publish_committed(&h.replies, Mode::Pipelined).await {
+            // In the message's span, but not entered across the wait for the producer's queue:
+            // a span entered over an await would be current for whatever else ran on the thread.
+            incoming.span.in_scope(|| h.committed());
+            let published = self
+                .publish_committed(&h.replies, Mode::Pipelined)
+                .instrument(incoming.span.clone())
+                .await;
+            match published {
                 Ok(Processed::Queued(deliveries)) => queued.push(deliveries),
                 Ok(_) => queued.push(Vec::new()),
                 Err(e) => {
@@ -638,8 +643,14 @@ impl<H: Handler> ConsumeLoop<H> {
     }
 
     /// The span of one message's handling: in the trace its headers carry, with its ids as
-    /// fields (so every log line of it has the transfer's trace id).
-    fn span(&self, raw: &BorrowedMessage<'_>, incoming: Option<&Incoming>) -> tracing::Span {
+    /// fields (so every log line of it has the transfer's trace id). A message whose headers
+    /// could not be read has neither; one whose payload could not be read has no transfer id.
+    fn span(
+        &self,
+        raw: &BorrowedMessage<'_>,
+        envelope: Option<&Envelope>,
+        transfer_id: Option<&str>,
+    ) -> tracing::Span {
         let span = tracing::info_span!(
             "consume",
             otel.name = format!("process {}", raw.topic()),
@@ -655,10 +666,9 @@ impl<H: Handler> ConsumeLoop<H> {
             transfer.id = tracing::field::Empty,
             trace.id = tracing::field::Empty,
         );
-        let Some(incoming) = incoming else {
+        let Some(envelope) = envelope else {
             return span;
         };
-        let envelope = &incoming.envelope;
         telemetry::continue_trace(
             &span,
             envelope.traceparent.as_deref(),
@@ -666,7 +676,9 @@ impl<H: Handler> ConsumeLoop<H> {
         );
         span.record("message.id", tracing::field::display(envelope.id));
         span.record("message.type", envelope.message_type.as_str());
-        span.record("transfer.id", incoming.message.transfer_id());
+        if let Some(transfer_id) = transfer_id {
+            span.record("transfer.id", transfer_id);
+        }
         if let Some(trace_id) = telemetry::exported_trace_id(&span).or_else(|| {
             envelope
                 .traceparent
@@ -685,9 +697,12 @@ impl<H: Handler> ConsumeLoop<H> {
             Ok(incoming) => incoming,
             Err(e) => {
                 let first = Utc::now();
+                // A payload that cannot be read under headers that can is still in its trace.
+                let envelope = self.envelope(raw).ok();
+                let span = self.span(raw, envelope.as_ref(), None);
                 return self
                     .dead_letter(raw, "decode", &e, 1, first, Instant::now())
-                    .instrument(self.span(raw, None))
+                    .instrument(span)
                     .await;
             }
         };
@@ -709,16 +724,25 @@ impl<H: Handler> ConsumeLoop<H> {
         Ok(handled)
     }
 
-    fn decode(&self, raw: &BorrowedMessage<'_>) -> anyhow::Result<Incoming> {
-        let default_type = self
-            .settings
+    /// The record's envelope, read from its headers.
+    fn envelope(&self, raw: &BorrowedMessage<'_>) -> Result<Envelope, EnvelopeError> {
+        envelope_of(raw, self.default_type(raw), || {
+            Envelope::position_id(raw.topic(), raw.partition(), raw.offset())
+        })
+    }
+
+    /// The one type a topic carries, for records without a `ce_type` header.
+    fn default_type(&self, raw: &BorrowedMessage<'_>) -> Option<&'static str> {
+        self.settings
             .default_types
             .iter()
             .find(|(t, _)| t == raw.topic())
-            .map(|(_, ty)| *ty);
-        let envelope = envelope_of(raw, default_type, || {
-            Envelope::position_id(raw.topic(), raw.partition(), raw.offset())
-        })?;
+            .map(|(_, ty)| *ty)
+    }
+
+    fn decode(&self, raw: &BorrowedMessage<'_>) -> anyhow::Result<Incoming> {
+        let default_type = self.default_type(raw);
+        let envelope = self.envelope(raw)?;
         let payload = raw.payload().unwrap_or_default();
         let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
         if let Some(only) = default_type {
@@ -737,7 +761,11 @@ impl<H: Handler> ConsumeLoop<H> {
             message,
             span: tracing::Span::none(),
         };
-        incoming.span = self.span(raw, Some(&incoming));
+        incoming.span = self.span(
+            raw,
+            Some(&incoming.envelope),
+            Some(&incoming.message.transfer_id()),
+        );
         Ok(incoming)
     }
 
@@ -796,6 +824,7 @@ impl<H: Handler> ConsumeLoop<H> {
             }
             let wait = self.settings.retry.backoff(attempt);
             tracing::warn!(attempt, ?wait, error = %error, "handler failed; retrying");
+            metrics::handler_retry(self.settings.name, &incoming.topic);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Processed::Interrupted,
                 _ = tokio::time::sleep(wait) => {}

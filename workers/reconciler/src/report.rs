@@ -117,7 +117,8 @@ impl Discrepancy {
     pub(crate) fn amounts(mut self, expected: Decimal, actual: Decimal) -> Discrepancy {
         self.expected = Some(expected);
         self.actual = Some(actual);
-        self.difference = Some(actual - expected);
+        // Saturated: amounts altered past the largest decimal still show as a difference.
+        self.difference = Some(actual.saturating_sub(expected));
         self
     }
 }
@@ -514,6 +515,12 @@ mod tests {
         let table = r.to_table();
         assert!(table.contains("balance_mismatch"), "{table}");
         assert!(table.contains(&a.to_string()), "{table}");
+    }
+
+    #[test]
+    fn a_difference_past_the_largest_decimal_is_shown_saturated() {
+        let d = Discrepancy::new(Kind::BalanceMismatch, "x").amounts(Decimal::MAX, Decimal::MIN);
+        assert_eq!(d.difference, Some(Decimal::MIN));
     }
 
     #[test]

@@ -12,6 +12,9 @@ use serde_json::Value;
 fn twophase(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_twophase"))
         .args(args)
+        // Any free port for `dev`'s metrics and audit API: the default one may be taken, by
+        // another test's demo among others.
+        .env("TWOPHASE_METRICS_LISTEN", "127.0.0.1:0")
         .env_remove("TWOPHASE_CONFIG")
         .env_remove("TWOPHASE_DATABASE_URL")
         .env_remove("TWOPHASE_KAFKA__BROKERS")
@@ -114,13 +117,11 @@ fn a_worker_that_cannot_start_ends_the_demo_with_its_own_error() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     // A typo in a consumer property: librdkafka refuses it when each worker creates its
-    // consumer, after the demo has started waiting for the workers. (Any free port for the
-    // metrics and the audit API: the other test's demo may be running.)
+    // consumer, after the demo has started waiting for the workers.
     let config = dir.join("typo.toml");
     std::fs::write(
         &config,
-        "metrics_listen = \"127.0.0.1:0\"\n\
-         [kafka.consumer_properties]\n\"fetch.wait.max.mss\" = \"10\"\n",
+        "[kafka.consumer_properties]\n\"fetch.wait.max.mss\" = \"10\"\n",
     )
     .unwrap();
     let data = dir.join("data");

@@ -390,7 +390,7 @@ pub async fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> Option<f6
     .await?;
     scrape.lines().find_map(|line| {
         let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, series_labels) = series.split_once('{')?;
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
         let pairs: Vec<&str> = series_labels.trim_end_matches('}').split(',').collect();
         let wanted = labels
             .iter()

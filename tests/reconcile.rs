@@ -271,6 +271,7 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     let b = env.open_account("USD", "0").await;
     let c = env.open_account("USD", "0").await;
     let d = env.open_account("USD", "100.00").await;
+    let e = env.open_account("USD", "50.00").await;
     let t1 = request(a, b, "10.00", "USD");
     let t2 = request(a, c, "5.00", "USD");
     let outcomes = env
@@ -292,6 +293,22 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
         "UPDATE account.accounts SET balance = $1 WHERE account_id = $2",
         Amount(dec("100.01")),
         d
+    )
+    .unwrap();
+    // A deposit made larger, with the balance to match, so that the replay adds up: only the
+    // balance its entry recorded tells.
+    execute!(
+        &mut tx,
+        "UPDATE account.ledger SET amount = $1 WHERE account_id = $2",
+        Amount(dec("70.00")),
+        e
+    )
+    .unwrap();
+    execute!(
+        &mut tx,
+        "UPDATE account.accounts SET balance = $1 WHERE account_id = $2",
+        Amount(dec("70.00")),
+        e
     )
     .unwrap();
     // A credit lost, its balance fixed so that only the missing credit shows.
@@ -368,6 +385,14 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
                 Some(dec("0.01"))
             ),
             (
+                Kind::LedgerMismatch,
+                Some(e),
+                None,
+                Some(dec("70.00")),
+                Some(dec("50.00")),
+                Some(dec("-20.00"))
+            ),
+            (
                 Kind::MissingCredit,
                 Some(c),
                 Some(t2_id),
@@ -400,6 +425,7 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
         let planted = matches!(
             kind,
             Kind::BalanceMismatch
+                | Kind::LedgerMismatch
                 | Kind::MissingCredit
                 | Kind::UnexpectedEntry
                 | Kind::StaleHold
@@ -434,7 +460,7 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     assert_eq!(
         env.count("SELECT count(*) FROM reconciler.discrepancies")
             .await,
-        5
+        6
     );
 
     // Both runs were published, the second saying it replaced the first.

@@ -316,15 +316,20 @@ pub async fn set_status(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Mismatch {
     pub account_id: Uuid,
-    /// `balance` (against the replay of its ledger) or `held` (against its open holds).
+    /// `balance` (against the replay of its ledger), `held` (against its open holds) or
+    /// `balance_after` (of a ledger entry, against the entries up to it).
     pub field: &'static str,
+    /// The ledger entry, for `balance_after`.
+    pub entry_id: Option<i64>,
     pub expected: Decimal,
     pub actual: Decimal,
 }
 
 /// Replays every account's ledger and open holds and reports each account whose balance or
-/// held amount differs, all read in one snapshot. Returns the number of accounts checked with
-/// the mismatches.
+/// held amount differs, and the first entry of each account's ledger whose `balance_after` is
+/// not the sum of the entries up to it (an entry altered along with the balance, which the
+/// replay alone would miss), all read in one snapshot. Returns the number of accounts checked
+/// with the mismatches.
 pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountError> {
     let mut tx = db.begin_snapshot().await?;
     let accounts = query_as!(
@@ -335,9 +340,9 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
     )?;
     let ledger = query_as!(
         &mut tx,
-        (Uuid, String, Amount),
+        (i64, Uuid, String, Amount, Amount),
         fetch_all,
-        "SELECT account_id, kind, amount FROM ledger ORDER BY entry_id"
+        "SELECT entry_id, account_id, kind, amount, balance_after FROM ledger ORDER BY entry_id"
     )?;
     let holds = query_as!(
         &mut tx,
@@ -347,20 +352,32 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
     )?;
     tx.commit().await?;
     let mut replayed: std::collections::HashMap<Uuid, (Decimal, Decimal)> = Default::default();
-    // In the order they were written, each sum is a balance the account had. One that was
-    // altered can go past the largest decimal: it saturates, and shows as a mismatch.
-    for (account, kind, amount) in ledger {
+    let mut mismatches = Vec::new();
+    let mut misstated = std::collections::HashSet::new();
+    // In the order they were written, each sum is a balance the account had, and the one its
+    // entry recorded. One that was altered can go past the largest decimal: it saturates, and
+    // shows as a mismatch.
+    for (entry_id, account, kind, amount, balance_after) in ledger {
         let entry = replayed.entry(account).or_default();
         entry.0 = match kind.as_str() {
             "deposit" | "credit" => entry.0.saturating_add(amount.0),
             _ => entry.0.saturating_sub(amount.0),
         };
+        // Past the first, every entry of the account is off by as much: one says it all.
+        if entry.0 != balance_after.0 && misstated.insert(account) {
+            mismatches.push(Mismatch {
+                account_id: account,
+                field: "balance_after",
+                entry_id: Some(entry_id),
+                expected: entry.0,
+                actual: balance_after.0,
+            });
+        }
     }
     for (account, amount) in holds {
         let held = &mut replayed.entry(account).or_default().1;
         *held = held.saturating_add(amount.0);
     }
-    let mut mismatches = Vec::new();
     for (account_id, balance, held) in &accounts {
         let (expected_balance, expected_held) =
             replayed.get(account_id).copied().unwrap_or_default();
@@ -372,6 +389,7 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
                 mismatches.push(Mismatch {
                     account_id: *account_id,
                     field,
+                    entry_id: None,
                     expected,
                     actual,
                 });

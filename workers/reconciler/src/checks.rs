@@ -399,19 +399,26 @@ async fn cross_check(
 }
 
 fn balance_discrepancy(m: &Mismatch) -> Discrepancy {
-    let (kind, detail) = if m.field == "held" {
-        (
+    let (kind, detail) = match (m.field, m.entry_id) {
+        ("held", _) => (
             Kind::HeldMismatch,
             format!("held is {}; its open holds sum to {}", m.actual, m.expected),
-        )
-    } else {
-        (
+        ),
+        ("balance_after", Some(entry)) => (
+            Kind::LedgerMismatch,
+            format!(
+                "ledger entry {entry} says the balance was {} after it; the entries up to it \
+                 add up to {}",
+                m.actual, m.expected
+            ),
+        ),
+        _ => (
             Kind::BalanceMismatch,
             format!(
                 "balance is {}; its ledger replays to {}",
                 m.actual, m.expected
             ),
-        )
+        ),
     };
     Discrepancy::new(kind, detail)
         .account(m.account_id)
@@ -1006,6 +1013,7 @@ mod tests {
         let d = balance_discrepancy(&Mismatch {
             account_id: account,
             field: "balance",
+            entry_id: None,
             expected: dec("100.00"),
             actual: dec("100.01"),
         });
@@ -1014,9 +1022,19 @@ mod tests {
         let d = balance_discrepancy(&Mismatch {
             account_id: account,
             field: "held",
+            entry_id: None,
             expected: dec("0"),
             actual: dec("5"),
         });
         assert_eq!((d.kind, d.difference), (Kind::HeldMismatch, Some(dec("5"))));
+        let d = balance_discrepancy(&Mismatch {
+            account_id: account,
+            field: "balance_after",
+            entry_id: Some(7),
+            expected: dec("200"),
+            actual: dec("100"),
+        });
+        assert_eq!(d.kind, Kind::LedgerMismatch);
+        assert!(d.detail.contains("ledger entry 7"), "{}", d.detail);
     }
 }

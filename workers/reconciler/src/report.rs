@@ -19,6 +19,10 @@ pub enum Kind {
     BalanceMismatch,
     /// An account's held amount differs from the sum of its open holds.
     HeldMismatch,
+    /// A ledger entry's `balance_after` differs from the sum of its account's entries up to
+    /// it: the entry, or one before it, was altered (with the balance, or the replay would
+    /// show it).
+    LedgerMismatch,
     /// A completed transfer has no debit.
     MissingDebit,
     /// A completed transfer has no credit.
@@ -40,9 +44,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::BalanceMismatch,
         Kind::HeldMismatch,
+        Kind::LedgerMismatch,
         Kind::MissingDebit,
         Kind::MissingCredit,
         Kind::AmountMismatch,
@@ -58,6 +63,7 @@ impl Kind {
         match self {
             Kind::BalanceMismatch => "balance_mismatch",
             Kind::HeldMismatch => "held_mismatch",
+            Kind::LedgerMismatch => "ledger_mismatch",
             Kind::MissingDebit => "missing_debit",
             Kind::MissingCredit => "missing_credit",
             Kind::AmountMismatch => "amount_mismatch",

@@ -503,12 +503,16 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
     let port = common::free_port();
     env.start_with(
         "reconciler",
-        &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
+        &[
+            ("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}")),
+            ("TWOPHASE_RECONCILER__GAUGES_REFRESH", "1s"),
+        ],
     );
     // (Scraped from a process of its own: tests in this one reconcile side by side.)
     for (kind, n) in [
         ("stale_hold", 1.0),
         ("missing_credit", 1.0),
+        ("ledger_mismatch", 1.0),
         ("held_mismatch", 0.0),
     ] {
         let found = scrape(
@@ -518,6 +522,44 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
         )
         .await;
         assert_eq!(found, Some(n), "{kind}");
+    }
+
+    // Once the stale hold is released and the day run again by hand, the running reconciler's
+    // gauge shows it gone, without waiting for its next run.
+    let mut tx = env.db.begin().await.unwrap();
+    execute!(
+        &mut tx,
+        "UPDATE account.holds SET status = 'released' WHERE transfer_id = $1",
+        hold
+    )
+    .unwrap();
+    execute!(
+        &mut tx,
+        "UPDATE account.accounts SET held = $1 WHERE account_id = $2",
+        Amount(Decimal::ZERO),
+        a
+    )
+    .unwrap();
+    tx.commit().await.unwrap();
+    let (_, fixed) = reconcile_cli(&env, today()).await;
+    assert_eq!(fixed.count(Kind::StaleHold), 0, "{}", fixed.to_table());
+    let started = Instant::now();
+    loop {
+        let stale = common::metric(
+            port,
+            "twophase_reconciliation_discrepancies",
+            &[("kind", "stale_hold")],
+        )
+        .await;
+        if stale == Some(0.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the reconciler still shows {stale:?} stale holds (logs in {})",
+            env.log_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use twophase_runtime::db::Db;
 use twophase_runtime::{http, out, outln, shutdown};
 
-use crate::checks::{set_gauges, set_gauges_of, show_reconciled_through};
+use crate::checks::{set_gauges_of, show_reconciled_through};
 use crate::report::Report;
 use crate::store;
 use crate::window::{catch_up_from, missed_days, next_run, today};
@@ -72,11 +72,7 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
         .context("connecting to the reconciler schema")?;
     // The gauges show the last verdict from the start, not only after the next run: a restart
     // must not clear a discrepancy alert.
-    match store::latest_verdict(&db).await {
-        Ok(Some(report)) => set_gauges(&report, settings.config.time_zone.name()),
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "the last report could not be read for the gauges"),
-    }
+    refresh_gauges(&settings, &[]).await;
     let health = http::Health::of_database(&db);
     // No consumer group to wait for: ready as soon as the database answers.
     health.set_assigned(true);
@@ -97,8 +93,13 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
 /// finished before stopping.
 pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     let config = &settings.config;
+    // The days the gauges show: the latest verdict's until a run, then the run's days.
+    let mut shown = Vec::new();
     loop {
-        catch_up(settings, &shutdown).await;
+        let caught_up = catch_up(settings, &shutdown).await;
+        if !caught_up.is_empty() {
+            shown = caught_up;
+        }
         if shutdown.is_cancelled() {
             return;
         }
@@ -109,21 +110,45 @@ pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
             if wait.is_zero() {
                 break;
             }
-            // Wakes at least hourly, so that a clock change is noticed.
+            // Wakes at least hourly, so that a clock change is noticed, and to read again the
+            // reports the gauges show, so that a day run again by hand shows in them.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
+                _ = tokio::time::sleep(wait.min(config.gauges_refresh).min(Duration::from_secs(3600))) => {}
             }
+            refresh_gauges(settings, &shown).await;
         }
         reconcile(settings, day).await;
+        shown = vec![day];
         if shutdown.is_cancelled() {
             return;
         }
     }
 }
 
+/// Shows in the gauges the stored reports of `days`, or the latest verdict if none.
+async fn refresh_gauges(settings: &Settings, days: &[NaiveDate]) {
+    let stored = async {
+        let db = Db::connect(&settings.database_url, SCHEMA, 1).await?;
+        let mut reports = Vec::new();
+        if days.is_empty() {
+            reports.extend(store::latest_verdict(&db).await?);
+        }
+        for day in days {
+            reports.extend(store::load(&db, *day).await?);
+        }
+        db.close().await;
+        Ok::<_, sqlx::Error>(reports)
+    };
+    match stored.await {
+        Ok(reports) => set_gauges_of(&reports, settings.config.time_zone.name()),
+        Err(e) => tracing::warn!(error = %e, "the stored reports could not be read for the gauges"),
+    }
+}
+
 /// Reconciles the days that have no verdict, oldest first, and shows what all of them found.
-async fn catch_up(settings: &Settings, shutdown: &CancellationToken) {
+/// Returns the days reconciled.
+async fn catch_up(settings: &Settings, shutdown: &CancellationToken) -> Vec<NaiveDate> {
     let mut reports = Vec::new();
     for day in missed(settings).await {
         if shutdown.is_cancelled() {
@@ -135,6 +160,7 @@ async fn catch_up(settings: &Settings, shutdown: &CancellationToken) {
     if reports.len() > 1 {
         set_gauges_of(&reports, settings.config.time_zone.name());
     }
+    reports.iter().map(|r| r.date).collect()
 }
 
 /// The days to catch up on now, from the stored reports.

@@ -103,6 +103,10 @@ pub struct ReconcilerConfig {
     /// offsets are reached.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// How often `twophase reconciler` reads again the stored reports its gauges show, so that
+    /// a day reconciled again by hand (`twophase reconcile --date`) shows in them within it.
+    #[serde(with = "humantime_serde")]
+    pub gauges_refresh: Duration,
 }
 
 impl Default for ReconcilerConfig {
@@ -114,6 +118,7 @@ impl Default for ReconcilerConfig {
             stale_hold_after: Duration::from_secs(60 * 60),
             stuck_transfer_after: Duration::from_secs(15 * 60),
             read_timeout: Duration::from_secs(30),
+            gauges_refresh: Duration::from_secs(5 * 60),
         }
     }
 }

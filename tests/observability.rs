@@ -254,12 +254,38 @@ async fn an_abort_left_unacknowledged_counts_as_stuck() {
     env.wait_failpoint("account", Duration::from_secs(60)).await;
     wait_for_value(port, r#"twophase_sagas_in_flight{status="aborting"}"#, 1.0).await;
     wait_for_value(port, "twophase_sagas_stuck", 1.0).await;
+    // Ops find which transfer it is, and what it waits on.
+    let listed = env
+        .command()
+        .args(["transfers", "stuck", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(listed.status.code(), Some(1), "{listed:?}");
+    let stuck: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let stuck = stuck.as_array().unwrap();
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    assert_eq!(stuck[0]["transfer_id"], transfer.transfer_id);
+    assert_eq!(stuck[0]["status"], "aborting");
+    assert!(
+        stuck[0]["awaiting"]
+            .as_array()
+            .unwrap()
+            .contains(&"release".into()),
+        "{stuck:?}"
+    );
+    assert!(stuck[0]["attempts"].as_i64() >= Some(2), "{stuck:?}");
 
     env.start("account");
     let outcome =
         common::outcome_of(&watcher, &transfer.transfer_id, Duration::from_secs(60)).await;
     common::assert_outcome(&outcome, "failed", Some("timeout"));
     wait_for_value(port, "twophase_sagas_stuck", 0.0).await;
+    let listed = env.command().args(["transfers", "stuck"]).output().unwrap();
+    assert_eq!(listed.status.code(), Some(0), "{listed:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "no transfer is stuck in commit or abort\n"
+    );
     let zero = rust_decimal::Decimal::ZERO;
     assert_eq!(
         env.balance(a).await,

@@ -80,21 +80,6 @@ struct QueryArgs {
     json: bool,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum TransfersCommand {
-    /// Show a transfer's timeline from the audit log: its request, prepare commands, votes,
-    /// commit or abort commands, acks and outcome, in order, with the time between steps.
-    ///
-    /// Exit code: 0 found, 1 nothing of this transfer is audited.
-    Show {
-        /// The transfer id.
-        id: String,
-        /// Print the timeline as JSON, as GET /transfers/{id}/timeline answers it.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 /// What the audit commands need from the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Services<'a> {
@@ -129,11 +114,11 @@ pub async fn audit(services: Services<'_>, args: AuditArgs) -> anyhow::Result<u8
     }
 }
 
-/// `twophase transfers show ID`.
-pub async fn transfers(database_url: &str, command: TransfersCommand) -> anyhow::Result<u8> {
-    let TransfersCommand::Show { id, json } = command;
+/// `twophase transfers show ID`: a transfer's timeline from the audit log. Exit code 0 found, 1
+/// nothing of this transfer is audited.
+pub async fn timeline(database_url: &str, id: &str, json: bool) -> anyhow::Result<u8> {
     let db = connect(database_url, 1).await?;
-    let steps = store::timeline(&db, &id).await?;
+    let steps = store::timeline(&db, id).await?;
     db.close().await;
     if steps.is_empty() {
         eprintln!("no audited message of transfer {id}");
@@ -141,13 +126,13 @@ pub async fn transfers(database_url: &str, command: TransfersCommand) -> anyhow:
     }
     if json {
         let out = serde_json::json!({
-            "transfer_id": crate::record::normalize_transfer_id(&id),
+            "transfer_id": crate::record::normalize_transfer_id(id),
             "steps": store::to_json(&steps),
         });
         outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
-    outln!("transfer {}", crate::record::normalize_transfer_id(&id));
+    outln!("transfer {}", crate::record::normalize_transfer_id(id));
     for step in &steps {
         print_step(step);
     }

@@ -99,6 +99,62 @@ impl Default for CoordinatorConfig {
     }
 }
 
+/// A transfer whose commit or abort has gone unacknowledged past the re-send threshold
+/// (`commit_stuck_after_attempts`): what `twophase transfers stuck` lists.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StuckTransfer {
+    pub transfer_id: Uuid,
+    /// `committing` or `aborting`.
+    pub status: &'static str,
+    /// The commands sent and not yet acknowledged (`capture`, `credit`, `release`,
+    /// `cancel_credit`): each names the account worker that owes the answer.
+    pub awaiting: Vec<&'static str>,
+    /// How often they have been re-sent.
+    pub attempts: i32,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub from_account: Option<Uuid>,
+    pub to_account: Option<Uuid>,
+    #[serde(with = "rust_decimal::serde::str_option")]
+    pub amount: Option<Decimal>,
+    pub currency: Option<String>,
+}
+
+/// The transfers stuck in commit or abort, the longest decided first.
+pub async fn stuck_transfers(
+    db: &Db,
+    config: &CoordinatorConfig,
+) -> Result<Vec<StuckTransfer>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let stuck = store::stuck(&mut tx, config.commit_stuck_after_attempts).await?;
+    tx.commit().await?;
+    Ok(stuck
+        .into_iter()
+        .map(|stored| {
+            let saga = &stored.saga;
+            let awaiting = saga
+                .outstanding()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Emit::Account(action) => Some(action.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let terms = saga.terms.as_ref();
+            StuckTransfer {
+                transfer_id: saga.transfer_id,
+                status: saga.status.as_str(),
+                awaiting,
+                attempts: stored.resend_attempts,
+                decided_at: stored.decided_at,
+                from_account: terms.map(|t| t.from_account),
+                to_account: terms.map(|t| t.to_account),
+                amount: terms.map(|t| t.amount),
+                currency: terms.map(|t| t.currency.clone()),
+            }
+        })
+        .collect())
+}
+
 #[derive(Debug)]
 pub struct Coordinator {
     db: Db,

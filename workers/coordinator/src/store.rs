@@ -470,6 +470,18 @@ pub async fn lock_due(tx: &mut Tx, now: Timestamp, limit: i64) -> Result<Vec<Sto
     rows.into_iter().map(Stored::try_from).collect()
 }
 
+/// Decided transfers whose commit or abort commands have been re-sent at least `stuck_after`
+/// times (those `twophase_sagas_stuck` counts), the longest decided first.
+pub async fn stuck(tx: &mut Tx, stuck_after: i32) -> Result<Vec<Stored>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM transfers
+         WHERE status IN ('committing', 'aborting') AND resend_attempts >= $1
+         ORDER BY decided_at, transfer_id"
+    );
+    let rows = query_as!(tx, Row, fetch_all, &sql, stuck_after)?;
+    rows.into_iter().map(Stored::try_from).collect()
+}
+
 /// How many transfers are in flight per status, and how many of those committing or aborting
 /// have had their commands re-sent at least `stuck_after` times.
 pub async fn in_flight(

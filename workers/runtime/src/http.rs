@@ -196,6 +196,7 @@ pub fn router(health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics_endpoint))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .with_state(health)
 }
 
@@ -238,6 +239,17 @@ async fn healthz(State(health): State<Health>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(report)).into_response()
+}
+
+/// `/livez`, for a liveness probe: 200 while the process serves. A worker that is not ready (a
+/// copy with no partitions, one waiting out an outage) is alive, and a restart would help
+/// neither; one that can do no more (a fatal Kafka error) exits by itself.
+async fn livez() -> Response {
+    (
+        StatusCode::OK,
+        Json(serde_json::json!({ "status": "alive" })),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -352,6 +364,14 @@ mod tests {
         assert_eq!(report["database"], "error: connection refused");
         // Every probe asks the database afresh.
         assert_eq!(calls.load(Ordering::Relaxed), 3);
+        // Not ready, but alive: a liveness probe must not restart a worker waiting it out.
+        let (code, _, body) = get(addr, "/livez").await;
+        assert_eq!((code, body.as_str()), (200, r#"{"status":"alive"}"#));
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            3,
+            "liveness asks no database"
+        );
 
         // A revoked assignment makes it not ready again.
         database_up.store(true, Ordering::Relaxed);

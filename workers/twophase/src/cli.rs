@@ -89,9 +89,9 @@ enum Command {
     /// serves the query API (GET /audit/logs, GET /transfers/{id}/timeline) on audit.listen.
     /// `audit verify` checks the hash chains; `audit query` looks rows up.
     Audit(twophase_audit::cli::AuditArgs),
-    /// Transfers as the audit log saw them.
+    /// Transfers: one's timeline as the audit log saw it, or those stuck in commit or abort.
     #[command(subcommand)]
-    Transfers(twophase_audit::cli::TransfersCommand),
+    Transfers(TransfersCommand),
     /// Reconcile one day once: balances against the ledger, transfer outcomes against debits
     /// and credits, totals, stale holds and stuck transfers. Prints the report (a table, or
     /// --json), stores it (replacing an earlier one of the day) and publishes it to
@@ -130,6 +130,32 @@ enum TopicsCommand {
     Create,
     /// List the saga topic names under the configured prefix.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TransfersCommand {
+    /// Show a transfer's timeline from the audit log: its request, prepare commands, votes,
+    /// commit or abort commands, acks and outcome, in order, with the time between steps.
+    ///
+    /// Exit code: 0 found, 1 nothing of this transfer is audited.
+    Show {
+        /// The transfer id.
+        id: String,
+        /// Print the timeline as JSON, as GET /transfers/{id}/timeline answers it.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the transfers whose commit or abort has gone unacknowledged past the re-send
+    /// threshold (coordinator.commit_stuck_after_attempts), the longest decided first, with the
+    /// commands each still awaits: the ones the SagasStuck alert counts. Read from the
+    /// coordinator's store.
+    ///
+    /// Exit code: 0 none is stuck, 1 some are.
+    Stuck {
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -337,9 +363,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             return twophase_audit::cli::audit(services, args).await;
         }
-        Command::Transfers(command) => {
-            return twophase_audit::cli::transfers(&config.database_url, command).await
+        Command::Transfers(TransfersCommand::Show { id, json }) => {
+            return twophase_audit::cli::timeline(&config.database_url, &id, json).await
         }
+        Command::Transfers(TransfersCommand::Stuck { json }) => return stuck(&config, json).await,
         Command::Reconcile(args) => {
             return twophase_reconciler::reconcile_command(reconciler_settings(&config), args).await
         }
@@ -400,6 +427,39 @@ async fn start_worker(
         .await
         .context("set metrics_listen (TWOPHASE_METRICS_LISTEN) to a free address")?;
     Ok((publisher, token))
+}
+
+/// `twophase transfers stuck`.
+async fn stuck(config: &Config, json: bool) -> anyhow::Result<u8> {
+    let db = pool(config, twophase_coordinator::SCHEMA, db::Lookups::Any).await?;
+    let stuck = twophase_coordinator::stuck_transfers(&db, &config.coordinator).await;
+    db.close().await;
+    let stuck = stuck.context("reading the transfers in flight")?;
+    let code = u8::from(!stuck.is_empty());
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&stuck)?);
+        return Ok(code);
+    }
+    if stuck.is_empty() {
+        outln!("no transfer is stuck in commit or abort");
+    }
+    for t in &stuck {
+        outln!(
+            "{}  {:<10}  awaiting {:<20}  re-sent {:>3} times  decided {}  {} {} from {} to {}",
+            t.transfer_id,
+            t.status,
+            t.awaiting.join(", "),
+            t.attempts,
+            t.decided_at.map_or("-".to_owned(), |at| at
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()),
+            t.amount.map_or("-".to_owned(), |a| a.to_string()),
+            t.currency.as_deref().unwrap_or("-"),
+            t.from_account.map_or("-".to_owned(), |a| a.to_string()),
+            t.to_account.map_or("-".to_owned(), |a| a.to_string()),
+        );
+    }
+    Ok(code)
 }
 
 async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u8> {

@@ -2,7 +2,7 @@
 //! Kafka protocol binding in binary mode (`ce_*` headers, the payload is the data) plus the
 //! saga's correlation, causation and W3C trace context headers.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use uuid::Uuid;
 
 use crate::SCHEMA_VERSION;
@@ -210,12 +210,25 @@ const KNOWN: [&str; 10] = [
 /// A `ce_time` (RFC 3339), with a leap second (`23:59:60`, which RFC 3339 allows) read as the
 /// second after it, as a database stores it: whatever is derived from the time, a hash or an
 /// answer, is then the same before and after it is stored.
+/// A time whose UTC year is not 0000–9999 is no time a message carries: RFC 3339 writes four
+/// digits, and a store that keeps times as RFC 3339 text could not read it back.
 pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {
     let time = DateTime::parse_from_rfc3339(text).ok()?.with_timezone(&Utc);
     match time.timestamp_subsec_nanos().checked_sub(1_000_000_000) {
         Some(into_next) => DateTime::from_timestamp(time.timestamp() + 1, into_next),
         None => Some(time),
     }
+    .filter(in_rfc3339_range)
+}
+
+/// A record's Kafka timestamp (milliseconds since the epoch, which a producer may set to
+/// anything) as a time, if it is one [`parse_time`] would take.
+pub fn time_of_millis(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms).filter(in_rfc3339_range)
+}
+
+fn in_rfc3339_range(time: &DateTime<Utc>) -> bool {
+    (0..=9999).contains(&time.year())
 }
 
 fn parse_uuid(name: &'static str, value: String) -> Result<Uuid, EnvelopeError> {
@@ -282,6 +295,18 @@ mod tests {
             Some("2017-01-01T00:00:00.500+00:00")
         );
         assert_eq!(read("yesterday"), None);
+    }
+
+    #[test]
+    fn a_time_past_the_years_rfc_3339_writes_is_none() {
+        assert!(parse_time("9999-12-31T22:30:00-01:00").is_some());
+        assert!(parse_time("0000-01-01T00:00:00Z").is_some());
+        // Year 10000 and year -1 in UTC.
+        assert_eq!(parse_time("9999-12-31T23:30:00-01:00"), None);
+        assert_eq!(parse_time("0000-01-01T00:00:00+01:00"), None);
+        assert!(time_of_millis(1_765_000_000_000).is_some());
+        assert_eq!(time_of_millis(253_402_300_800_000), None);
+        assert_eq!(time_of_millis(i64::MAX), None);
     }
 
     #[test]

@@ -7,10 +7,10 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
-use twophase_messages::envelope::{headers as ce, parse_time};
+use twophase_messages::envelope::{headers as ce, parse_time, time_of_millis};
 use twophase_messages::{named, types, AccountAction, Envelope, Topics};
 use twophase_runtime::db::sqlx::types::Json;
 use twophase_runtime::db::Timestamp;
@@ -147,8 +147,7 @@ impl<'a> Source<'a> {
     }
 
     fn kafka_time(&self) -> Option<DateTime<Utc>> {
-        self.timestamp_ms
-            .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        self.timestamp_ms.and_then(time_of_millis)
     }
 }
 
@@ -913,6 +912,19 @@ mod tests {
             format!("{}/2/7", t.requests()).as_bytes(),
         );
         assert_eq!(record("").entry().message_id, position);
+    }
+
+    /// A time no RFC 3339 text can hold (year 10000 once in UTC) would be stored as text the
+    /// SQLite store cannot read back: the record's Kafka time is taken instead.
+    #[test]
+    fn a_ce_time_past_year_9999_dates_the_row_by_its_kafka_time() {
+        let mut record = Record::new(topics().events(), types::TRANSFER_COMPLETED, json!({}));
+        record.headers.retain(|(k, _)| *k != ce::TIME);
+        record
+            .headers
+            .push((ce::TIME, "9999-12-31T23:30:00-01:00".to_owned()));
+        let e = record.entry();
+        assert_eq!(e.occurred_at_us, 1_790_000_000_000_000);
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chrono::{TimeZone as _, Utc};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -234,7 +233,7 @@ where
     let time = record
         .timestamp()
         .to_millis()
-        .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+        .and_then(twophase_messages::envelope::time_of_millis);
     Envelope::from_headers(headers, default_type, fallback_id, time)
 }
 

@@ -572,6 +572,53 @@ async fn a_command_delivered_twice_is_applied_once() {
 
 /// A velocity window longer than the calendar reaches back to the Unix epoch; it panicked the
 /// risk worker on its first message.
+/// An operator whose deposit's answer never came runs it again: under its reference it is made
+/// once, and the reference cannot name another amount.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deposit_run_again_under_its_reference_is_made_once() {
+    let env = TestEnv::new("deposit-reference").await;
+    let a = env.open_account("USD", "0").await;
+    let run = |args: &[&str]| env.command().arg("accounts").args(args).output().unwrap();
+    let account = a.to_string();
+    let deposit = [
+        "deposit",
+        account.as_str(),
+        "10.00",
+        "--reference",
+        "wire-1",
+    ];
+    let first = run(&deposit);
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    assert!(first.stderr.is_empty(), "{first:?}");
+    let again = run(&deposit);
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    assert_eq!(again.stdout, first.stdout);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.starts_with("already made under this reference (ledger entry "),
+        "{said}"
+    );
+    assert_eq!(env.balance(a).await, (dec("10.00"), Decimal::ZERO));
+
+    let other = run(&["deposit", &account, "20.00", "--reference", "wire-1"]);
+    assert_ne!(other.status.code(), Some(0), "{other:?}");
+    let said = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        said.contains(&format!(
+            "reference \"wire-1\" was used on account {a} for a deposit of 10.00"
+        )),
+        "{said}"
+    );
+    // A withdrawal is another movement, under its own references.
+    let out = run(&["withdraw", &account, "4.00", "--reference", "wire-1"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(env.balance(a).await, (dec("6.00"), Decimal::ZERO));
+    let entries = env
+        .count("SELECT count(*) FROM account.ledger WHERE reference = 'wire-1'")
+        .await;
+    assert_eq!(entries, 2);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_velocity_window_longer_than_the_calendar_counts_from_the_epoch() {
     let mut env = TestEnv::new("long-window").await;

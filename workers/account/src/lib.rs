@@ -16,7 +16,7 @@ use twophase_runtime::db::{Db, Tx};
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{CancellationToken, Handled, Handler, HandlerError, Outgoing, Publisher};
 
-pub use store::{Account, AccountError, AccountStatus, LedgerEntry};
+pub use store::{Account, AccountError, AccountStatus, LedgerEntry, Moved};
 
 /// The database schema this worker owns.
 pub const SCHEMA: &str = "account";

@@ -33,6 +33,17 @@ pub enum AccountError {
         balance: Decimal,
         amount: Decimal,
     },
+    #[error(
+        "reference {reference:?} was used on account {account} for a {kind} of {amount} (ledger \
+         entry {entry_id}): a reference names one movement"
+    )]
+    ReferenceUsed {
+        account: Uuid,
+        reference: String,
+        kind: String,
+        amount: Decimal,
+        entry_id: i64,
+    },
     #[error(transparent)]
     Amount(#[from] twophase_messages::AmountError),
     #[error("database error")]
@@ -199,13 +210,23 @@ pub async fn ledger(
     Ok(entries)
 }
 
-/// Adds money from outside the system (a deposit) or takes it out (a withdrawal).
+/// What a deposit or a withdrawal did: the account after it, and the ledger entry that made it
+/// earlier if its reference names a movement already made (nothing changed this time).
+#[derive(Debug, Clone)]
+pub struct Moved {
+    pub account: Account,
+    pub earlier_entry: Option<i64>,
+}
+
+/// Adds money from outside the system (a deposit) or takes it out (a withdrawal). A
+/// `reference` names one movement of the account: the same again (a retry after a lost
+/// answer) changes nothing, and another under it is refused.
 pub async fn deposit(
     db: &Db,
     account_id: Uuid,
     amount: &str,
     reference: Option<&str>,
-) -> Result<Account, AccountError> {
+) -> Result<Moved, AccountError> {
     move_external(db, account_id, amount, reference, "deposit").await
 }
 
@@ -214,7 +235,7 @@ pub async fn withdraw(
     account_id: Uuid,
     amount: &str,
     reference: Option<&str>,
-) -> Result<Account, AccountError> {
+) -> Result<Moved, AccountError> {
     move_external(db, account_id, amount, reference, "withdrawal").await
 }
 
@@ -224,13 +245,47 @@ async fn move_external(
     amount: &str,
     reference: Option<&str>,
     kind: &str,
-) -> Result<Account, AccountError> {
+) -> Result<Moved, AccountError> {
     let mut tx = db.begin().await?;
     let account = lock(&mut tx, account_id).await?;
+    let amount = twophase_messages::validate_amount(amount, &account.currency)?;
+    // Read under the account's lock, so that two movements under one reference cannot both
+    // find none.
+    if let Some(reference) = reference {
+        let earlier = query_as!(
+            &mut tx,
+            (i64, Amount),
+            fetch_optional,
+            "SELECT entry_id, amount FROM ledger
+             WHERE account_id = $1 AND reference = $2 AND kind = $3
+             ORDER BY entry_id LIMIT 1",
+            account_id,
+            reference,
+            kind,
+        )?;
+        match earlier {
+            Some((entry_id, earlier)) if earlier.0 == amount => {
+                tx.commit().await?;
+                return Ok(Moved {
+                    account,
+                    earlier_entry: Some(entry_id),
+                });
+            }
+            Some((entry_id, earlier)) => {
+                return Err(AccountError::ReferenceUsed {
+                    account: account_id,
+                    reference: reference.to_owned(),
+                    kind: kind.to_owned(),
+                    amount: earlier.0,
+                    entry_id,
+                })
+            }
+            None => {}
+        }
+    }
     if account.status != "active" {
         return Err(AccountError::Inactive(account_id, account.status));
     }
-    let amount = twophase_messages::validate_amount(amount, &account.currency)?;
     let balance = if kind == "withdrawal" {
         if account.available() < amount {
             return Err(AccountError::InsufficientFunds {
@@ -273,7 +328,10 @@ async fn move_external(
         now,
     )?;
     tx.commit().await?;
-    Ok(updated)
+    Ok(Moved {
+        account: updated,
+        earlier_entry: None,
+    })
 }
 
 /// Freezes, reactivates or closes an account. A frozen or closed account votes no to new

@@ -169,6 +169,8 @@ enum AccountsCommand {
     Deposit {
         id: Uuid,
         amount: String,
+        /// Names this movement (a payment or wire id): run again with it, as after an answer
+        /// that never came, the deposit is not made twice; another amount under it is refused.
         #[arg(long)]
         reference: Option<String>,
     },
@@ -176,6 +178,7 @@ enum AccountsCommand {
     Withdraw {
         id: Uuid,
         amount: String,
+        /// Names this movement, as for deposit: the same withdrawal is not made twice.
         #[arg(long)]
         reference: Option<String>,
     },
@@ -476,6 +479,12 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
             a.available()
         );
     };
+    let moved = |m: &twophase_account::Moved| {
+        if let Some(entry) = m.earlier_entry {
+            eprintln!("already made under this reference (ledger entry {entry}): nothing changed");
+        }
+        show(&m.account);
+    };
     match command {
         AccountsCommand::Open { currency } => {
             let a = store::open(&pool, &currency).await?;
@@ -485,12 +494,12 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
             id,
             amount,
             reference,
-        } => show(&store::deposit(&pool, id, &amount, reference.as_deref()).await?),
+        } => moved(&store::deposit(&pool, id, &amount, reference.as_deref()).await?),
         AccountsCommand::Withdraw {
             id,
             amount,
             reference,
-        } => show(&store::withdraw(&pool, id, &amount, reference.as_deref()).await?),
+        } => moved(&store::withdraw(&pool, id, &amount, reference.as_deref()).await?),
         AccountsCommand::Show { id, entries, json } => {
             let account = store::get(&pool, id).await?;
             let ledger = store::ledger(&pool, id, entries).await?;

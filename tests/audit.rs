@@ -494,6 +494,25 @@ async fn every_message_is_audited_once_with_its_severity_and_trace_across_a_rest
     assert_eq!(outcomes.len(), second.len());
 
     let (produced, rows) = wait_caught_up(&env, &db).await;
+    // The successor was given again what its predecessor had stored.
+    let log = std::fs::read_to_string(env.log_dir.join("audit-1.log")).unwrap();
+    let again: u64 = log
+        .lines()
+        .filter(|l| l.contains("batch audited"))
+        .filter_map(|l| {
+            l.split("duplicates=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        again > 0,
+        "nothing was delivered again (logs in {})",
+        env.log_dir.display()
+    );
 
     // Exactly once: one row per message id, each at a position the message was produced at.
     let mut positions: HashMap<Uuid, Vec<(String, i32, i64)>> = HashMap::new();

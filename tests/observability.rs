@@ -154,45 +154,26 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
     // Each of this run's outcomes is counted, under the labels the alert ratios select on.
     // (Every series exists at 0 from the start: only a count shows that anything counted.)
     let port = |worker: &str| ports.iter().find(|(w, _)| *w == worker).unwrap().1;
-    for (worker, name, labels) in [
-        (
-            "coordinator",
-            "twophase_transfers_total",
-            &[("status", "completed"), ("reason", "none")][..],
-        ),
-        (
-            "coordinator",
-            "twophase_transfers_total",
-            &[
-                ("status", "failed"),
-                ("reason", reasons::INSUFFICIENT_FUNDS),
-            ],
-        ),
-        (
-            "coordinator",
-            "twophase_transfers_total",
-            &[("status", "rejected"), ("reason", reasons::SAME_ACCOUNT)],
-        ),
-        (
-            "coordinator",
-            "twophase_transfers_total",
-            &[
-                ("status", "rejected"),
-                ("reason", reasons::INVALID_TRANSFER_ID),
-            ],
-        ),
-        (
-            "coordinator",
-            "twophase_transfers_total",
-            &[("status", "rejected"), ("reason", reasons::CONFLICT)],
-        ),
-        (
+    let outcomes = [
+        ("completed", "none"),
+        ("failed", reasons::INSUFFICIENT_FUNDS),
+        ("rejected", reasons::SAME_ACCOUNT),
+        ("rejected", reasons::INVALID_TRANSFER_ID),
+        ("rejected", reasons::CONFLICT),
+    ];
+    let counts = outcomes
+        .iter()
+        .map(|&(status, reason)| {
+            let labels = vec![("status", status), ("reason", reason)];
+            ("coordinator", "twophase_transfers_total", labels)
+        })
+        .chain([(
             "risk",
             "twophase_risk_decisions_total",
-            &[("decision", "approved")],
-        ),
-    ] {
-        let counted = common::metric(port(worker), name, labels).await;
+            vec![("decision", "approved")],
+        )]);
+    for (worker, name, labels) in counts {
+        let counted = common::metric(port(worker), name, &labels).await;
         assert!(
             counted.is_some_and(|n| n >= 1.0),
             "{name}{labels:?} is {counted:?} on the {worker}, after this run's outcomes"

@@ -34,6 +34,8 @@ pub struct TestEnv {
     pub log_dir: PathBuf,
     pub config_file: Option<PathBuf>,
     workers: Vec<Worker>,
+    /// How many times each kind of worker was started: its next log's number.
+    starts: HashMap<String, usize>,
     /// The mock cluster, when running on the embedded default. Dropped last.
     broker: Option<EmbeddedBroker>,
 }
@@ -120,6 +122,7 @@ impl TestEnv {
             log_dir,
             config_file: None,
             workers: Vec::new(),
+            starts: HashMap::new(),
             broker,
         }
     }
@@ -161,7 +164,10 @@ impl TestEnv {
 
     /// Starts a worker process with extra environment variables.
     pub fn start_with(&mut self, worker: &str, env: &[(&str, &str)]) {
-        let n = self.workers.iter().filter(|w| w.name == worker).count();
+        // Numbered by start, so that a restarted worker does not write over its predecessor's.
+        let started = self.starts.entry(worker.to_owned()).or_default();
+        let n = *started;
+        *started += 1;
         let log = std::fs::File::create(self.log_dir.join(format!("{worker}-{n}.log"))).unwrap();
         let child = self
             .command()

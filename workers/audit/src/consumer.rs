@@ -207,6 +207,12 @@ async fn write(
             Err(e) => {
                 let first = &entries[0];
                 let wait = retry.backoff(attempt);
+                let mut topics: Vec<&str> = entries.iter().map(|e| e.topic.as_str()).collect();
+                topics.sort_unstable();
+                topics.dedup();
+                for topic in topics {
+                    metrics::handler_retry(crate::WORKER, topic);
+                }
                 // Every failure is retried: skipping a record would leave a hole in the audit
                 // trail. A failure that does not go away shows as lag and in these lines.
                 let level_error = !e.is_transient() || attempt > 10;

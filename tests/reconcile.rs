@@ -915,6 +915,9 @@ async fn bench_reconcile_100k_ledger_entries() {
     let now = Timestamp::now();
     let amount = dec("1.00");
     let mut events = Vec::with_capacity(transfers);
+    // Each entry records the balance its account had after it, as the workers write it.
+    let mut balances: HashMap<Uuid, Decimal> =
+        accounts.iter().map(|a| (*a, dec("1000000.00"))).collect();
     let mut tx = env.db.begin().await.unwrap();
     for i in 0..transfers {
         // Each account sends as many transfers as it receives: balances stay as deposited.
@@ -935,6 +938,8 @@ async fn bench_reconcile_100k_ledger_entries() {
         )
         .unwrap();
         for (account, kind) in [(from, "debit"), (to, "credit")] {
+            let balance = balances.get_mut(&account).unwrap();
+            *balance += if kind == "debit" { -amount } else { amount };
             execute!(
                 &mut tx,
                 "INSERT INTO account.ledger (account_id, transfer_id, kind, amount, currency,
@@ -944,7 +949,7 @@ async fn bench_reconcile_100k_ledger_entries() {
                 id,
                 kind,
                 Amount(amount),
-                Amount(dec("1000000.00")),
+                Amount(*balance),
                 now
             )
             .unwrap();
@@ -965,6 +970,8 @@ async fn bench_reconcile_100k_ledger_entries() {
         ));
     }
     for i in 0..deposits {
+        let balance = balances.get_mut(&accounts[i % ACCOUNTS]).unwrap();
+        *balance += amount;
         execute!(
             &mut tx,
             "INSERT INTO account.ledger (account_id, kind, amount, currency, balance_after,
@@ -972,17 +979,16 @@ async fn bench_reconcile_100k_ledger_entries() {
              VALUES ($1, 'deposit', $2, 'USD', $3, $4)",
             accounts[i % ACCOUNTS],
             Amount(amount),
-            Amount(dec("1000000.00")),
+            Amount(*balance),
             now
         )
         .unwrap();
     }
-    let per_account = Decimal::from(deposits / ACCOUNTS) + dec("1000000.00");
-    for account in &accounts {
+    for (account, balance) in &balances {
         execute!(
             &mut tx,
             "UPDATE account.accounts SET balance = $1 WHERE account_id = $2",
-            Amount(per_account),
+            Amount(*balance),
             account
         )
         .unwrap();

@@ -93,7 +93,7 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
 /// finished before stopping.
 pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     let config = &settings.config;
-    // The days the gauges show: the latest verdict's until a run, then the run's days.
+    // The days the gauges show: the latest report's until a run, then the run's days.
     let mut shown = Vec::new();
     loop {
         let caught_up = catch_up(settings, &shutdown).await;
@@ -126,7 +126,7 @@ pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     }
 }
 
-/// Shows in the gauges the stored reports of `days`, or the latest verdict if none.
+/// Shows in the gauges the stored reports of `days`, or the latest that did not fail if none.
 async fn refresh_gauges(settings: &Settings, days: &[NaiveDate]) {
     let stored = async {
         let db = Db::connect(&settings.database_url, SCHEMA, 1).await?;

@@ -77,6 +77,7 @@ impl Config {
             ("audit.batch_timeout", a.batch_timeout),
             ("audit.commit_interval", a.commit_interval),
             ("reconciler.read_timeout", self.reconciler.read_timeout),
+            ("reconciler.gauges_refresh", self.reconciler.gauges_refresh),
         ];
         for (key, value) in durations {
             anyhow::ensure!(!value.is_zero(), "{key} must be longer than zero");
@@ -183,6 +184,8 @@ mod tests {
         no_partitions.kafka.partitions = -1;
         let mut never_stuck = Config::default();
         never_stuck.coordinator.commit_stuck_after_attempts = 0;
+        let mut spinning_gauges = Config::default();
+        spinning_gauges.reconciler.gauges_refresh = std::time::Duration::ZERO;
         for (config, says) in [
             (
                 zero_interval,
@@ -192,6 +195,10 @@ mod tests {
             (
                 never_stuck,
                 "coordinator.commit_stuck_after_attempts must be at least 1",
+            ),
+            (
+                spinning_gauges,
+                "reconciler.gauges_refresh must be longer than zero",
             ),
         ] {
             assert_eq!(config.validate().unwrap_err().to_string(), says);

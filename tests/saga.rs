@@ -570,8 +570,6 @@ async fn a_command_delivered_twice_is_applied_once() {
     assert_eq!(env.balance(a).await, (dec("70"), dec("30")));
 }
 
-/// A velocity window longer than the calendar reaches back to the Unix epoch; it panicked the
-/// risk worker on its first message.
 /// An operator whose deposit's answer never came runs it again: under its reference it is made
 /// once, and the reference cannot name another amount.
 #[tokio::test(flavor = "multi_thread")]
@@ -609,6 +607,16 @@ async fn a_deposit_run_again_under_its_reference_is_made_once() {
         )),
         "{said}"
     );
+    // A reference is an identifier, not any text.
+    let long = "r".repeat(257);
+    for bad in ["", "wire\n2", long.as_str()] {
+        let out = run(&["deposit", &account, "1.00", "--reference", bad]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("a reference is 1 to 256 bytes of text without control characters"),
+            "{bad:?}: {said}"
+        );
+    }
     // A withdrawal is another movement, under its own references.
     let out = run(&["withdraw", &account, "4.00", "--reference", "wire-1"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -619,6 +627,8 @@ async fn a_deposit_run_again_under_its_reference_is_made_once() {
     assert_eq!(entries, 2);
 }
 
+/// A velocity window longer than the calendar reaches back to the Unix epoch; it panicked the
+/// risk worker on its first message.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_velocity_window_longer_than_the_calendar_counts_from_the_epoch() {
     let mut env = TestEnv::new("long-window").await;

@@ -35,7 +35,7 @@ pub enum AccountError {
     },
     #[error(
         "reference {reference:?} was used on account {account} for a {kind} of {amount} (ledger \
-         entry {entry_id}): a reference names one movement"
+         entry {entry_id}): a reference names one {kind} of an account"
     )]
     ReferenceUsed {
         account: Uuid,
@@ -44,6 +44,10 @@ pub enum AccountError {
         amount: Decimal,
         entry_id: i64,
     },
+    #[error(
+        "a reference is 1 to {MAX_REFERENCE} bytes of text without control characters, not {0}"
+    )]
+    BadReference(String),
     #[error(transparent)]
     Amount(#[from] twophase_messages::AmountError),
     #[error("database error")]
@@ -218,9 +222,12 @@ pub struct Moved {
     pub earlier_entry: Option<i64>,
 }
 
+/// The longest reference of a deposit or withdrawal, in bytes.
+pub const MAX_REFERENCE: usize = 256;
+
 /// Adds money from outside the system (a deposit) or takes it out (a withdrawal). A
-/// `reference` names one movement of the account: the same again (a retry after a lost
-/// answer) changes nothing, and another under it is refused.
+/// `reference` names one deposit, or one withdrawal, of the account: the same again (a retry
+/// after a lost answer) changes nothing, and another amount under it is refused.
 pub async fn deposit(
     db: &Db,
     account_id: Uuid,
@@ -246,6 +253,14 @@ async fn move_external(
     reference: Option<&str>,
     kind: &str,
 ) -> Result<Moved, AccountError> {
+    if let Some(reference) = reference {
+        let text = !reference.is_empty() && !reference.chars().any(char::is_control);
+        if !text || reference.len() > MAX_REFERENCE {
+            return Err(AccountError::BadReference(twophase_messages::quoted(
+                reference,
+            )));
+        }
+    }
     let mut tx = db.begin().await?;
     let account = lock(&mut tx, account_id).await?;
     let amount = twophase_messages::validate_amount(amount, &account.currency)?;

@@ -175,8 +175,8 @@ pub fn excerpt(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
 pub const MAX_NAMED: usize = 256;
 
 /// A producer's identifier (a transfer id that is not a UUID, a message type) as the system
-/// writes it again, in a rejection or an audit row: whole if it is no longer than an excerpt
-/// of it would be, else [`excerpt`]ed to its first [`MAX_NAMED`] bytes. Naming what was named
+/// writes it again, in a rejection or an audit row: whole up to 293 bytes, the length of the
+/// longest excerpt, else [`excerpt`]ed to its first [`MAX_NAMED`] bytes. Naming what was named
 /// gives it back, so that a rejection names a transfer as the audit log stores its request.
 pub fn named(text: &str) -> std::borrow::Cow<'_, str> {
     // The longest excerpt: its bytes, "… (", at most twenty digits, " more bytes)".

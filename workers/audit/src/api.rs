@@ -102,7 +102,7 @@ pub fn parse_filter<'a>(
                 filter.entity_id = Some(crate::record::normalize_transfer_id(value));
             }
             // As stored (PostgreSQL refuses a NUL in a text parameter).
-            "event_type" => filter.event_type = Some(crate::record::text(value)),
+            "event_type" => filter.event_type = Some(crate::record::indexed(value)),
             "severity" => {
                 let Some(severity) = Severity::parse(value) else {
                     let all: Vec<&str> = Severity::ALL.iter().map(|s| s.as_str()).collect();

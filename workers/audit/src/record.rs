@@ -286,12 +286,21 @@ fn headers_of(source: &Source<'_>) -> Value {
 
 /// A transfer id as stored: the canonical form of a UUID (so `ABC…` and `abc…` are one
 /// transfer), or the producer's text as the coordinator's rejection names it when it is not
-/// one ([`twophase_messages::named`]).
+/// one ([`indexed`]).
 pub fn normalize_transfer_id(id: &str) -> String {
     match Uuid::parse_str(id.trim()) {
         Ok(uuid) => uuid.to_string(),
-        Err(_) => named(&text(id)).into_owned(),
+        Err(_) => indexed(id),
     }
+}
+
+/// A producer's identifier (a type, an id) as an indexed column stores it: as the system names
+/// it ([`twophase_messages::named`]: PostgreSQL refuses an index entry over about 2.7 KB, and
+/// the whole value stays in the headers and payload), then as text a column takes. Named first,
+/// so that a value named by a worker (a rejection's transfer id) is stored as the value it
+/// names.
+pub(crate) fn indexed(s: &str) -> String {
+    text(&named(s))
 }
 
 fn field<'v>(payload: &'v Value, name: &str) -> Option<&'v str> {
@@ -456,7 +465,8 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
     let kind = kind_of(source.topic, topics, prefix);
     let (encoding, payload) = payload_of(source.payload);
     let correlation_id = source.header(ce::CORRELATION_ID).map(text);
-    let declared_type = source.header(ce::TYPE).map(text);
+    let declared_type = source.header(ce::TYPE).map(indexed);
+    let correlation_as_id = || source.header(ce::CORRELATION_ID).map(indexed);
     // A request from a producer that sets no headers is a TransferRequested, as the
     // coordinator reads it.
     let event_type = declared_type.clone().unwrap_or_else(|| {
@@ -493,8 +503,8 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
             let id = ["report_id", "run_id", "id"]
                 .iter()
                 .find_map(|k| field(&payload, k))
-                .map(text)
-                .or_else(|| correlation_id.clone());
+                .map(indexed)
+                .or_else(correlation_as_id);
             // A run that could not finish is no verdict, but ops must know it failed.
             let severity = if !readable {
                 Severity::Error
@@ -516,8 +526,8 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
         }
         TopicKind::Replays => {
             let id = field(&payload, "run_id")
-                .map(text)
-                .or_else(|| correlation_id.clone());
+                .map(indexed)
+                .or_else(correlation_as_id);
             let meaning = Meaning {
                 entity_type: id.as_ref().map(|_| entity::REPLAY),
                 entity_id: id,
@@ -553,11 +563,9 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
         kafka_offset: source.offset,
         message_id: message_id_of(source, kind),
         message_key: source.key.map(bytes_text),
-        // Indexed, and PostgreSQL refuses an index entry over about 2.7 KB: a producer's type
-        // or id is kept whole in the headers and payload, and named here.
-        event_type: named(&event_type).into_owned(),
+        event_type,
         entity_type: meaning.entity_type.map(str::to_owned),
-        entity_id: meaning.entity_id.map(|id| named(&id).into_owned()),
+        entity_id: meaning.entity_id,
         transfer_id,
         action: meaning.action,
         actor_id,

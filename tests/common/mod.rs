@@ -208,9 +208,12 @@ impl TestEnv {
     /// Waits until the newest `worker` process is killed by the failpoint it was started with.
     pub async fn wait_failpoint(&mut self, worker: &str, timeout: Duration) {
         let status = self.wait_exit(worker, timeout).await;
-        assert_eq!(
-            status.signal(),
-            Some(failpoint::SIGNAL.as_raw()),
+        let n = self.starts[worker] - 1;
+        let log = std::fs::read_to_string(self.log_dir.join(format!("{worker}-{n}.log")));
+        // The signal, and the failpoint saying it sent it: not some other SIGKILL.
+        let by_failpoint = log.is_ok_and(|l| l.lines().any(|l| l.starts_with("failpoint ")));
+        assert!(
+            status.signal() == Some(failpoint::SIGNAL.as_raw()) && by_failpoint,
             "{worker} was to be killed by its failpoint, but {status} (logs in {})",
             self.log_dir.display()
         );

@@ -41,13 +41,13 @@ fn now() -> DateTime<Utc> {
     Timestamp::now().0
 }
 
-/// Counts a transfer that just reached its outcome, with the time from request to outcome.
 /// Counts a rejection that stores no transfer (a malformed id, an id reused for another
 /// request): it is decided as it is received, so it took no time.
 fn record_unstored_rejection(reason: &'static str) {
     metrics::transfer_finished(metrics::status::REJECTED, Some(reason), 0.0);
 }
 
+/// Counts a transfer that just reached its outcome, with the time from request to outcome.
 fn record_if_finished(stored: &Stored) {
     let saga = &stored.saga;
     if let (true, Some(finished)) = (saga.status.is_terminal(), saga.finished_at) {

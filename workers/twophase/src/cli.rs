@@ -448,13 +448,13 @@ async fn stuck(config: &Config, json: bool) -> anyhow::Result<u8> {
     }
     for t in &stuck {
         outln!(
-            "{}  {:<10}  awaiting {:<20}  re-sent {:>3} times  decided {}  {} {} from {} to {}",
+            "{}  {:<10}  awaiting {:<21}  re-sent {:>3} times  decided {}  {} {} from {} to {}",
             t.transfer_id,
             t.status,
             t.awaiting.join(", "),
             t.attempts,
             t.decided_at.map_or("-".to_owned(), |at| at
-                .format("%Y-%m-%d %H:%M:%S")
+                .format("%Y-%m-%d %H:%M:%S UTC")
                 .to_string()),
             t.amount.map_or("-".to_owned(), |a| a.to_string()),
             t.currency.as_deref().unwrap_or("-"),

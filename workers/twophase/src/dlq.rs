@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders};
@@ -224,7 +224,7 @@ impl DeadLetter {
             timestamp: record
                 .timestamp()
                 .to_millis()
-                .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
+                .and_then(twophase_messages::envelope::time_of_millis),
             key: record.key().map(<[u8]>::to_vec),
             payload: record.payload().map(<[u8]>::to_vec),
             headers,
@@ -806,6 +806,7 @@ async fn record_run(
 
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone as _;
     use rdkafka::message::Headers as _;
 
     use super::*;

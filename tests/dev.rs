@@ -176,6 +176,43 @@ fn dev_refuses_the_flags_that_name_real_services() {
     }
 }
 
+/// The real services' settings, set in the environment for other commands, do not stop the
+/// demo, and are said to be unused rather than silently passed over.
+#[test]
+fn settings_for_the_real_services_are_said_to_be_unused() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
+    let data = dir.join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_twophase"))
+        .args([
+            "dev",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--demo",
+            "1",
+            "--json",
+        ])
+        .env("TWOPHASE_METRICS_LISTEN", "127.0.0.1:0")
+        .env(
+            "TWOPHASE_DATABASE_URL",
+            "postgres://ops@db.example:5432/twophase",
+        )
+        .env("TWOPHASE_KAFKA__BROKERS", "kafka.example:9092")
+        .env_remove("TWOPHASE_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for (key, env) in [
+        ("database_url", "TWOPHASE_DATABASE_URL"),
+        ("kafka.brokers", "TWOPHASE_KAFKA__BROKERS"),
+    ] {
+        let note = format!("note: {key} ({env}) is set but not used: twophase dev runs its own");
+        assert!(stderr.contains(&note), "{stderr}");
+    }
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["terminal"], 1, "{summary:#}");
+}
+
 #[test]
 fn an_address_in_use_is_said_before_anything_starts() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

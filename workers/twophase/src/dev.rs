@@ -78,6 +78,28 @@ pub struct Summary {
 }
 
 pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
+    // The real services' settings, from the environment or a config file that other commands
+    // share, do not stop the demo; but they are not used, and a user who set them is told so.
+    let defaults = Config::default();
+    for (key, env, set) in [
+        (
+            "database_url",
+            "TWOPHASE_DATABASE_URL",
+            config.database_url != defaults.database_url,
+        ),
+        (
+            "kafka.brokers",
+            "TWOPHASE_KAFKA__BROKERS",
+            config.kafka.brokers != defaults.kafka.brokers,
+        ),
+    ] {
+        if set {
+            eprintln!(
+                "note: {key} ({env}) is set but not used: twophase dev runs its own in-memory \
+                 broker and keeps its data in --data-dir"
+            );
+        }
+    }
     // One address serves the audit API beside /metrics and /healthz. Taken first, so that an
     // address in use is said before anything starts, not among the shutdown's broker errors.
     let listen = config

@@ -46,34 +46,20 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A loopback address with a port free right now.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+/// Starts `twophase audit` with its API on a free loopback port; the API's address, once it
+/// answers.
+async fn start_audit(env: &mut TestEnv) -> SocketAddr {
+    start_audit_with(env, &[]).await
 }
 
-/// Starts `twophase audit` with its API on `addr`, and waits until the API answers.
-async fn start_audit(env: &mut TestEnv, addr: SocketAddr) {
-    start_audit_with(env, addr, &[]).await
-}
-
-async fn start_audit_with(env: &mut TestEnv, addr: SocketAddr, vars: &[(&str, &str)]) {
-    let listen = addr.to_string();
+async fn start_audit_with(env: &mut TestEnv, vars: &[(&str, &str)]) -> SocketAddr {
     let mut all = vec![
-        ("TWOPHASE_AUDIT__LISTEN", listen.as_str()),
+        ("TWOPHASE_AUDIT__LISTEN", "127.0.0.1:0"),
         ("TWOPHASE_AUDIT__BATCH_TIMEOUT", "50ms"),
     ];
     all.extend_from_slice(vars);
     env.start_with("audit", &all);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the audit API did not come up on {addr} (logs in {})",
-            env.log_dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.bound("audit", "serving the audit API").await
 }
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -422,12 +408,7 @@ async fn every_message_is_audited_once_with_its_severity_and_trace_across_a_rest
     env.start_all(1);
     // The first audit worker commits no offset before it is killed, so its successor reads
     // everything again: every row it wrote is delivered a second time.
-    start_audit_with(
-        &mut env,
-        free_addr(),
-        &[("TWOPHASE_AUDIT__COMMIT_INTERVAL", "1h")],
-    )
-    .await;
+    start_audit_with(&mut env, &[("TWOPHASE_AUDIT__COMMIT_INTERVAL", "1h")]).await;
     let db = env.pool("audit").await;
     let a = env.open_account("USD", "1000.00").await;
     let b = env.open_account("USD", "0").await;
@@ -483,7 +464,7 @@ async fn every_message_is_audited_once_with_its_severity_and_trace_across_a_rest
     for r in &second[6..] {
         env.request(r).await;
     }
-    start_audit(&mut env, free_addr()).await;
+    start_audit(&mut env).await;
     let outcomes = watcher
         .wait_for(
             second.iter().map(|r| r.transfer_id.clone()),
@@ -581,8 +562,7 @@ async fn every_message_is_audited_once_with_its_severity_and_trace_across_a_rest
 async fn a_transfer_timeline_lists_every_step_in_order() {
     let mut env = TestEnv::new("audit-timeline").await;
     env.start_all(1);
-    let api = free_addr();
-    start_audit(&mut env, api).await;
+    let api = start_audit(&mut env).await;
     let a = env.open_account("USD", "100.00").await;
     let b = env.open_account("USD", "0").await;
     let completed = request(a, b, "12.34", "USD");
@@ -958,8 +938,7 @@ async fn rows_cannot_be_updated_or_deleted_and_verify_names_a_tampered_row() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_query_api_filters_pages_and_refuses_bad_parameters() {
     let mut env = TestEnv::new("audit-api").await;
-    let api = free_addr();
-    start_audit(&mut env, api).await;
+    let api = start_audit(&mut env).await;
     let db = env.pool("audit").await;
 
     // 60 rows a second apart: five kinds of event over three transfers and one account.
@@ -1329,8 +1308,7 @@ async fn reconciliation_reports_and_replay_runs_are_audited_with_their_severity_
     )
     .await;
 
-    let api = free_addr();
-    start_audit(&mut env, api).await;
+    let api = start_audit(&mut env).await;
     let db = env.pool("audit").await;
     wait_rows(&db, 4, &env).await;
     let row = |entity_type: &'static str, id: Uuid| async move {

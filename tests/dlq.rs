@@ -201,9 +201,7 @@ struct Poison {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on() {
     let mut env = TestEnv::new("poison").await;
-    let coordinator_port = common::free_port();
-    let listen = format!("127.0.0.1:{coordinator_port}");
-    env.start_with("coordinator", &[("TWOPHASE_METRICS_LISTEN", &listen)]);
+    let coordinator_port = env.start_serving("coordinator", &[]).await;
     env.start("account");
     env.start("risk");
     let a = env.open_account("USD", "100").await;

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{free_port, request, TestEnv};
+use common::{request, TestEnv};
 use twophase_messages::{reasons, TransferRequested};
 
 /// `GET path` on a worker's loopback port.
@@ -55,15 +55,9 @@ fn exported(scrape: &str) -> BTreeMap<String, Vec<String>> {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
     let mut env = TestEnv::new("metrics").await;
-    let ports: Vec<(&str, u16)> = ["coordinator", "account", "risk"]
-        .into_iter()
-        .map(|w| (w, free_port()))
-        .collect();
-    for (worker, port) in &ports {
-        env.start_with(
-            worker,
-            &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
-        );
+    let mut ports: Vec<(&str, u16)> = Vec::new();
+    for worker in ["coordinator", "account", "risk"] {
+        ports.push((worker, env.start_serving(worker, &[]).await));
     }
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;
@@ -216,11 +210,7 @@ async fn an_abort_left_unacknowledged_counts_as_stuck() {
         "[coordinator]\nprepare_timeout = \"2s\"\nresend_after = \"200ms\"\n\
          commit_stuck_after_attempts = 2\n",
     );
-    let port = free_port();
-    env.start_with(
-        "coordinator",
-        &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
-    );
+    let port = env.start_serving("coordinator", &[]).await;
     // The account worker dies once its prepare is applied; no risk worker votes, so the
     // transfer times out and is aborted, and no one acknowledges the abort.
     env.start_with(
@@ -277,11 +267,7 @@ async fn an_abort_left_unacknowledged_counts_as_stuck() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_in_flight_gauge_counts_a_transfer_waiting_for_its_votes() {
     let mut env = TestEnv::new("in-flight").await;
-    let port = free_port();
-    env.start_with(
-        "coordinator",
-        &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
-    );
+    let port = env.start_serving("coordinator", &[]).await;
     env.start("account");
     let a = env.open_account("USD", "100").await;
     let b = env.open_account("USD", "0").await;

@@ -88,9 +88,7 @@ async fn transfers_published_while_postgres_is_down_complete_after_it_returns_an
         return;
     }
     let mut env = TestEnv::new("outage").await;
-    let port = common::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    env.start_with("coordinator", &[("TWOPHASE_METRICS_LISTEN", &listen)]);
+    let port = env.start_serving("coordinator", &[]).await;
     env.start("account");
     env.start("risk");
     let a = env.open_account("USD", "100").await;

@@ -500,14 +500,12 @@ async fn each_planted_discrepancy_is_reported_and_a_rerun_replaces_the_report() 
 
     // A restarted reconciler shows the last verdict before its next run, so that a restart does
     // not clear the discrepancy alert.
-    let port = common::free_port();
-    env.start_with(
-        "reconciler",
-        &[
-            ("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}")),
-            ("TWOPHASE_RECONCILER__GAUGES_REFRESH", "1s"),
-        ],
-    );
+    let port = env
+        .start_serving(
+            "reconciler",
+            &[("TWOPHASE_RECONCILER__GAUGES_REFRESH", "1s")],
+        )
+        .await;
     // (Scraped from a process of its own: tests in this one reconcile side by side.)
     for (kind, n) in [
         ("stale_hold", 1.0),
@@ -761,11 +759,7 @@ async fn a_reconciler_started_late_reconciles_the_days_it_missed() {
     // reconciler process of its own (tests in this one reconcile side by side): at least
     // through the last day caught up, which it finds stored.
     let mut env = env;
-    let port = common::free_port();
-    env.start_with(
-        "reconciler",
-        &[("TWOPHASE_METRICS_LISTEN", &format!("127.0.0.1:{port}"))],
-    );
+    let port = env.start_serving("reconciler", &[]).await;
     let through = scrape(port, "twophase_reconciled_through_timestamp_seconds", &[]).await;
     let last_end = expected[3]
         .succ_opt()

@@ -205,6 +205,46 @@ impl TestEnv {
         }
     }
 
+    /// Starts a worker serving `/metrics` and `/healthz` on a free loopback port, and returns
+    /// the port once it serves. The port is the one the worker bound and said in its log: one
+    /// picked beforehand could be taken by a test running beside it in between.
+    pub async fn start_serving(&mut self, worker: &str, env: &[(&str, &str)]) -> u16 {
+        let mut all = vec![("TWOPHASE_METRICS_LISTEN", "127.0.0.1:0")];
+        all.extend_from_slice(env);
+        self.start_with(worker, &all);
+        self.bound(worker, "serving /metrics and /healthz")
+            .await
+            .port()
+    }
+
+    /// The address the newest `worker` process says, in the log line containing `what`, that
+    /// it bound (`bound=ADDR`), once it has said it.
+    pub async fn bound(&self, worker: &str, what: &str) -> std::net::SocketAddr {
+        let n = self.starts[worker] - 1;
+        let path = self.log_dir.join(format!("{worker}-{n}.log"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let bound = log.lines().filter(|l| l.contains(what)).find_map(|l| {
+                l.split("bound=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            if let Some(addr) = bound {
+                return addr;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{worker} never said it was {what} (logs in {})",
+                self.log_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the newest `worker` process is killed by the failpoint it was started with.
     pub async fn wait_failpoint(&mut self, worker: &str, timeout: Duration) {
         let status = self.wait_exit(worker, timeout).await;
@@ -377,15 +417,6 @@ pub fn on_postgres(does: &str) -> bool {
         eprintln!("skipped: this test {does}; it needs TWOPHASE_TEST_DATABASE_URL");
     }
     real
-}
-
-/// A loopback port nothing listens on right now, for a worker's `/metrics` and `/healthz`.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The value of the series `name` whose labels include every one of `labels`, in a scrape of

@@ -205,6 +205,12 @@ impl TestEnv {
         }
     }
 
+    /// The log of the newest `worker` process.
+    pub fn newest_log(&self, worker: &str) -> PathBuf {
+        let n = self.starts[worker] - 1;
+        self.log_dir.join(format!("{worker}-{n}.log"))
+    }
+
     /// Starts a worker serving `/metrics` and `/healthz` on a free loopback port, and returns
     /// the port once it serves. The port is the one the worker bound and said in its log: one
     /// picked beforehand could be taken by a test running beside it in between.
@@ -220,8 +226,7 @@ impl TestEnv {
     /// The address the newest `worker` process says, in the log line containing `what`, that
     /// it bound (`bound=ADDR`), once it has said it.
     pub async fn bound(&self, worker: &str, what: &str) -> std::net::SocketAddr {
-        let n = self.starts[worker] - 1;
-        let path = self.log_dir.join(format!("{worker}-{n}.log"));
+        let path = self.newest_log(worker);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let log = std::fs::read_to_string(&path).unwrap_or_default();
@@ -248,8 +253,7 @@ impl TestEnv {
     /// Waits until the newest `worker` process is killed by the failpoint it was started with.
     pub async fn wait_failpoint(&mut self, worker: &str, timeout: Duration) {
         let status = self.wait_exit(worker, timeout).await;
-        let n = self.starts[worker] - 1;
-        let log = std::fs::read_to_string(self.log_dir.join(format!("{worker}-{n}.log")));
+        let log = std::fs::read_to_string(self.newest_log(worker));
         // The signal, and the failpoint saying it sent it: not some other SIGKILL.
         let by_failpoint = log.is_ok_and(|l| l.lines().any(|l| l.starts_with("failpoint ")));
         assert!(

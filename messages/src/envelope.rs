@@ -210,6 +210,7 @@ const KNOWN: [&str; 10] = [
 /// A `ce_time` (RFC 3339), with a leap second (`23:59:60`, which RFC 3339 allows) read as the
 /// second after it, as a database stores it: whatever is derived from the time, a hash or an
 /// answer, is then the same before and after it is stored.
+///
 /// A time whose UTC year is not 0000–9999 is no time a message carries: RFC 3339 writes four
 /// digits, and a store that keeps times as RFC 3339 text could not read it back.
 pub fn parse_time(text: &str) -> Option<DateTime<Utc>> {

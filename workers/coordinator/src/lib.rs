@@ -19,8 +19,8 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use twophase_messages::{
-    named, quoted, reasons, AccountAction, AccountCommand, AccountCommandBody, Ack, CommitStuck,
-    Envelope, EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
+    named, quoted, reasons, AccountCommand, AccountCommandBody, Ack, CommitStuck, Envelope,
+    EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
     TransferRejected, TransferRequested, Vote,
 };
 use twophase_runtime::db::{stored_json, Db, Timestamp, Tx};
@@ -132,12 +132,9 @@ pub async fn stuck_transfers(
         .map(|stored| {
             let saga = &stored.saga;
             let awaiting = saga
-                .outstanding()
-                .into_iter()
-                .filter_map(|e| match e {
-                    Emit::Account(action) => Some(action.as_str()),
-                    _ => None,
-                })
+                .awaited_commands()
+                .iter()
+                .map(|action| action.as_str())
                 .collect();
             let terms = saga.terms.as_ref();
             StuckTransfer {
@@ -545,14 +542,7 @@ impl Coordinator {
             metrics::commit_stuck();
             tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
         }
-        let pending = saga
-            .outstanding()
-            .into_iter()
-            .filter_map(|e| match e {
-                Emit::Account(a) => Some(a),
-                _ => None,
-            })
-            .collect::<Vec<AccountAction>>();
+        let pending = saga.awaited_commands();
         let names: Vec<&str> = pending.iter().map(|a| a.as_str()).collect();
         // Do not change: a consumer tells a repeated event by this id.
         let id_seed = format!(

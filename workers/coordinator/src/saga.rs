@@ -265,6 +265,17 @@ impl Saga {
         }
     }
 
+    /// The account commands among [`Saga::outstanding`]: those still unanswered.
+    pub fn awaited_commands(&self) -> Vec<AccountAction> {
+        self.outstanding()
+            .into_iter()
+            .filter_map(|e| match e {
+                Emit::Account(action) => Some(action),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The messages this state calls for: the commands still unanswered in the current phase,
     /// or the outcome once terminal.
     pub fn outstanding(&self) -> Vec<Emit> {

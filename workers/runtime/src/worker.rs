@@ -698,7 +698,7 @@ impl<H: Handler> ConsumeLoop<H> {
             Err(e) => {
                 let first = Utc::now();
                 // A payload that cannot be read under headers that can is still in its trace.
-                let envelope = self.envelope(raw).ok();
+                let envelope = self.envelope(raw, self.default_type(raw)).ok();
                 let span = self.span(raw, envelope.as_ref(), None);
                 return self
                     .dead_letter(raw, "decode", &e, 1, first, Instant::now())
@@ -724,9 +724,14 @@ impl<H: Handler> ConsumeLoop<H> {
         Ok(handled)
     }
 
-    /// The record's envelope, read from its headers.
-    fn envelope(&self, raw: &BorrowedMessage<'_>) -> Result<Envelope, EnvelopeError> {
-        envelope_of(raw, self.default_type(raw), || {
+    /// The record's envelope, read from its headers (`default_type` for a record without a
+    /// `ce_type`: [`Self::default_type`]).
+    fn envelope(
+        &self,
+        raw: &BorrowedMessage<'_>,
+        default_type: Option<&str>,
+    ) -> Result<Envelope, EnvelopeError> {
+        envelope_of(raw, default_type, || {
             Envelope::position_id(raw.topic(), raw.partition(), raw.offset())
         })
     }
@@ -742,7 +747,7 @@ impl<H: Handler> ConsumeLoop<H> {
 
     fn decode(&self, raw: &BorrowedMessage<'_>) -> anyhow::Result<Incoming> {
         let default_type = self.default_type(raw);
-        let envelope = self.envelope(raw)?;
+        let envelope = self.envelope(raw, default_type)?;
         let payload = raw.payload().unwrap_or_default();
         let message = Message::decode(&envelope.message_type, envelope.schema_version, payload)?;
         if let Some(only) = default_type {

@@ -10,6 +10,12 @@ use crate::reasons;
 pub enum AmountError {
     #[error("currency {} is not an ISO 4217 code", crate::quoted(.0))]
     UnknownCurrency(String),
+    /// A code ISO 4217 gives no minor unit: a precious metal, a unit of account or fund of a
+    /// development bank, the code for testing (`XTS`) or for no currency at all (`XXX`).
+    #[error(
+        "currency {code} ({name}) has no minor unit in ISO 4217: it is not money an account holds"
+    )]
+    NotMoney { code: String, name: String },
     #[error("amount {} is not a decimal number", crate::quoted(.0))]
     NotANumber(String),
     #[error("amount {0} must be greater than zero")]
@@ -29,7 +35,9 @@ impl AmountError {
     /// The rejection reason code.
     pub fn reason(&self) -> &'static str {
         match self {
-            AmountError::UnknownCurrency(_) => reasons::UNKNOWN_CURRENCY,
+            AmountError::UnknownCurrency(_) | AmountError::NotMoney { .. } => {
+                reasons::UNKNOWN_CURRENCY
+            }
             AmountError::NotANumber(_) | AmountError::NotPositive(_) => reasons::INVALID_AMOUNT,
             AmountError::TooManyDecimals { .. } => reasons::TOO_MANY_DECIMALS,
         }
@@ -144,13 +152,18 @@ pub mod positive_amount {
 /// and with no more decimals than the currency's minor unit (trailing zeros beyond it are
 /// accepted: "1.500" USD is 1.50). A leading minus is refused as not positive. The amount is
 /// written with the currency's decimals, as money in it is: "1" and "1.5" USD are 1.00 and 1.50.
+/// A code with no minor unit (gold, `XTS`, `XXX`) is no currency money is held in.
 pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountError> {
     let code = Currency::from_code(currency)
         .ok_or_else(|| AmountError::UnknownCurrency(currency.to_owned()))?;
+    let allowed = code.exponent().ok_or_else(|| AmountError::NotMoney {
+        code: code.code().to_owned(),
+        name: code.name().to_owned(),
+    })?;
+    let allowed = u32::from(allowed);
     let not_a_number = || AmountError::NotANumber(amount.to_owned());
     let plain = Plain::parse(amount).ok_or_else(not_a_number)?;
     // Counted in the text, before any parsing could round them away.
-    let allowed = u32::from(code.exponent().unwrap_or(0));
     if plain.fraction.len() > allowed as usize {
         return Err(AmountError::TooManyDecimals {
             amount: amount.to_owned(),
@@ -247,6 +260,11 @@ mod tests {
             ("1.5", "JPY", reasons::TOO_MANY_DECIMALS),
             ("1.00", "XYZ", reasons::UNKNOWN_CURRENCY),
             ("1.00", "usd", reasons::UNKNOWN_CURRENCY),
+            // Codes with no minor unit: no currency, testing, gold, special drawing rights.
+            ("1", "XXX", reasons::UNKNOWN_CURRENCY),
+            ("1", "XTS", reasons::UNKNOWN_CURRENCY),
+            ("1", "XAU", reasons::UNKNOWN_CURRENCY),
+            ("1", "XDR", reasons::UNKNOWN_CURRENCY),
             // Not plain notation.
             ("1e3", "USD", reasons::INVALID_AMOUNT),
             ("1.5E2", "USD", reasons::INVALID_AMOUNT),
@@ -280,5 +298,10 @@ mod tests {
             let err = validate_amount(amount, currency).unwrap_err();
             assert_eq!(err.reason(), reason, "{amount} {currency}: {err}");
         }
+        assert_eq!(
+            validate_amount("1", "XAU").unwrap_err().to_string(),
+            "currency XAU (Gold (one troy ounce)) has no minor unit in ISO 4217: it is not money \
+             an account holds"
+        );
     }
 }

@@ -26,7 +26,8 @@ pub struct TransferRequested {
     /// "12.34", not "1.234e1", "+12.34" or ".5") with no more decimals than the currency
     /// allows.
     pub amount: String,
-    /// An ISO 4217 code, e.g. "USD".
+    /// An ISO 4217 code with a minor unit, e.g. "USD"; not "XXX", "XTS", a precious metal or a
+    /// unit of account.
     pub currency: String,
     /// Free text for the producer's own bookkeeping; not interpreted.
     #[serde(default, skip_serializing_if = "Option::is_none")]

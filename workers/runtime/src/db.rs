@@ -672,11 +672,15 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_) => true,
-        // SQLite: 5 busy, 6 locked (and their extended codes), 2067/1555 unique.
+        // SQLite: 5 busy, 6 locked, 7 out of memory, 10 an I/O error, 13 a full disk (and
+        // their extended codes), as PostgreSQL's 53 and 58030; 2067/1555 unique.
         sqlx::Error::Database(db) if db.try_downcast_ref::<SqliteError>().is_some() => {
             let code = db.code().unwrap_or_default();
             db.is_unique_violation()
-                || matches!(code.parse::<i32>().map(|c| c & 0xff), Ok(5) | Ok(6))
+                || matches!(
+                    code.parse::<i32>().map(|c| c & 0xff),
+                    Ok(5 | 6 | 7 | 10 | 13)
+                )
         }
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
@@ -693,6 +697,8 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
                 // A read-only transaction: the session reached a standby, as after a failover
                 // until the address points at the new primary.
                 || code == "25006"
+                // An I/O error on the server's disk: the disk, not the message.
+                || code == "58030"
         }
         _ => false,
     }
@@ -848,7 +854,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn on_sqlite_a_busy_file_or_a_lost_race_is_transient_and_a_bad_statement_is_not() {
+    async fn on_sqlite_a_lost_race_or_a_full_disk_is_transient_and_a_bad_statement_is_not() {
         let (db, dir) = scratch_sqlite().await;
         let mut tx = db.begin().await.unwrap();
         execute!(&mut tx, "CREATE TABLE t (id INTEGER PRIMARY KEY)").unwrap();
@@ -860,12 +866,27 @@ mod tests {
         .unwrap();
         assert!(is_transient(&race), "{race}");
         assert!(!is_transient(&bad), "{bad}");
+        // A full disk, as PostgreSQL's 53100 is: the file may not grow (SQLite's floor for
+        // the limit is the file's size), so a row that needs a new page finds no room.
+        let mut tx = db.begin().await.unwrap();
+        execute!(&mut tx, "CREATE TABLE blobs (b BLOB)").unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = db.begin().await.unwrap();
+        execute!(&mut tx, "PRAGMA max_page_count = 1").unwrap();
+        let full = execute!(&mut tx, "INSERT INTO blobs VALUES (randomblob(100000))").unwrap_err();
+        assert_eq!(
+            full.as_database_error().and_then(|d| d.code()).as_deref(),
+            Some("13"),
+            "{full}"
+        );
+        assert!(is_transient(&full), "{full}");
+        drop(tx);
         db.close().await;
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a lost race is
-    /// retried; bad data and a missing grant are not, although their codes are all digits, as
+    /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a lost race or a
+    /// full or failing disk is retried; bad data and a missing grant are not, although their codes are all digits, as
     /// SQLite's are.
     #[tokio::test]
     async fn on_postgresql_a_lost_race_is_transient_and_bad_data_is_not() {
@@ -878,6 +899,8 @@ mod tests {
             ("40P01", true),  // deadlock
             ("23505", true),  // unique violation: the winner's row is there on retry
             ("25006", true),  // read-only transaction: a standby, during a failover
+            ("53100", true),  // disk full
+            ("58030", true),  // I/O error
             ("22021", false), // a character the encoding cannot hold (a NUL in text)
             ("22022", false), // indicator overflow
             ("42501", false), // insufficient privilege

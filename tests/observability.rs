@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::{request, TestEnv};
-use twophase_messages::{reasons, TransferRequested};
+use twophase_messages::{reasons, Message, TransferRequested};
+use twophase_runtime::Outgoing;
 
 /// `GET path` on a worker's loopback port.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -173,6 +174,52 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
             "{name}{labels:?} is {counted:?} on the {worker}, after this run's outcomes"
         );
     }
+}
+
+/// A transfer's latency counts from when its request was made, as its message says, not from
+/// when the coordinator read it: a request that waited in the topic (a coordinator down, a
+/// backlog) shows the wait its producer saw.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transfers_latency_counts_the_time_its_request_waited() {
+    let mut env = TestEnv::new("latency").await;
+    let port = env.start_serving("coordinator", &[]).await;
+    env.start("account");
+    env.start("risk");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let waited = request(a, b, "10", "USD");
+    let watcher = env.watcher().await;
+    let mut outgoing = Outgoing::new(
+        env.topics.requests(),
+        &waited.transfer_id,
+        "/test/latency",
+        &Message::TransferRequested(waited.clone()),
+    );
+    outgoing.envelope.time -= chrono::TimeDelta::seconds(45);
+    env.publisher.publish(&outgoing).await.unwrap();
+    let outcome = common::outcome_of(&watcher, &waited.transfer_id, Duration::from_secs(60)).await;
+    common::assert_outcome(&outcome, "completed", None);
+
+    // Counted once the outcome is published: scrape until it is.
+    let completed = [("status", "completed")];
+    let started = Instant::now();
+    while common::metric(port, "twophase_transfer_duration_seconds_count", &completed).await
+        != Some(1.0)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the completed transfer was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bucket = "twophase_transfer_duration_seconds_bucket";
+    let within = |le| [("status", "completed"), ("le", le)];
+    assert_eq!(
+        common::metric(port, bucket, &within("30")).await,
+        Some(0.0),
+        "counted from when it was read"
+    );
+    assert_eq!(common::metric(port, bucket, &within("60")).await, Some(1.0));
 }
 
 /// The value of a series in a scrape (`name{labels}`), if exported.

@@ -47,11 +47,16 @@ fn record_unstored_rejection(reason: &'static str) {
     metrics::transfer_finished(metrics::status::REJECTED, Some(reason), 0.0);
 }
 
-/// Counts a transfer that just reached its outcome, with the time from request to outcome.
+/// Counts a transfer that just reached its outcome, with the time from request to outcome:
+/// from when its request was made, as its message says, so that a wait in the requests topic
+/// counts; or from when it was stored, if that is earlier (a producer's clock ahead of ours).
 fn record_if_finished(stored: &Stored) {
     let saga = &stored.saga;
     if let (true, Some(finished)) = (saga.status.is_terminal(), saga.finished_at) {
-        let seconds = (finished - stored.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+        let requested = stored
+            .requested_at
+            .map_or(stored.created_at, |at| at.min(stored.created_at));
+        let seconds = (finished - requested).num_milliseconds().max(0) as f64 / 1000.0;
         metrics::transfer_finished(saga.status.as_str(), saga.reason.as_deref(), seconds);
     }
 }
@@ -276,6 +281,7 @@ impl Coordinator {
             tracestate,
             request_message_id: Some(envelope.id),
             resend_attempts: 0,
+            requested_at: Some(envelope.time),
             created_at: now(),
             decided_at: None,
         };

@@ -49,7 +49,8 @@ pub const TRANSFERS: Def = Def {
 
 pub const TRANSFER_DURATION: Def = Def {
     name: "twophase_transfer_duration_seconds",
-    help: "Time from a transfer's request to its outcome, by status.",
+    help: "Time from a transfer's request (its ce_time, else its Kafka record's time) to its \
+           outcome, by status.",
     labels: &["status"],
     kind: Kind::Histogram,
 };

@@ -237,6 +237,57 @@ fn an_address_in_use_is_said_before_anything_starts() {
     assert!(!data.exists());
 }
 
+/// A second `twophase dev` on a data directory in use is refused, and the lock goes with the
+/// process that held it, however it ended.
+#[test]
+fn a_data_directory_in_use_is_refused_until_its_dev_ends() {
+    use std::io::BufRead;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
+    let mut first = Command::new(env!("CARGO_BIN_EXE_twophase"))
+        .args(["dev", "--data-dir", dir.to_str().unwrap()])
+        .env("TWOPHASE_METRICS_LISTEN", "127.0.0.1:0")
+        .env_remove("TWOPHASE_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its banner comes once every worker runs, long after it took the lock.
+    let stderr = first.stderr.take().unwrap();
+    let (lines, banner) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    loop {
+        let line = banner
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the first dev starts");
+        if line.starts_with("twophase dev: every worker running") {
+            break;
+        }
+    }
+
+    let data_dir = dir.to_str().unwrap();
+    let (code, _, stderr) = twophase(&["dev", "--data-dir", data_dir, "--demo", "1"]);
+    assert_eq!(code, 3, "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "error: the data directory {data_dir} is in use by another twophase dev: stop that \
+             one, or give this one another --data-dir"
+        )
+    );
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let summary = demo(&dir, 1);
+    assert_eq!(summary["terminal"], 1, "{summary:#}");
+}
+
 /// Brokers out of reach: the command says which, within the --timeout it was given.
 #[test]
 fn a_transfer_to_brokers_out_of_reach_says_so_within_its_timeout() {

@@ -113,6 +113,8 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
                  address"
             )
         })?;
+    // Held until the process ends, when the system lets it go however it ended.
+    let _lock = lock_data_dir(&args.data_dir)?;
     let topics = Topics::new(&config.kafka.topic_prefix);
     let broker = EmbeddedBroker::start(&topics.all(), config.kafka.partitions)
         .context("starting the embedded Kafka cluster")?;
@@ -275,6 +277,30 @@ impl SagaWorkers {
 }
 
 /// Starts every worker on its own pool; returns them with their health handles.
+/// Locks the data directory for this process, made if it is new. A second `twophase dev` on it
+/// would run its own broker's timers over the same sagas, and abort transfers the first is
+/// settling, so it is refused. Ops commands (`--database-url sqlite:DIR`) take no lock.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let shown = dir.display();
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("preparing the data directory {shown}"))?;
+    let path = dir.join("dev.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => anyhow::bail!(
+            "the data directory {shown} is in use by another twophase dev: stop that one, or \
+             give this one another --data-dir"
+        ),
+        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
 async fn start_workers(
     config: &Config,
     publisher: &Publisher,

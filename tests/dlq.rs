@@ -163,6 +163,27 @@ async fn high_watermark(env: &TestEnv, topic: &str) -> i64 {
     .unwrap()
 }
 
+/// Sets a topic's configuration to `entries`, and every other entry to its default.
+async fn set_topic_config(env: &TestEnv, topic: &str, entries: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        twophase_runtime::kafka::client_config(&env.kafka)
+            .create()
+            .unwrap();
+    let config = entries.iter().fold(
+        AlterConfig::new(ResourceSpecifier::Topic(topic)),
+        |config, (key, value)| config.set(key, value),
+    );
+    let results = admin
+        .alter_configs([&config], &AdminOptions::new())
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap_or_else(|(_, code)| panic!("configuring {topic}: {code}"));
+    }
+}
+
 /// The consumer groups the broker knows (`None` where it cannot list them: the mock cluster).
 async fn consumer_groups(env: &TestEnv) -> Option<Vec<String>> {
     let kafka = env.kafka.clone();
@@ -1298,4 +1319,65 @@ async fn a_failing_message_in_a_batch_undoes_the_batch_and_each_is_applied_once_
         "the batch was tried together first (logs in {})",
         env.log_dir.display()
     );
+}
+
+/// A broker that refuses a worker's replies is waited out, however long past the retry
+/// budget: what the message did is committed, and the refusal is the broker's or its
+/// settings' (a topic deleted, a permission taken away), not the message's. Here the outcome
+/// topic refuses every record, as too old for it; nothing is dead-lettered, and the outcome
+/// goes out once the topic takes records again.
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_the_broker_refuses_are_waited_for_and_not_dead_lettered() {
+    let mut env = TestEnv::new("refused").await;
+    if env.embedded() {
+        // The mock cluster has no topic settings to refuse records by.
+        return;
+    }
+    let budget = [("TWOPHASE_RETRY__GIVE_UP_AFTER", "1s")];
+    let port = env.start_serving("coordinator", &budget).await;
+    env.start("account");
+    env.start("risk");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let warm_up = env.transfer(&request(a, b, "10", "USD")).await;
+    assert_outcome(&warm_up, "completed", None);
+
+    // A record stamped even a millisecond before the broker reads it is refused
+    // (INVALID_TIMESTAMP, which the producer does not retry); the producer lingers 2 ms.
+    let events = env.topics.events();
+    set_topic_config(&env, &events, &[("message.timestamp.before.max.ms", "0")]).await;
+    let watcher = env.watcher().await;
+    let refused = request(a, b, "5", "USD");
+    env.request(&refused).await;
+    // The ack that settles the transfer is retried well past its 1 s budget: by the 6th retry,
+    // 3 s of backoff have passed.
+    let replies = env.topics.replies();
+    let replies_dlq = Topics::dead_letters(&replies);
+    let labels = [("worker", "coordinator"), ("topic", replies.as_str())];
+    let started = Instant::now();
+    loop {
+        let retries = common::metric(port, "twophase_handler_retries_total", &labels).await;
+        assert_eq!(
+            high_watermark(&env, &replies_dlq).await,
+            0,
+            "set aside after {retries:?} retries"
+        );
+        if retries.is_some_and(|n| n >= 6.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the refused outcome was not retried: {retries:?} (logs in {})",
+            env.log_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    set_topic_config(&env, &events, &[]).await;
+    let outcome = common::outcome_of(&watcher, &refused.transfer_id, Duration::from_secs(60)).await;
+    assert_outcome(&outcome, "completed", None);
+    for topic in env.topics.all().iter().filter(|t| t.ends_with(".dlq")) {
+        assert_eq!(high_watermark(&env, topic).await, 0, "{topic}");
+    }
+    assert_eq!(env.balance(b).await, (dec("15"), Decimal::ZERO));
 }

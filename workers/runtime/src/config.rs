@@ -88,8 +88,9 @@ pub struct RetryConfig {
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     /// How long a message may keep failing transiently, with its database answering, before it
-    /// is set aside. While the database does not answer, or the broker takes no replies, the
-    /// message waits and this does not run out.
+    /// is set aside. While the database does not answer, or the broker takes none of its replies
+    /// (down, a topic missing, a permission refused), the message waits and this does not run
+    /// out.
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
 }

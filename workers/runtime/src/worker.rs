@@ -13,8 +13,9 @@
 //! A message that cannot be decoded, or whose handler fails permanently, or transiently for
 //! longer than the retry budget, goes to `<topic>.dlq` with its original key, bytes and headers
 //! plus headers that say why; then the partition moves on. An outage is not the message's
-//! fault: while the database does not answer, or the broker takes no replies, the message
-//! waits, however long that is, and the budget counts only once the database answers.
+//! fault: while the database does not answer, or the broker takes none of its replies (down,
+//! a topic missing, a permission refused), the message waits, however long that is, and the
+//! budget counts only once the database answers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -181,27 +182,6 @@ fn too_large(error: &KafkaError) -> bool {
         error,
         KafkaError::MessageProduction(
             RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
-        )
-    )
-}
-
-/// Whether the broker could not be reached to take a record (librdkafka retries such errors
-/// until `message.timeout.ms`, then reports them), rather than refused it.
-fn broker_unavailable(error: &KafkaError) -> bool {
-    matches!(
-        error,
-        KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageTimedOut
-                | RDKafkaErrorCode::AllBrokersDown
-                | RDKafkaErrorCode::BrokerTransportFailure
-                | RDKafkaErrorCode::QueueFull
-                | RDKafkaErrorCode::RequestTimedOut
-                | RDKafkaErrorCode::NetworkException
-                | RDKafkaErrorCode::BrokerNotAvailable
-                | RDKafkaErrorCode::LeaderNotAvailable
-                | RDKafkaErrorCode::NotLeaderForPartition
-                | RDKafkaErrorCode::NotEnoughReplicas
-                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
         )
     )
 }
@@ -788,7 +768,7 @@ impl<H: Handler> ConsumeLoop<H> {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let mut broker_down = false;
+            let mut unpublished = false;
             let error = match self.apply_alone(incoming).await {
                 Ok(handled) => match self.publish_committed(&handled.replies, mode).await {
                     Ok(processed) => {
@@ -805,8 +785,11 @@ impl<H: Handler> ConsumeLoop<H> {
                     Err(e) if too_large(&e) => {
                         HandlerError::Permanent(anyhow::Error::new(e).context("publishing replies"))
                     }
+                    // Any other refusal is the broker's or its settings' (down, a topic missing,
+                    // a permission taken away), never the message's: what it did is committed,
+                    // and setting it aside would leave its replies unsent until a replay.
                     Err(e) => {
-                        broker_down = broker_unavailable(&e);
+                        unpublished = true;
                         HandlerError::Transient(anyhow::Error::new(e).context("publishing replies"))
                     }
                 },
@@ -814,8 +797,7 @@ impl<H: Handler> ConsumeLoop<H> {
             };
             let give_up = match &error {
                 HandlerError::Permanent(_) => true,
-                // Nothing can be set aside while the broker takes nothing.
-                HandlerError::Transient(_) if broker_down => false,
+                HandlerError::Transient(_) if unpublished => false,
                 HandlerError::Transient(_) => self.budget_spent(&mut budget_from).await,
             };
             if give_up {

@@ -385,6 +385,46 @@ async fn a_request_whose_cloudevents_id_is_not_a_uuid_is_settled() {
     assert_outcome(&outcome, "completed", None);
 }
 
+/// Two requests under one malformed transfer_id are two requests, and so are two that conflict
+/// with a transfer: each is rejected by an event of its own id, so that the audit log, which
+/// keeps one message per id, keeps every rejection.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_rejected_request_gets_an_event_of_its_own() {
+    let mut env = TestEnv::new("rejected-twice").await;
+    env.start("coordinator");
+    let events = TopicTail::start(&env.kafka, env.topics.events())
+        .await
+        .unwrap();
+    let mut malformed = request(Uuid::new_v4(), Uuid::new_v4(), "1", "USD");
+    malformed.transfer_id = format!("order-{}", Uuid::new_v4().simple());
+    let stored = request(Uuid::new_v4(), Uuid::new_v4(), "1", "USD");
+    let conflicting = TransferRequested {
+        amount: "2".into(),
+        ..stored.clone()
+    };
+    for sent in [&malformed, &malformed, &stored, &conflicting, &conflicting] {
+        env.request(sent).await;
+    }
+    let mut rejections: HashMap<String, Vec<Uuid>> = HashMap::new();
+    while rejections.values().map(Vec::len).sum::<usize>() < 4 {
+        let (envelope, message) = tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .expect("every request is answered")
+            .unwrap();
+        if let Message::TransferRejected(rejected) = message {
+            rejections
+                .entry(rejected.transfer_id)
+                .or_default()
+                .push(envelope.id);
+        }
+    }
+    for transfer_id in [&malformed.transfer_id, &stored.transfer_id] {
+        let ids = &rejections[transfer_id];
+        assert_eq!(ids.len(), 2, "{transfer_id}: {rejections:?}");
+        assert_ne!(ids[0], ids[1], "{transfer_id}");
+    }
+}
+
 /// A request without `ce_time` is answered with its record's own Kafka time, so that an answer
 /// published again after a redelivery is the same message, as the audit store dates it.
 #[tokio::test(flavor = "multi_thread")]

@@ -217,8 +217,9 @@ impl Coordinator {
     ) -> Result<Handled, HandlerError> {
         let Ok(transfer_id) = Uuid::parse_str(&request.transfer_id) else {
             // Nothing can be stored under a malformed id; the rejection is re-sent on every
-            // redelivery with the same message id. It names the transfer as the producer did,
-            // up to a length that keeps it publishable.
+            // redelivery with the same message id, derived from the request's, so that two
+            // requests under one malformed id are answered by two events. It names the transfer
+            // as the producer did, up to a length that keeps it publishable.
             let echoed = named(&request.transfer_id);
             let rejected = TransferRejected {
                 transfer_id: echoed.clone().into_owned(),
@@ -226,7 +227,7 @@ impl Coordinator {
                 detail: format!("transfer_id {} is not a UUID", quoted(&request.transfer_id)),
                 rejected_at: envelope.time,
             };
-            let id_seed = format!("rejected:{}", request.transfer_id);
+            let id_seed = format!("rejected:{}:{}", request.transfer_id, envelope.id);
             let reply = self.outcome(
                 envelope,
                 &echoed,
@@ -246,7 +247,8 @@ impl Coordinator {
                     detail: "this transfer_id was already used for a different request".into(),
                     rejected_at: envelope.time,
                 };
-                let id_seed = format!("conflict:{transfer_id}:{hash}");
+                // As for a malformed id: one event per conflicting request.
+                let id_seed = format!("conflict:{transfer_id}:{hash}:{}", envelope.id);
                 let reply = self.outcome(
                     envelope,
                     &transfer_id.to_string(),

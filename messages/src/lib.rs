@@ -371,8 +371,12 @@ mod tests {
                 let payload = format!(r#"{{{fields},"amount":{amount},"currency":"USD"}}"#);
                 Message::decode(message_type, 1, payload.as_bytes())
             };
+            // Exactly as written, its decimals included, as the coordinator writes amounts
+            // in their currency's; zeros past what a decimal holds are only dropped.
             let exact = amount_of(decode(r#""0.10""#).unwrap());
-            assert_eq!(exact.to_string(), "0.1", "{message_type}");
+            assert_eq!(exact.to_string(), "0.10", "{message_type}");
+            let long = amount_of(decode(r#""7.10000000000000000000000000000000""#).unwrap());
+            assert_eq!(long.to_string(), "7.1", "{message_type}");
             for refused in [
                 "0.1",
                 r#""1e3""#,

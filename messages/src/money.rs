@@ -141,7 +141,11 @@ pub mod positive_amount {
 
         fn visit_str<E: de::Error>(self, text: &str) -> Result<Decimal, E> {
             match super::plain_decimal(text) {
-                Some(amount) if amount > Decimal::ZERO => Ok(amount),
+                // With the decimals it is written with, as the coordinator wrote it in its
+                // currency's ("10.00" stays 10.00), unless that many digits do not fit.
+                Some(amount) if amount > Decimal::ZERO => {
+                    Ok(Decimal::from_str_exact(text).unwrap_or(amount))
+                }
                 _ => Err(E::invalid_value(de::Unexpected::Str(text), &self)),
             }
         }

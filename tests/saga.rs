@@ -425,6 +425,49 @@ async fn each_rejected_request_gets_an_event_of_its_own() {
     }
 }
 
+/// `twophase transfer --wait` waits for the answer to its own request: another request that
+/// reuses its transfer id with another body meanwhile is answered with a `conflict`, and that
+/// answer is not taken for this transfer's outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn transfer_wait_is_not_answered_by_a_conflict_someone_else_caused() {
+    let mut env = TestEnv::new("cli-conflict").await;
+    env.start("coordinator");
+    let a = env.open_account("USD", "100").await;
+    let b = env.open_account("USD", "0").await;
+    let id = Uuid::new_v4().to_string();
+    let transfer = |amount: &str| {
+        let mut cmd = env.command();
+        cmd.args(["transfer", "--id", &id, "--from", &a.to_string(), "--to"])
+            .args([&b.to_string(), "--amount", amount, "--currency", "USD"])
+            .args(["--wait", "--timeout", "60s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    // The first request is stored, and waits for account and risk workers, none running yet.
+    let first = transfer("10").spawn().unwrap();
+    env.wait_count(
+        "SELECT count(*) FROM coordinator.transfers",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let second = transfer("20").output().unwrap();
+    assert_eq!(second.status.code(), Some(2), "{second:?}");
+    let said = String::from_utf8_lossy(&second.stdout);
+    assert!(said.contains("reason conflict"), "{said}");
+
+    env.start("account");
+    env.start("risk");
+    let first = first.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert_eq!(first.status.code(), Some(0), "{said}");
+    assert!(
+        said.starts_with(&format!("completed  transfer {id}  10.00 USD")),
+        "{said}"
+    );
+}
+
 /// A request without `ce_time` is answered with its record's own Kafka time, so that an answer
 /// published again after a redelivery is the same message, as the audit store dates it.
 #[tokio::test(flavor = "multi_thread")]

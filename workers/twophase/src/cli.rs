@@ -587,23 +587,21 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
     };
     let publisher = Publisher::new(&config.kafka)?;
     let send = client::request_transfer(&publisher, &config.kafka, &request);
-    if args.wait {
+    let sent = if args.wait {
         let left = args.timeout.saturating_sub(started.elapsed());
         within(left, args.timeout, send)
             .await
-            .with_context(reaching)?;
+            .with_context(reaching)?
     } else {
-        send.await.with_context(reaching)?;
-    }
+        send.await.with_context(reaching)?
+    };
     let Some(watcher) = watcher else {
         outln!("{}", request.transfer_id);
         return Ok(0);
     };
     let left = args.timeout.saturating_sub(started.elapsed());
-    let outcomes = watcher
-        .wait_for([request.transfer_id.clone()], left)
-        .await?;
-    let Some(outcome) = outcomes.get(&request.transfer_id) else {
+    let answer = watcher.wait_for_answer(&request, &sent, left).await;
+    let Some(outcome) = &answer else {
         eprintln!(
             "no outcome for transfer {} within {}; it may still complete: look again with the same --id",
             request.transfer_id,

@@ -179,7 +179,9 @@ impl Saga {
             return Applied::Unchanged;
         }
         *self.vote_slot(participant) = Some(decision);
-        if participant == Participant::Risk {
+        // Once the outcome is out, it does not change: an outcome published again (to a
+        // request sent again, or on a redelivery) is the same message under the same id.
+        if participant == Participant::Risk && !self.status.is_terminal() {
             self.risk = risk.cloned();
         }
         if self.status != Status::Preparing {
@@ -419,6 +421,35 @@ mod tests {
         );
         assert_eq!(s.status, Status::Aborting);
         assert_eq!(s.reason.as_deref(), Some(reasons::RISK_REJECTED));
+    }
+
+    #[test]
+    fn a_risk_vote_after_the_outcome_leaves_the_outcome_as_it_was() {
+        let mut s = saga();
+        s.on_vote(
+            Participant::Source,
+            Decision::No,
+            Some(reasons::INSUFFICIENT_FUNDS),
+            None,
+        );
+        let now = Utc::now();
+        s.on_ack(AccountAction::Release, now).unwrap();
+        assert_eq!(
+            s.on_ack(AccountAction::CancelCredit, now),
+            Ok(Applied::Advanced)
+        );
+        assert_eq!(s.status, Status::Failed);
+        let assessment = RiskAssessment {
+            score: 10,
+            level: twophase_messages::RiskLevel::Low,
+            rules: Vec::new(),
+        };
+        assert_eq!(
+            s.on_vote(Participant::Risk, Decision::Yes, None, Some(&assessment)),
+            Applied::Recorded
+        );
+        assert_eq!(s.risk_vote, Some(Decision::Yes));
+        assert_eq!(s.risk, None);
     }
 
     #[test]

@@ -127,17 +127,22 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// A header's value, if it is text. The last value wins if the header occurs more than
-    /// once, as in the workers and `twophase dlq`.
+    /// A header's value, if it is text, with the spaces around it trimmed. The last value
+    /// wins if the header occurs more than once, as in the workers and `twophase dlq`.
     pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.exact_header(name)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// A header's value as sent, if it is text: what the workers read a message's ids from.
+    fn exact_header(&self, name: &str) -> Option<&'a str> {
         self.headers
             .iter()
             .rev()
             .find(|h| h.name == name.as_bytes() && h.value.is_some())
             .and_then(|h| h.value)
             .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
     }
 
     /// The id a record without a usable `ce_id` gets. Do not change: it is the id the workers
@@ -426,12 +431,13 @@ fn actor_of(
 /// The message id a row is unique on. Do not change any derivation: stored rows are unique on
 /// it, and a record redelivered after a restart must get the same id to be recognised.
 fn message_id_of(source: &Source<'_>, kind: TopicKind) -> Uuid {
-    // As the workers read it (a `ce_id` that is not a UUID stands for one derived from it).
+    // As the workers read it, spaces and all (a `ce_id` that is not a UUID stands for one
+    // derived from it and `ce_source`).
     let ce_id = || {
         source
-            .header(ce::ID)
+            .exact_header(ce::ID)
             .filter(|v| !v.is_empty())
-            .map(|v| Envelope::id_of(v, source.header(ce::SOURCE)))
+            .map(|v| Envelope::id_of(v, source.exact_header(ce::SOURCE)))
     };
     if kind == TopicKind::DeadLetter {
         // A dead letter keeps the original's headers, ce_id included; it is a message of its
@@ -898,22 +904,24 @@ mod tests {
     #[test]
     fn a_request_whose_id_is_not_a_uuid_gets_the_id_the_workers_give_it() {
         let t = topics();
-        let headers = |id: &str| vec![(ce::ID, id.to_owned()), (ce::SOURCE, "/shop".to_owned())];
+        let headers = |id: &str| vec![(ce::ID, id.to_owned()), (ce::SOURCE, "/shop ".to_owned())];
         let record = |id: &str| Record {
             topic: t.requests(),
             headers: headers(id),
             payload: Some(br#"{"transfer_id":"abc"}"#.to_vec()),
         };
-        let worker = Envelope::from_headers(
-            headers("order-42-evt")
-                .iter()
-                .map(|(k, v)| (*k, Some(v.as_bytes()))),
-            Some(types::TRANSFER_REQUESTED),
-            || unreachable!("the id header is present"),
-            None,
-        )
-        .unwrap();
-        assert_eq!(record("order-42-evt").entry().message_id, worker.id);
+        // Spaces around an id or a source are part of it, to the workers as to the audit.
+        let uuid = Uuid::new_v4().to_string();
+        for id in ["order-42-evt", " order-42-evt", &format!("{uuid}\n"), &uuid] {
+            let worker = Envelope::from_headers(
+                headers(id).iter().map(|(k, v)| (*k, Some(v.as_bytes()))),
+                Some(types::TRANSFER_REQUESTED),
+                || unreachable!("the id header is present"),
+                None,
+            )
+            .unwrap();
+            assert_eq!(record(id).entry().message_id, worker.id, "{id:?}");
+        }
         // An empty one is no id: the record's position is.
         let position = Uuid::new_v5(
             &Uuid::NAMESPACE_OID,

@@ -162,10 +162,22 @@ impl Envelope {
             })?,
             None => record_time.unwrap_or_else(Utc::now),
         };
-        let causation_id = found
-            .remove(headers::CAUSATION_ID)
-            .map(|v| parse_uuid(headers::CAUSATION_ID, v))
-            .transpose()?;
+        // The `ce_id` of the message that caused this one, read as a `ce_id` is: one that is
+        // not a UUID stands for the UUID derived from it and this message's `ce_source`, the
+        // id of the cause if the cause came from the same source.
+        let causation_id = match found.remove(headers::CAUSATION_ID) {
+            Some(v) if v.is_empty() => {
+                return Err(EnvelopeError::Invalid {
+                    name: headers::CAUSATION_ID,
+                    value: v,
+                })
+            }
+            Some(v) => Some(Envelope::id_of(
+                &v,
+                found.get(headers::SOURCE).map(String::as_str),
+            )),
+            None => None,
+        };
         Ok(Envelope {
             id,
             message_type,
@@ -230,10 +242,6 @@ pub fn time_of_millis(ms: i64) -> Option<DateTime<Utc>> {
 
 fn in_rfc3339_range(time: &DateTime<Utc>) -> bool {
     (0..=9999).contains(&time.year())
-}
-
-fn parse_uuid(name: &'static str, value: String) -> Result<Uuid, EnvelopeError> {
-    Uuid::parse_str(&value).map_err(|_| EnvelopeError::Invalid { name, value })
 }
 
 #[cfg(test)]
@@ -308,6 +316,30 @@ mod tests {
         assert!(time_of_millis(1_765_000_000_000).is_some());
         assert_eq!(time_of_millis(253_402_300_800_000), None);
         assert_eq!(time_of_millis(i64::MAX), None);
+    }
+
+    /// A producer's `causation-id` is often the `ce_id` of an event of its own, which need not
+    /// be a UUID: it names the message that id stands for.
+    #[test]
+    fn a_causation_id_that_is_not_a_uuid_stands_for_the_id_it_names() {
+        let of = |causation: &str| {
+            Envelope::from_headers(
+                [
+                    (headers::CAUSATION_ID, Some(causation.as_bytes())),
+                    (headers::SOURCE, Some(b"/shop".as_slice())),
+                ],
+                Some(crate::types::TRANSFER_REQUESTED),
+                Uuid::new_v4,
+                None,
+            )
+        };
+        assert_eq!(
+            of("order-41-evt").unwrap().causation_id,
+            Some(Envelope::id_of("order-41-evt", Some("/shop")))
+        );
+        let uuid = Uuid::new_v4();
+        assert_eq!(of(&uuid.to_string()).unwrap().causation_id, Some(uuid));
+        assert!(of("").is_err());
     }
 
     #[test]

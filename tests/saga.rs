@@ -468,6 +468,60 @@ async fn transfer_wait_is_not_answered_by_a_conflict_someone_else_caused() {
     );
 }
 
+/// A producer's `correlation-id` rides on every message of its transfer, those the timer sends
+/// included, and the transfer stays one trace whatever its correlation id is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producers_correlation_id_rides_on_the_timers_messages_in_the_transfers_trace() {
+    let mut env = TestEnv::new("correlation").await;
+    // No account worker answers: the prepare times out, and the timer sends the abort.
+    env.with_config("[coordinator]\nprepare_timeout = \"1s\"\n");
+    env.start("coordinator");
+    let commands = TopicTail::start(&env.kafka, env.topics.account_commands())
+        .await
+        .unwrap();
+    let transfer = request(Uuid::new_v4(), Uuid::new_v4(), "1", "USD");
+    let mut sent = Outgoing::new(
+        env.topics.requests(),
+        &transfer.transfer_id,
+        "/shop",
+        &Message::TransferRequested(transfer.clone()),
+    );
+    sent.envelope.correlation_id = Some("order-42".to_owned());
+    sent.envelope.traceparent = None;
+    sent.envelope.tracestate = None;
+    env.publisher.publish(&sent).await.unwrap();
+
+    let trace = Uuid::parse_str(&transfer.transfer_id)
+        .unwrap()
+        .simple()
+        .to_string();
+    let mut seen = Vec::new();
+    while !seen.contains(&AccountAction::Release) {
+        let (envelope, message) = tokio::time::timeout(Duration::from_secs(60), commands.next())
+            .await
+            .expect("the hold, then its release after the timeout")
+            .unwrap();
+        let Message::Account(command) = message else {
+            panic!("{message:?}");
+        };
+        assert_eq!(
+            envelope.correlation_id.as_deref(),
+            Some("order-42"),
+            "{:?}",
+            command.action
+        );
+        let traceparent = envelope.traceparent.as_deref().unwrap_or_default();
+        assert_eq!(
+            twophase_runtime::telemetry::trace_id_of(traceparent).as_deref(),
+            Some(trace.as_str()),
+            "{:?}",
+            command.action
+        );
+        seen.push(command.action);
+    }
+    assert!(seen.contains(&AccountAction::Hold), "{seen:?}");
+}
+
 /// A request without `ce_time` is answered with its record's own Kafka time, so that an answer
 /// published again after a redelivery is the same message, as the audit store dates it.
 #[tokio::test(flavor = "multi_thread")]

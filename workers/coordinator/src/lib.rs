@@ -282,6 +282,7 @@ impl Coordinator {
             traceparent: Some(traceparent),
             tracestate,
             request_message_id: Some(envelope.id),
+            correlation_id: envelope.correlation_id.clone(),
             resend_attempts: 0,
             requested_at: Some(envelope.time),
             created_at: now(),
@@ -572,6 +573,7 @@ impl Coordinator {
     fn timer_cause(&self, stored: &Stored) -> Envelope {
         let mut cause = Envelope::new("timer", &self.source, stored.saga.transfer_id.to_string());
         cause.id = stored.request_message_id.unwrap_or(cause.id);
+        cause.correlation_id = stored.correlation_id.clone();
         cause.traceparent = stored.traceparent.clone();
         cause.tracestate = stored.tracestate.clone();
         cause

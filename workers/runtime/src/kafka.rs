@@ -83,7 +83,7 @@ impl Outgoing {
                 .unwrap_or_else(|| message.transfer_id()),
         );
         envelope.causation_id = Some(cause.id);
-        telemetry::set_trace(&mut envelope, Some(cause));
+        telemetry::set_trace_of(&mut envelope, Some(cause), Some(&message.transfer_id()));
         Outgoing::with_envelope(topic, key, envelope, message)
     }
 

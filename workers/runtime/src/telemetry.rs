@@ -268,10 +268,18 @@ pub fn exported_trace_id(span: &Span) -> Option<String> {
 ///
 /// With export on, the current span is the message's parent, so the consumer's span hangs
 /// under the span that published it. Without it, the message continues its cause's trace with
-/// a new span id; with no cause trace at all, its trace id is its transfer's (its correlation
-/// id's), so every message of one transfer still shares one trace.
+/// a new span id; with no cause trace at all, its trace id is its correlation id, if that is a
+/// UUID (a message that starts a chain is correlated by its own transfer id).
 pub fn set_trace(envelope: &mut Envelope, cause: Option<&Envelope>) {
-    let (traceparent, tracestate) = trace_headers(cause, envelope.correlation_id.as_deref());
+    let correlation_id = envelope.correlation_id.clone();
+    set_trace_of(envelope, cause, correlation_id.as_deref());
+}
+
+/// [`set_trace`] for a message of transfer `transfer_id`: with no cause trace, its trace id is
+/// its transfer's, whatever correlation id a producer gave it, so that every message of one
+/// transfer shares one trace.
+pub fn set_trace_of(envelope: &mut Envelope, cause: Option<&Envelope>, transfer_id: Option<&str>) {
+    let (traceparent, tracestate) = trace_headers(cause, transfer_id);
     envelope.traceparent = Some(traceparent);
     envelope.tracestate = tracestate;
 }

@@ -1,2 +1,0 @@
--- As on PostgreSQL: when the request was made, as its message says.
-ALTER TABLE transfers ADD COLUMN requested_at TEXT;

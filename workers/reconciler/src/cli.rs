@@ -12,9 +12,9 @@ use twophase_runtime::db::Db;
 use twophase_runtime::{http, out, outln, shutdown};
 
 use crate::checks::{set_gauges_of, show_reconciled_through};
-use crate::report::Report;
+use crate::report::{self, Report};
 use crate::store;
-use crate::window::{catch_up_from, missed_days, next_run, today};
+use crate::window::{catch_up_from, missed_days, next_run, today, MAX_CATCH_UP};
 use crate::{reconcile, reconcile_in, Settings, DEFAULT_METRICS_PORT, SCHEMA};
 
 #[derive(Debug, clap::Args)]
@@ -126,13 +126,17 @@ pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     }
 }
 
-/// Shows in the gauges the stored reports of `days`, or the latest that did not fail if none.
+/// Shows in the gauges the stored reports of `days`, or, with none, the one
+/// [`report::shown_at_start`] picks of the latest.
 async fn refresh_gauges(settings: &Settings, days: &[NaiveDate]) {
     let stored = async {
         let db = Db::connect(&settings.database_url, SCHEMA, 1).await?;
         let mut reports = Vec::new();
         if days.is_empty() {
-            reports.extend(store::latest_verdict(&db).await?);
+            // The days a catch-up looks at, and today.
+            let recent = store::latest_verdicts(&db, MAX_CATCH_UP as i64 + 1).await?;
+            let of_record = settings.config.time_zone.name();
+            reports.extend(report::shown_at_start(&recent, of_record).cloned());
         }
         for day in days {
             reports.extend(store::load(&db, *day).await?);

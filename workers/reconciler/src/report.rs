@@ -468,6 +468,17 @@ fn table(header: &[&str], rows: &[Vec<String>], right: &[usize]) -> String {
     out
 }
 
+/// The report the discrepancy gauges show before a reconciler's first run, of `reports` newest
+/// first: the latest verdict of record on a whole day, so that neither a day run by hand
+/// before it was over nor one cut in another zone clears the alert of a day that found
+/// something; else the latest that did not fail.
+pub(crate) fn shown_at_start<'a>(reports: &'a [Report], of_record: &str) -> Option<&'a Report> {
+    reports
+        .iter()
+        .find(|r| r.is_whole_day_verdict(of_record))
+        .or_else(|| reports.iter().find(|r| r.status != RunStatus::Failed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,6 +502,23 @@ mod tests {
         let mut found = report();
         found.status = RunStatus::CompletedWithErrors;
         assert!(found.is_whole_day_verdict("UTC"));
+    }
+
+    #[test]
+    fn a_restart_shows_the_latest_whole_day_verdict_not_a_day_run_before_it_was_over() {
+        let whole = report();
+        let mut today = Report::new(
+            &Window::of("2026-11-24".parse().unwrap(), chrono_tz::Tz::UTC),
+            whole.window.end + chrono::TimeDelta::hours(9),
+        );
+        today.status = RunStatus::Completed;
+        let newest_first = [today.clone(), whole.clone()];
+        assert_eq!(shown_at_start(&newest_first, "UTC"), Some(&whole));
+        // With no verdict on a whole day, the latest that did not fail.
+        assert_eq!(shown_at_start(&newest_first[..1], "UTC"), Some(&today));
+        let mut failed = today.clone();
+        failed.status = RunStatus::Failed;
+        assert_eq!(shown_at_start(&[failed], "UTC"), None);
     }
 
     #[test]

@@ -122,18 +122,19 @@ pub(crate) async fn write(
     Ok(())
 }
 
-/// The report of the latest day whose run did not fail: the verdict the discrepancy gauges
-/// show until the next run.
-pub async fn latest_verdict(db: &Db) -> Result<Option<Report>, sqlx::Error> {
+/// The reports of the latest `days` days whose run did not fail, newest first: those the
+/// discrepancy gauges choose from until the next run ([`crate::report::shown_at_start`]).
+pub async fn latest_verdicts(db: &Db, days: i64) -> Result<Vec<Report>, sqlx::Error> {
     let mut tx = db.begin().await?;
-    let row = query_as!(
+    let rows = query_as!(
         &mut tx,
         (Json<Report>,),
-        fetch_optional,
-        "SELECT report FROM reports WHERE status <> 'failed' ORDER BY report_date DESC LIMIT 1",
+        fetch_all,
+        "SELECT report FROM reports WHERE status <> 'failed' ORDER BY report_date DESC LIMIT $1",
+        days,
     )?;
     tx.commit().await?;
-    Ok(row.map(|(Json(report),)| report))
+    Ok(rows.into_iter().map(|(Json(report),)| report).collect())
 }
 
 /// The day of the oldest stored report, and the reports of `from` on, oldest first.

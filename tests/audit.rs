@@ -1506,3 +1506,37 @@ async fn a_reader_that_stops_early_ends_a_query_quietly() {
         whole.stdout.len()
     );
 }
+
+/// A backlog is written in batches of at most `audit.batch_bytes` of records, the one that
+/// reaches it included: with a limit below one record, each record is a batch of its own,
+/// however many wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_ends_at_the_record_that_reaches_its_byte_limit() {
+    let mut env = TestEnv::new("audit-bytes").await;
+    // They wait before the audit worker starts, so that all are there for its first batch.
+    for _ in 0..3 {
+        env.request(&request(Uuid::new_v4(), Uuid::new_v4(), "1", "USD"))
+            .await;
+    }
+    start_audit_with(&mut env, &[("TWOPHASE_AUDIT__BATCH_BYTES", "1")]).await;
+    let deadline = Instant::now() + CATCH_UP;
+    let batches = loop {
+        let log = std::fs::read_to_string(env.newest_log("audit")).unwrap();
+        let batches: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("batch audited"))
+            .map(str::to_owned)
+            .collect();
+        let inserted = batches.iter().filter(|l| !l.contains("inserted=0")).count();
+        if inserted >= 3 || batches.iter().any(|l| !l.contains("inserted=1")) {
+            break batches;
+        }
+        assert!(Instant::now() < deadline, "{batches:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        batches.iter().all(|l| l.contains("inserted=1")),
+        "{batches:#?}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM audit.audit_log").await, 3);
+}

@@ -168,9 +168,7 @@ async fn worker(services: Services<'_>) -> anyhow::Result<u8> {
     let settings = consumer::Settings {
         kafka: services.kafka.clone(),
         retry: services.retry.clone(),
-        batch_size: services.audit.batch_size,
-        batch_timeout: services.audit.batch_timeout,
-        commit_interval: services.audit.commit_interval,
+        audit: services.audit.clone(),
         health,
     };
     consumer::run(db.clone(), settings, token).await?;

@@ -9,13 +9,13 @@
 //! are).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use chrono::Utc;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{BorrowedMessage, Headers as _, OwnedMessage};
 use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -27,16 +27,15 @@ use twophase_runtime::worker::{commit_stored, member_config, MemberContext};
 use twophase_runtime::{metrics, telemetry, KafkaConfig, RetryConfig};
 
 use crate::record::{self, Source};
-use crate::store;
+use crate::{store, AuditConfig};
 
 /// What the loop needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub kafka: KafkaConfig,
     pub retry: RetryConfig,
-    pub batch_size: usize,
-    pub batch_timeout: Duration,
-    pub commit_interval: Duration,
+    /// Its batches and commits (`[audit]`).
+    pub audit: AuditConfig,
     pub health: Health,
 }
 
@@ -62,7 +61,12 @@ pub async fn run(db: Db, settings: Settings, shutdown: CancellationToken) -> any
     let consumer: StreamConsumer<MemberContext> = config
         .set(
             "auto.commit.interval.ms",
-            settings.commit_interval.as_millis().max(1).to_string(),
+            settings
+                .audit
+                .commit_interval
+                .as_millis()
+                .max(1)
+                .to_string(),
         )
         .create_with_context(context)
         .context("the audit worker's Kafka consumer")?;
@@ -148,8 +152,8 @@ fn record_span(source: &Source<'_>, group: &str) -> tracing::Span {
     span
 }
 
-/// Up to `batch_size` records: waits for the first, then takes what comes within
-/// `batch_timeout` of it. Empty on shutdown.
+/// Up to `batch_size` records, or up to the one that brings them to `batch_bytes`: waits for the
+/// first, then takes what comes within `batch_timeout` of it. Empty on shutdown.
 async fn collect(
     consumer: &StreamConsumer<MemberContext>,
     settings: &Settings,
@@ -160,25 +164,41 @@ async fn collect(
         _ = shutdown.cancelled() => return batch,
         m = consumer.recv() => m,
     };
+    let mut bytes = 0;
+    let take = |m: &BorrowedMessage<'_>, batch: &mut Vec<OwnedMessage>| {
+        batch.push(m.detach());
+        size_of_record(m)
+    };
     match first {
-        Ok(m) => batch.push(m.detach()),
+        Ok(m) => bytes += take(&m, &mut batch),
         Err(e) => {
             consumer_error(&e);
             return batch;
         }
     }
-    let deadline = tokio::time::Instant::now() + settings.batch_timeout;
-    while batch.len() < settings.batch_size.max(1) {
+    let audit = &settings.audit;
+    let deadline = tokio::time::Instant::now() + audit.batch_timeout;
+    while batch.len() < audit.batch_size.max(1) && bytes < audit.batch_bytes {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(deadline) => break,
             m = consumer.recv() => match m {
-                Ok(m) => batch.push(m.detach()),
+                Ok(m) => bytes += take(&m, &mut batch),
                 Err(e) => consumer_error(&e),
             },
         }
     }
     batch
+}
+
+/// The bytes of a record a batch holds: its payload, key and headers.
+fn size_of_record(m: &BorrowedMessage<'_>) -> usize {
+    let headers = m.headers().map_or(0, |h| {
+        h.iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    m.payload_len() + m.key_len() + headers
 }
 
 fn consumer_error(e: &KafkaError) {

@@ -41,6 +41,10 @@ pub struct AuditConfig {
     pub listen: SocketAddr,
     /// The most messages written in one database transaction.
     pub batch_size: usize,
+    /// The most bytes of records (payloads, keys and headers) taken into one batch: the batch
+    /// ends with the record that reaches it, so that a backlog of large records is written a
+    /// few at a time rather than held all at once.
+    pub batch_bytes: usize,
     /// How long a batch waits to fill up before it is written anyway.
     #[serde(with = "humantime_serde")]
     pub batch_timeout: Duration,
@@ -55,6 +59,7 @@ impl Default for AuditConfig {
         AuditConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9105)),
             batch_size: 500,
+            batch_bytes: 16 << 20,
             batch_timeout: Duration::from_millis(100),
             commit_interval: Duration::from_secs(1),
         }

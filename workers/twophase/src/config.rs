@@ -97,6 +97,10 @@ impl Config {
                 i64::try_from(a.batch_size).unwrap_or(i64::MAX),
             ),
             (
+                "audit.batch_bytes",
+                i64::try_from(a.batch_bytes).unwrap_or(i64::MAX),
+            ),
+            (
                 "coordinator.commit_stuck_after_attempts",
                 i64::from(c.commit_stuck_after_attempts),
             ),

@@ -167,9 +167,7 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
         twophase_audit::consumer::Settings {
             kafka: config.kafka.clone(),
             retry: config.retry.clone(),
-            batch_size: config.audit.batch_size,
-            batch_timeout: config.audit.batch_timeout,
-            commit_interval: config.audit.commit_interval,
+            audit: config.audit.clone(),
             health: audit_health,
         },
         shutdown.clone(),

@@ -758,6 +758,18 @@ async fn a_record_delivered_twice_or_a_message_published_twice_is_stored_once() 
         .unwrap();
     assert_eq!((once.inserted, once.duplicates), (0, 1));
 
+    // Another message under a stored message's id (a producer that reused a `ce_id`, or a
+    // second outcome of one transfer): kept as well, under an id of its own, and once.
+    let mut other_content = entries[0].clone();
+    other_content.kafka_offset = 2_000;
+    other_content.payload = Json(json!({"another": "message"}));
+    for (inserted, duplicates) in [(1, 0), (0, 1)] {
+        let kept = store::append(&db, std::slice::from_ref(&other_content), Timestamp::now())
+            .await
+            .unwrap();
+        assert_eq!((kept.inserted, kept.duplicates), (inserted, duplicates));
+    }
+
     // A new message where one is stored already: the broker's offsets started again (a topic
     // made anew, a restarted `twophase dev`'s embedded broker). It is stored too.
     let mut reused = synthetic(&env, 1).remove(0);
@@ -767,12 +779,12 @@ async fn a_record_delivered_twice_or_a_message_published_twice_is_stored_once() 
         .unwrap();
     assert_eq!((new.inserted, new.duplicates), (1, 0));
 
-    assert_eq!(count_rows(&db).await, 101);
+    assert_eq!(count_rows(&db).await, 102);
     let reports = store::verify(&db).await.unwrap();
     assert_eq!(reports.len(), 2);
     for r in &reports {
         let rows = if r.partition == entries[0].kafka_partition {
-            51
+            52
         } else {
             50
         };

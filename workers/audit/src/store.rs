@@ -5,15 +5,18 @@
 //! clause from the filters given (an index per filter serves them), so their binds are a list
 //! ([`Bind`]) rather than the fixed arguments of the `query_as!` macro.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
+use sqlx::types::Json;
 use sqlx::FromRow;
 use twophase_runtime::db::{Db, Timestamp, Tx};
 use twophase_runtime::{execute, query_as};
+use uuid::Uuid;
 
 use crate::chain::{row_hash, GENESIS};
 use crate::record::{rfc3339, Entry};
@@ -65,6 +68,9 @@ pub async fn append(
     let mut appended = Appended::default();
     for entry in entries {
         let key = (entry.topic.clone(), entry.kafka_partition);
+        let mut entry = Cow::Borrowed(entry);
+        // Whether it was given an id of its own, its `ce_id` having named another message.
+        let mut rekeyed = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -74,7 +80,7 @@ pub async fn append(
             };
             let mut row = Row {
                 id: 0,
-                entry: entry.clone(),
+                entry: entry.clone().into_owned(),
                 chain_seq: seq + 1,
                 recorded_at,
                 prev_hash,
@@ -86,12 +92,40 @@ pub async fn append(
                 appended.inserted += 1;
                 break;
             }
-            // Nothing inserted: the record is stored already, or another writer took the link.
-            // Either way the head is read afresh.
+            // Nothing inserted: the record is stored already, or its id names another message,
+            // or another writer took the link. Whichever, the head is read afresh.
             heads.remove(&key);
-            if stored(&mut tx, entry).await? {
-                appended.duplicates += 1;
-                break;
+            match stored(&mut tx, &entry).await? {
+                Some(same) if same || rekeyed => {
+                    appended.duplicates += 1;
+                    break;
+                }
+                Some(_) => {
+                    // A producer that reused a `ce_id` for another message, or two outcomes
+                    // of one transfer (the reconciler's `conflicting_outcome`): both are kept,
+                    // this one under an id derived from the reused one and where it sits.
+                    let reused = entry.message_id;
+                    let own = Uuid::new_v5(
+                        &Uuid::NAMESPACE_OID,
+                        format!(
+                            "reused/{reused}/{}/{}/{}",
+                            entry.topic, entry.kafka_partition, entry.kafka_offset
+                        )
+                        .as_bytes(),
+                    );
+                    tracing::warn!(
+                        message.id = %reused,
+                        topic = %entry.topic,
+                        partition = entry.kafka_partition,
+                        offset = entry.kafka_offset,
+                        stored_as = %own,
+                        "message id reused for another message: kept under an id of its own"
+                    );
+                    entry.to_mut().message_id = own;
+                    rekeyed = true;
+                    continue;
+                }
+                None => {}
             }
             if attempt >= CHAIN_ATTEMPTS {
                 return Err(AuditError::ChainContention {
@@ -120,18 +154,19 @@ async fn head(tx: &mut Tx, topic: &str, partition: i32) -> Result<(i64, String),
     Ok(head.unwrap_or_else(|| (0, GENESIS.to_owned())))
 }
 
-/// Whether a record is stored, by its message id: the same on every delivery of the record
-/// (its `ce_id`, or derived from where it sits when it has none). Its position alone says
+/// Whether a message is stored under the record's message id: the same on every delivery of
+/// the record (its `ce_id`, or derived from where it sits when it has none), and whether it is
+/// this one (the same topic and payload) or another under the same id. Its position alone says
 /// nothing, as offsets start again when a topic is made anew.
-async fn stored(tx: &mut Tx, entry: &Entry) -> Result<bool, sqlx::Error> {
+async fn stored(tx: &mut Tx, entry: &Entry) -> Result<Option<bool>, sqlx::Error> {
     let found = query_as!(
         tx,
-        (i64,),
+        (String, Json<Value>),
         fetch_optional,
-        "SELECT id FROM audit_log WHERE message_id = $1",
+        "SELECT topic, payload FROM audit_log WHERE message_id = $1",
         entry.message_id,
     )?;
-    Ok(found.is_some())
+    Ok(found.map(|(topic, Json(payload))| topic == entry.topic && payload == entry.payload.0))
 }
 
 /// Inserts a row unless one of its unique keys is taken; whether it was inserted.

@@ -554,11 +554,14 @@ pub fn entry(source: &Source<'_>, topics: &Topics, prefix: &str, now: DateTime<U
         .header(ce::TRACEPARENT)
         .and_then(telemetry::parse_traceparent)
         .unzip();
-    // A dead letter happened when it was set aside (its own Kafka time), not when the message
-    // it carries was first produced.
+    // A dead letter happened when it was set aside, and a replayed message when it was
+    // replayed (each its own Kafka time), not when the message it carries was first produced:
+    // in a transfer's timeline the replay comes after the dead letter it puts back.
     let ce_time = || source.header(ce::TIME).and_then(parse_time);
+    let replayed = source.header(replay_headers::FROM).is_some();
     let occurred = match kind {
         TopicKind::DeadLetter => source.kafka_time().or_else(ce_time),
+        _ if replayed => source.kafka_time().or_else(ce_time),
         _ => ce_time().or_else(|| source.kafka_time()),
     }
     .unwrap_or(now);
@@ -928,6 +931,21 @@ mod tests {
             format!("{}/2/7", t.requests()).as_bytes(),
         );
         assert_eq!(record("").entry().message_id, position);
+    }
+
+    #[test]
+    fn a_replayed_message_is_dated_when_it_was_replayed() {
+        let mut record = Record::new(topics().replies(), types::VOTE, json!({}));
+        let original = record.entry().occurred_at_us;
+        assert_eq!(original, 1_795_514_400_123_456, "its ce_time");
+        record.headers.push((
+            replay_headers::FROM,
+            format!("{}/0/3", Topics::dead_letters(&topics().replies())),
+        ));
+        record
+            .headers
+            .push((replay_headers::AT, "2026-09-21T14:13:20Z".to_owned()));
+        assert_eq!(record.entry().occurred_at_us, 1_790_000_000_000_000);
     }
 
     /// A time no RFC 3339 text can hold (year 10000 once in UTC) would be stored as text the

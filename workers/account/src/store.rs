@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use twophase_runtime::db::sqlx;
 use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
-use twophase_runtime::{execute, query_as};
+use twophase_runtime::{execute, for_each_row, query_as};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -411,11 +411,34 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
         fetch_all,
         "SELECT account_id, balance, held FROM accounts"
     )?;
-    let ledger = query_as!(
+    let mut replayed: std::collections::HashMap<Uuid, (Decimal, Decimal)> = Default::default();
+    let mut mismatches = Vec::new();
+    let mut misstated = std::collections::HashSet::new();
+    // In the order they were written, each sum is a balance the account had, and the one its
+    // entry recorded. One that was altered can go past the largest decimal: it saturates, and
+    // shows as a mismatch. Read as it comes: a ledger of any length takes memory by account,
+    // not by entry.
+    for_each_row!(
         &mut tx,
         (i64, Uuid, String, Amount, Amount),
-        fetch_all,
-        "SELECT entry_id, account_id, kind, amount, balance_after FROM ledger ORDER BY entry_id"
+        "SELECT entry_id, account_id, kind, amount, balance_after FROM ledger ORDER BY entry_id",
+        |(entry_id, account, kind, amount, balance_after): (i64, Uuid, String, Amount, Amount)| {
+            let entry = replayed.entry(account).or_default();
+            entry.0 = match kind.as_str() {
+                "deposit" | "credit" => entry.0.saturating_add(amount.0),
+                _ => entry.0.saturating_sub(amount.0),
+            };
+            // Past the first, every entry of the account is off by as much: one says it all.
+            if entry.0 != balance_after.0 && misstated.insert(account) {
+                mismatches.push(Mismatch {
+                    account_id: account,
+                    field: "balance_after",
+                    entry_id: Some(entry_id),
+                    expected: entry.0,
+                    actual: balance_after.0,
+                });
+            }
+        },
     )?;
     let holds = query_as!(
         &mut tx,
@@ -424,29 +447,6 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
         "SELECT account_id, amount FROM holds WHERE status = 'held'"
     )?;
     tx.commit().await?;
-    let mut replayed: std::collections::HashMap<Uuid, (Decimal, Decimal)> = Default::default();
-    let mut mismatches = Vec::new();
-    let mut misstated = std::collections::HashSet::new();
-    // In the order they were written, each sum is a balance the account had, and the one its
-    // entry recorded. One that was altered can go past the largest decimal: it saturates, and
-    // shows as a mismatch.
-    for (entry_id, account, kind, amount, balance_after) in ledger {
-        let entry = replayed.entry(account).or_default();
-        entry.0 = match kind.as_str() {
-            "deposit" | "credit" => entry.0.saturating_add(amount.0),
-            _ => entry.0.saturating_sub(amount.0),
-        };
-        // Past the first, every entry of the account is off by as much: one says it all.
-        if entry.0 != balance_after.0 && misstated.insert(account) {
-            mismatches.push(Mismatch {
-                account_id: account,
-                field: "balance_after",
-                entry_id: Some(entry_id),
-                expected: entry.0,
-                actual: balance_after.0,
-            });
-        }
-    }
     for (account, amount) in holds {
         let held = &mut replayed.entry(account).or_default().1;
         *held = held.saturating_add(amount.0);

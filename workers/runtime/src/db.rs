@@ -18,6 +18,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
+#[doc(hidden)]
+pub use futures;
 use rust_decimal::Decimal;
 pub use sqlx;
 use sqlx::encode::IsNull;
@@ -328,6 +330,40 @@ macro_rules! query_as {
                     $(.bind($bind))*
                     .$method(&mut **tx)
                     .await
+            }
+        }
+    }};
+}
+
+/// Runs `sqlx::query_as::<_, T>(sql)` on a [`Tx`] and hands each row to `$each` as it comes,
+/// so that a result of any size is never held whole.
+#[macro_export]
+macro_rules! for_each_row {
+    ($tx:expr, $t:ty, $sql:expr, $each:expr $(,)?) => {{
+        use $crate::db::futures::TryStreamExt as _;
+        let sql: &str = $sql;
+        let mut each = $each;
+        match $tx {
+            $crate::db::Tx::Postgres(tx) => {
+                let mut rows = $crate::db::sqlx::query_as::<_, $t>(sql).fetch(&mut **tx);
+                loop {
+                    match rows.try_next().await {
+                        Ok(Some(row)) => each(row),
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+            $crate::db::Tx::Sqlite(tx) => {
+                let sql = $crate::db::sqlite_text(sql);
+                let mut rows = $crate::db::sqlx::query_as::<_, $t>(&sql).fetch(&mut **tx);
+                loop {
+                    match rows.try_next().await {
+                        Ok(Some(row)) => each(row),
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
             }
         }
     }};

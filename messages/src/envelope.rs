@@ -120,17 +120,21 @@ impl Envelope {
         fallback_id: impl FnOnce() -> Uuid,
         record_time: Option<DateTime<Utc>>,
     ) -> Result<Envelope, EnvelopeError> {
-        let mut found: std::collections::HashMap<&str, String> = Default::default();
+        // The last value of each known header counts; one without a value is no value.
+        let mut last: std::collections::HashMap<&'static str, &[u8]> = Default::default();
         for (name, value) in record_headers {
             let Some(value) = value else { continue };
-            let Some(known) = KNOWN.iter().find(|k| **k == name) else {
-                continue;
-            };
+            if let Some(known) = KNOWN.iter().find(|k| **k == name) {
+                last.insert(known, value);
+            }
+        }
+        let mut found: std::collections::HashMap<&str, String> = Default::default();
+        for (name, value) in last {
             let text = std::str::from_utf8(value).map_err(|_| EnvelopeError::Invalid {
-                name: known,
+                name,
                 value: String::from_utf8_lossy(value).into_owned(),
             })?;
-            found.insert(known, text.to_owned());
+            found.insert(name, text.to_owned());
         }
         let message_type = match found.remove(headers::TYPE) {
             Some(t) => t,
@@ -340,6 +344,27 @@ mod tests {
         let uuid = Uuid::new_v4();
         assert_eq!(of(&uuid.to_string()).unwrap().causation_id, Some(uuid));
         assert!(of("").is_err());
+    }
+
+    /// Only the last value of a header counts: an earlier one that is not UTF-8 is not read,
+    /// and a header without a value is skipped.
+    #[test]
+    fn the_last_value_of_a_repeated_header_counts() {
+        let time = "2026-12-06T07:00:00Z";
+        let e = Envelope::from_headers(
+            [
+                (headers::CORRELATION_ID, Some(b"\xff".as_slice())),
+                (headers::CORRELATION_ID, Some(b"order-42".as_slice())),
+                (headers::TIME, Some(time.as_bytes())),
+                (headers::TIME, None),
+            ],
+            Some(crate::types::TRANSFER_REQUESTED),
+            Uuid::new_v4,
+            None,
+        )
+        .unwrap();
+        assert_eq!(e.correlation_id.as_deref(), Some("order-42"));
+        assert_eq!(e.time, time.parse::<DateTime<Utc>>().unwrap());
     }
 
     #[test]

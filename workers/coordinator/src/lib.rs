@@ -41,22 +41,22 @@ fn now() -> DateTime<Utc> {
     Timestamp::now().0
 }
 
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_milliseconds().max(0) as f64 / 1000.0
+}
+
 /// Counts a rejection that stores no transfer (a malformed id, an id reused for another
 /// request): it is decided as it is received, so it took no time.
 fn record_unstored_rejection(reason: &'static str) {
     metrics::transfer_finished(metrics::status::REJECTED, Some(reason), 0.0);
 }
 
-/// Counts a transfer that just reached its outcome, with the time from request to outcome:
-/// from when its request was made, as its message says, so that a wait in the requests topic
-/// counts; or from when it was stored, if that is earlier (a producer's clock ahead of ours).
+/// Counts a transfer that just reached its outcome, with the time from its request's reading
+/// to the outcome, on this coordinator's clock.
 fn record_if_finished(stored: &Stored) {
     let saga = &stored.saga;
     if let (true, Some(finished)) = (saga.status.is_terminal(), saga.finished_at) {
-        let requested = stored
-            .requested_at
-            .map_or(stored.created_at, |at| at.min(stored.created_at));
-        let seconds = (finished - requested).num_milliseconds().max(0) as f64 / 1000.0;
+        let seconds = seconds_between(stored.created_at, finished);
         metrics::transfer_finished(saga.status.as_str(), saga.reason.as_deref(), seconds);
     }
 }
@@ -284,7 +284,6 @@ impl Coordinator {
             request_message_id: Some(envelope.id),
             correlation_id: envelope.correlation_id.clone(),
             resend_attempts: 0,
-            requested_at: Some(envelope.time),
             created_at: now(),
             decided_at: None,
         };
@@ -298,7 +297,13 @@ impl Coordinator {
         let raw = stored_json(serde_json::to_value(request).expect("requests serialize"));
         let replies = saga_span(&stored).in_scope(|| self.emit(envelope, &stored));
         sagas.insert(stored.clone(), raw, deadline);
-        Ok(Handled::replies(replies).then(move || record_if_finished(&stored)))
+        // On the producer's clock, which may be off: a wait of its own, not part of the
+        // transfer's duration, which alerts read.
+        let waited = seconds_between(envelope.time, stored.created_at);
+        Ok(Handled::replies(replies).then(move || {
+            metrics::request_waited(waited);
+            record_if_finished(&stored)
+        }))
     }
 
     /// Applies a vote or an ack to its transfer and returns what to publish.

@@ -25,9 +25,6 @@ pub struct Stored {
     pub correlation_id: Option<String>,
     /// Commit or abort commands re-sent so far.
     pub resend_attempts: i32,
-    /// When the request was made, as its message says; none for transfers stored before it
-    /// was kept.
-    pub requested_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub decided_at: Option<DateTime<Utc>>,
 }
@@ -57,7 +54,6 @@ struct Row {
     request_message_id: Option<Uuid>,
     correlation_id: Option<String>,
     resend_attempts: i32,
-    requested_at: Option<Timestamp>,
     created_at: Timestamp,
     decided_at: Option<Timestamp>,
     finished_at: Option<Timestamp>,
@@ -132,7 +128,6 @@ impl TryFrom<Row> for Stored {
             request_message_id: r.request_message_id,
             correlation_id: r.correlation_id,
             resend_attempts: r.resend_attempts,
-            requested_at: r.requested_at.map(Into::into),
             created_at: r.created_at.into(),
             decided_at: r.decided_at.map(Into::into),
         })
@@ -143,8 +138,7 @@ const COLUMNS: &str =
     "transfer_id, request_hash, from_account, to_account, amount, currency, status,
      risk_vote, source_vote, destination_vote, risk_assessment, reason, reason_detail,
      failed_participant, captured, credited, released, credit_cancelled, traceparent, tracestate,
-     request_message_id, correlation_id, resend_attempts, requested_at, created_at, decided_at,
-     finished_at";
+     request_message_id, correlation_id, resend_attempts, created_at, decided_at, finished_at";
 
 /// The transfers a batch of messages names, read and locked, and what the batch changed in
 /// them, written back with one statement per kind of change.
@@ -301,7 +295,6 @@ async fn save_at_once(
         .bind(column(inserts, |(s, ..)| s.request_message_id))
         .bind(column(inserts, |(.., deadline)| deadline.0))
         .bind(column(inserts, |(s, ..)| at(s.saga.finished_at)))
-        .bind(column(inserts, |(s, ..)| at(s.requested_at)))
         .bind(column(inserts, |(s, ..)| s.correlation_id.as_deref()))
         .bind(column(updates, |(s, _)| s.saga.transfer_id))
         .bind(column(updates, |(s, _)| s.saga.status.as_str()))
@@ -336,13 +329,12 @@ async fn save_at_once(
 const SAVE: &str = "WITH inserted AS (
         INSERT INTO transfers (transfer_id, request_hash, request, from_account, to_account, amount,
                                currency, status, reason, reason_detail, traceparent, tracestate,
-                               request_message_id, prepare_deadline, finished_at, requested_at,
-                               correlation_id, created_at, updated_at)
+                               request_message_id, prepare_deadline, finished_at, correlation_id,
+                               created_at, updated_at)
         SELECT *, $1, $1
         FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::uuid[], $6::uuid[], $7::numeric[],
                     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-                    $14::uuid[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[],
-                    $18::text[])
+                    $14::uuid[], $15::timestamptz[], $16::timestamptz[], $17::text[])
     ), updated AS (
         UPDATE transfers SET status = v.status, risk_vote = v.risk_vote,
                source_vote = v.source_vote, destination_vote = v.destination_vote,
@@ -352,9 +344,9 @@ const SAVE: &str = "WITH inserted AS (
                credit_cancelled = v.credit_cancelled, finished_at = v.finished_at,
                resend_attempts = v.resend_attempts, decided_at = v.decided_at,
                next_resend_at = v.next_resend_at, updated_at = $1
-        FROM unnest($19::uuid[], $20::text[], $21::text[], $22::text[], $23::text[], $24::jsonb[],
-                    $25::text[], $26::text[], $27::bool[], $28::bool[], $29::bool[], $30::bool[],
-                    $31::timestamptz[], $32::int[], $33::timestamptz[], $34::timestamptz[])
+        FROM unnest($18::uuid[], $19::text[], $20::text[], $21::text[], $22::text[], $23::jsonb[],
+                    $24::text[], $25::text[], $26::bool[], $27::bool[], $28::bool[], $29::bool[],
+                    $30::timestamptz[], $31::int[], $32::timestamptz[], $33::timestamptz[])
             AS v (transfer_id, status, risk_vote, source_vote, destination_vote, risk_assessment,
                   reason, failed_participant, captured, credited, released, credit_cancelled,
                   finished_at, resend_attempts, decided_at, next_resend_at)
@@ -388,8 +380,8 @@ async fn insert(
         tx,
         "INSERT INTO transfers (transfer_id, request_hash, request, from_account, to_account, amount,
                                 currency, status, reason, reason_detail, traceparent, tracestate,
-                                request_message_id, prepare_deadline, finished_at, requested_at,
-                                correlation_id, created_at, updated_at)
+                                request_message_id, prepare_deadline, finished_at, correlation_id,
+                                created_at, updated_at)
          VALUES {rows}",
         rows,
         |(stored, request, deadline)| (
@@ -408,7 +400,6 @@ async fn insert(
             stored.request_message_id,
             *deadline,
             stored.saga.finished_at.map(Timestamp::from),
-            stored.requested_at.map(Timestamp::from),
             &stored.correlation_id,
             now,
             now,

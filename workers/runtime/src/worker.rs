@@ -176,6 +176,16 @@ pub mod dlq_headers {
 /// The longest error text a dead letter carries; the rest is in the worker's log.
 const MAX_ERROR_HEADER: usize = 4096;
 
+/// Whether the producer or the broker refused a record for what it is, too large or invalid as a
+/// record, rather than for the broker's state or settings: it never will be taken.
+fn refused_for_itself(error: &KafkaError) -> bool {
+    too_large(error)
+        || matches!(
+            error,
+            KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord)
+        )
+}
+
 /// Whether the producer or the broker refused a record as too large: it never will be taken.
 fn too_large(error: &KafkaError) -> bool {
     matches!(
@@ -781,13 +791,15 @@ impl<H: Handler> ConsumeLoop<H> {
                         );
                         return processed;
                     }
-                    // A reply too large for the producer or its topic never will be taken.
-                    Err(e) if too_large(&e) => {
+                    // A reply too large for the producer or its topic, or one the broker finds
+                    // invalid as a record, never will be taken.
+                    Err(e) if refused_for_itself(&e) => {
                         HandlerError::Permanent(anyhow::Error::new(e).context("publishing replies"))
                     }
                     // Any other refusal is the broker's or its settings' (down, a topic missing,
-                    // a permission taken away), never the message's: what it did is committed,
-                    // and setting it aside would leave its replies unsent until a replay.
+                    // a permission taken away, a clock), not the message's: what it did is
+                    // committed, and setting it aside would leave its replies unsent until a
+                    // replay.
                     Err(e) => {
                         unpublished = true;
                         HandlerError::Transient(anyhow::Error::new(e).context("publishing replies"))

@@ -1539,15 +1539,18 @@ async fn a_batch_ends_at_the_record_that_reaches_its_byte_limit() {
             .filter(|l| l.contains("batch audited"))
             .map(str::to_owned)
             .collect();
-        let inserted = batches.iter().filter(|l| !l.contains("inserted=0")).count();
-        if inserted >= 3 || batches.iter().any(|l| !l.contains("inserted=1")) {
+        let inserted = batches
+            .iter()
+            .filter(|l| !l.contains("inserted=0 "))
+            .count();
+        if inserted >= 3 || batches.iter().any(|l| !l.contains("inserted=1 ")) {
             break batches;
         }
         assert!(Instant::now() < deadline, "{batches:#?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
-        batches.iter().all(|l| l.contains("inserted=1")),
+        batches.iter().all(|l| l.contains("inserted=1 ")),
         "{batches:#?}"
     );
     assert_eq!(env.count("SELECT count(*) FROM audit.audit_log").await, 3);

@@ -18,7 +18,7 @@ use twophase_runtime::db::{Db, Timestamp, Tx};
 use twophase_runtime::{execute, query_as};
 use uuid::Uuid;
 
-use crate::chain::{row_hash, GENESIS};
+use crate::chain::{canonical, row_hash, GENESIS};
 use crate::record::{rfc3339, Entry};
 use crate::AuditError;
 
@@ -90,12 +90,24 @@ pub async fn append(
             if insert(&mut tx, &row).await? {
                 heads.insert(key.clone(), (row.chain_seq, row.hash));
                 appended.inserted += 1;
+                if rekeyed {
+                    tracing::warn!(
+                        message.id = %row.entry.message_id,
+                        topic = %entry.topic,
+                        partition = entry.kafka_partition,
+                        offset = entry.kafka_offset,
+                        "a message id already stored named another message: kept under an id \
+                         of its own"
+                    );
+                }
                 break;
             }
             // Nothing inserted: the record is stored already, or its id names another message,
             // or another writer took the link. Whichever, the head is read afresh.
             heads.remove(&key);
             match stored(&mut tx, &entry).await? {
+                // An id of its own already stored is this message's: it is derived from what
+                // the message says.
                 Some(same) if same || rekeyed => {
                     appended.duplicates += 1;
                     break;
@@ -103,25 +115,8 @@ pub async fn append(
                 Some(_) => {
                     // A producer that reused a `ce_id` for another message, or two outcomes
                     // of one transfer (the reconciler's `conflicting_outcome`): both are kept,
-                    // this one under an id derived from the reused one and where it sits.
-                    let reused = entry.message_id;
-                    let own = Uuid::new_v5(
-                        &Uuid::NAMESPACE_OID,
-                        format!(
-                            "reused/{reused}/{}/{}/{}",
-                            entry.topic, entry.kafka_partition, entry.kafka_offset
-                        )
-                        .as_bytes(),
-                    );
-                    tracing::warn!(
-                        message.id = %reused,
-                        topic = %entry.topic,
-                        partition = entry.kafka_partition,
-                        offset = entry.kafka_offset,
-                        stored_as = %own,
-                        "message id reused for another message: kept under an id of its own"
-                    );
-                    entry.to_mut().message_id = own;
+                    // this one under an id of its own.
+                    entry.to_mut().message_id = reused_id(&entry);
                     rekeyed = true;
                     continue;
                 }
@@ -154,6 +149,29 @@ async fn head(tx: &mut Tx, topic: &str, partition: i32) -> Result<(i64, String),
     Ok(head.unwrap_or_else(|| (0, GENESIS.to_owned())))
 }
 
+/// The id of a message whose `ce_id` names another stored message: derived from that id, where
+/// the record sits and what it says, so that a redelivery gets it again, and a third message
+/// under the id an id of its own too. Do not change the derivation: stored rows are unique on
+/// it.
+fn reused_id(entry: &Entry) -> Uuid {
+    let seed = format!(
+        "reused/{}/{}/{}/{}/{}",
+        entry.message_id,
+        entry.topic,
+        entry.kafka_partition,
+        entry.kafka_offset,
+        content(&entry.payload.0)
+    );
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, seed.as_bytes())
+}
+
+/// A payload as canonical JSON: the same before and after a round trip through jsonb.
+fn content(payload: &Value) -> String {
+    let mut text = String::new();
+    canonical(payload, &mut text);
+    text
+}
+
 /// Whether a message is stored under the record's message id: the same on every delivery of
 /// the record (its `ce_id`, or derived from where it sits when it has none), and whether it is
 /// this one (the same topic and payload) or another under the same id. Its position alone says
@@ -166,7 +184,9 @@ async fn stored(tx: &mut Tx, entry: &Entry) -> Result<Option<bool>, sqlx::Error>
         "SELECT topic, payload FROM audit_log WHERE message_id = $1",
         entry.message_id,
     )?;
-    Ok(found.map(|(topic, Json(payload))| topic == entry.topic && payload == entry.payload.0))
+    Ok(found.map(|(topic, Json(payload))| {
+        topic == entry.topic && content(&payload) == content(&entry.payload.0)
+    }))
 }
 
 /// Inserts a row unless one of its unique keys is taken; whether it was inserted.

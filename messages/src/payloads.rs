@@ -240,9 +240,9 @@ pub struct TransferFailed {
 /// Outcome: the request itself was invalid; nothing was held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TransferRejected {
-    /// As the producer sent it, a UUID in lower-case hyphenated form (it may be the malformed
-    /// value; one over 293 bytes is cut to its first 256 and a note of how many more there
-    /// were, which together are never longer).
+    /// A UUID in lower-case hyphenated form, however the request spelled it; a malformed id as
+    /// the producer sent it (one over 293 bytes cut to its first 256 and a note of how many
+    /// more there were, which together are never longer).
     pub transfer_id: String,
     /// One of the codes in [`reasons`](crate::reasons).
     pub reason: String,

@@ -942,9 +942,11 @@ mod tests {
             replay_headers::FROM,
             format!("{}/0/3", Topics::dead_letters(&topics().replies())),
         ));
+        // Its own Kafka time (2026-09-21T14:13:20Z), which the broker gave it when it was
+        // replayed.
         record
             .headers
-            .push((replay_headers::AT, "2026-09-21T14:13:20Z".to_owned()));
+            .push((replay_headers::AT, "2026-09-21T14:13:19.5Z".to_owned()));
         assert_eq!(record.entry().occurred_at_us, 1_790_000_000_000_000);
     }
 

@@ -922,10 +922,10 @@ mod tests {
     }
 
     /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a lost race or a
-    /// full or failing disk is retried; bad data and a missing grant are not, although their codes are all digits, as
-    /// SQLite's are.
+    /// full or failing disk is retried; bad data and a missing grant are not, although their
+    /// codes are all digits, as SQLite's are.
     #[tokio::test]
-    async fn on_postgresql_a_lost_race_is_transient_and_bad_data_is_not() {
+    async fn on_postgresql_a_lost_race_or_a_full_disk_is_transient_and_bad_data_is_not() {
         let Ok(url) = std::env::var("TWOPHASE_TEST_DATABASE_URL") else {
             return;
         };

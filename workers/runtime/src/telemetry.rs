@@ -284,7 +284,7 @@ pub fn set_trace_of(envelope: &mut Envelope, cause: Option<&Envelope>, transfer_
     envelope.tracestate = tracestate;
 }
 
-/// The `traceparent` and `tracestate` [`set_trace`] gives a message of `transfer_id` published
+/// The `traceparent` and `tracestate` [`set_trace_of`] gives a message of `transfer_id` published
 /// now: for a message, or for work that will later publish in the transfer's trace.
 pub fn trace_headers(
     cause: Option<&Envelope>,

@@ -203,8 +203,10 @@ impl OutcomeWatcher {
 /// Whether an outcome answers a request sent as message `request_message_id`. Its transfer id
 /// must be the request's, as outcomes name it. Another request under that id, with another
 /// body, is answered by a `conflict` caused by that request, which does not answer this one;
-/// and a transfer that another body started is not this one's, as a completed outcome's terms
-/// show. (A failed outcome carries no terms: this request takes it.)
+/// and a transfer that another body started is not this one's where a completed outcome's
+/// terms (accounts, amount, currency) show it. A failed outcome carries no terms, nor does a
+/// completed one carry the request's `reference`: a body that differs only there, or a
+/// transfer that failed, is taken as this request's.
 pub fn answers(
     request: &TransferRequested,
     request_message_id: Uuid,

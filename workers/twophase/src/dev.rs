@@ -274,7 +274,6 @@ impl SagaWorkers {
     }
 }
 
-/// Starts every worker on its own pool; returns them with their health handles.
 /// Locks the data directory for this process, made if it is new. A second `twophase dev` on it
 /// would run its own broker's timers over the same sagas, and abort transfers the first is
 /// settling, so it is refused. Ops commands (`--database-url sqlite:DIR`) take no lock.
@@ -299,6 +298,7 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// Starts every worker on its own pool; returns them with their health handles.
 async fn start_workers(
     config: &Config,
     publisher: &Publisher,

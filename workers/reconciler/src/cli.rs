@@ -88,8 +88,8 @@ pub async fn reconciler_command(settings: Settings, args: ReconcilerArgs) -> any
 }
 
 /// Reconciles the day before at `run_at` every day until `shutdown`. Before each wait for the
-/// next run it catches up on the days that have no verdict ([`missed_days`]): missed while no
-/// reconciler ran, failed, or only reconciled before they were over. A run that has begun is
+/// next run it catches up on the days of the last `MAX_CATCH_UP` that have no verdict: missed
+/// while no reconciler ran, failed, or only reconciled before they were over. A run that has begun is
 /// finished before stopping.
 pub async fn run_daily(settings: &Settings, shutdown: CancellationToken) {
     let config = &settings.config;

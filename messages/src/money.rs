@@ -18,6 +18,12 @@ pub enum AmountError {
     NotMoney { code: String, name: String },
     #[error("amount {} is not a decimal number", crate::quoted(.0))]
     NotANumber(String),
+    #[error(
+        "amount {} has more digits than an amount holds (at most {})",
+        crate::quoted(.0),
+        Decimal::MAX
+    )]
+    TooLarge(String),
     #[error("amount {0} must be greater than zero")]
     NotPositive(Decimal),
     #[error(
@@ -38,7 +44,9 @@ impl AmountError {
             AmountError::UnknownCurrency(_) | AmountError::NotMoney { .. } => {
                 reasons::UNKNOWN_CURRENCY
             }
-            AmountError::NotANumber(_) | AmountError::NotPositive(_) => reasons::INVALID_AMOUNT,
+            AmountError::NotANumber(_) | AmountError::TooLarge(_) | AmountError::NotPositive(_) => {
+                reasons::INVALID_AMOUNT
+            }
             AmountError::TooManyDecimals { .. } => reasons::TOO_MANY_DECIMALS,
         }
     }
@@ -108,6 +116,21 @@ pub fn exact_sub(a: Decimal, b: Decimal) -> Option<Decimal> {
     exact_add(a, -b)
 }
 
+/// An amount written with its currency's minor units (`5` USD as `5.00`), for people and
+/// reports; more decimals than that are kept, since they are what is wrong.
+pub fn in_minor_units(amount: Decimal, currency: &str) -> Decimal {
+    let exponent = Currency::from_code(currency)
+        .and_then(|c| c.exponent())
+        .map(u32::from);
+    let mut shown = amount;
+    if let Some(exponent) = exponent {
+        if shown.scale() < exponent {
+            shown.rescale(exponent);
+        }
+    }
+    shown
+}
+
 /// Serde for the amounts of the workers' own messages (a risk evaluation, an account command,
 /// a completed transfer): written as a decimal string, read only as a positive one in plain
 /// notation, exactly. The coordinator writes no other kind, so a JSON number (which would be
@@ -175,7 +198,9 @@ pub fn validate_amount(amount: &str, currency: &str) -> Result<Decimal, AmountEr
             allowed,
         });
     }
-    let value = plain.value().ok_or_else(not_a_number)?;
+    let value = plain
+        .value()
+        .ok_or_else(|| AmountError::TooLarge(amount.to_owned()))?;
     if value <= Decimal::ZERO {
         return Err(AmountError::NotPositive(value));
     }
@@ -221,6 +246,25 @@ mod tests {
                 .to_string(),
             "79228162514264337593543950335"
         );
+    }
+
+    #[test]
+    fn an_amount_past_what_a_decimal_holds_is_too_large_not_malformed() {
+        let huge = "99999999999999999999999999999999";
+        let refused = validate_amount(huge, "JPY").unwrap_err();
+        assert_eq!(refused, AmountError::TooLarge(huge.to_owned()));
+        assert_eq!(refused.reason(), reasons::INVALID_AMOUNT);
+        assert!(refused.to_string().contains("more digits"), "{refused}");
+    }
+
+    #[test]
+    fn amounts_are_shown_in_their_currency_minor_units() {
+        let show = |a: &str, c: &str| in_minor_units(a.parse().unwrap(), c).to_string();
+        assert_eq!(show("5", "USD"), "5.00");
+        assert_eq!(show("-0.1", "EUR"), "-0.10");
+        assert_eq!(show("100", "JPY"), "100");
+        assert_eq!(show("1.005", "USD"), "1.005");
+        assert_eq!(show("7", "XYZ"), "7");
     }
 
     #[test]

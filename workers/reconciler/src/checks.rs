@@ -6,15 +6,14 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use twophase_account::store::Mismatch;
+use twophase_messages::money::in_minor_units;
 use twophase_messages::{Envelope, Topics};
 use twophase_runtime::db::{Amount, Db, Timestamp, Tx};
 use twophase_runtime::{metrics, query_as, Outgoing, Publisher};
 use uuid::Uuid;
 
 use crate::events::{self, Ending, OutcomeEvent, Terms};
-use crate::report::{
-    in_minor_units, CurrencyTotal, Discrepancy, EventsRead, Kind, Report, RunStatus, Totals,
-};
+use crate::report::{CurrencyTotal, Discrepancy, EventsRead, Kind, Report, RunStatus, Totals};
 use crate::window::Window;
 use crate::{store, ReconcileError, ReconcilerConfig, Settings};
 

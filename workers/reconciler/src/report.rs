@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::window::Window;
+use twophase_messages::money::in_minor_units;
 
 /// What kind of discrepancy. Do not change a value: it is the `kind` label of
 /// `twophase_reconciliation_discrepancies`, and stored reports use it.
@@ -422,21 +423,6 @@ impl Report {
     }
 }
 
-/// An amount written with its currency's minor units (`5` USD as `5.00`), for people and
-/// the report; more decimals than that are kept, since they are what is wrong.
-pub(crate) fn in_minor_units(amount: Decimal, currency: &str) -> Decimal {
-    let exponent = iso_currency::Currency::from_code(currency)
-        .and_then(|c| c.exponent())
-        .map(u32::from);
-    let mut shown = amount;
-    if let Some(exponent) = exponent {
-        if shown.scale() < exponent {
-            shown.rescale(exponent);
-        }
-    }
-    shown
-}
-
 /// A plain-text table; columns in `right` are right-aligned (numbers).
 fn table(header: &[&str], rows: &[Vec<String>], right: &[usize]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -555,16 +541,6 @@ mod tests {
     fn a_difference_past_the_largest_decimal_is_shown_saturated() {
         let d = Discrepancy::new(Kind::BalanceMismatch, "x").amounts(Decimal::MAX, Decimal::MIN);
         assert_eq!(d.difference, Some(Decimal::MIN));
-    }
-
-    #[test]
-    fn amounts_are_shown_in_their_currency_minor_units() {
-        let show = |a: &str, c: &str| in_minor_units(a.parse().unwrap(), c).to_string();
-        assert_eq!(show("5", "USD"), "5.00");
-        assert_eq!(show("-0.1", "EUR"), "-0.10");
-        assert_eq!(show("100", "JPY"), "100");
-        assert_eq!(show("1.005", "USD"), "1.005");
-        assert_eq!(show("7", "XYZ"), "7");
     }
 
     #[test]

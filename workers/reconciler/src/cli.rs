@@ -219,10 +219,12 @@ fn parse_day(text: &str) -> Result<NaiveDate, String> {
         && digits(5, 7)
         && text.get(7..8) == Some("-")
         && digits(8, 10);
-    let day = shape
-        .then(|| text.parse::<NaiveDate>().ok())
-        .flatten()
-        .ok_or_else(|| "write the day as YYYY-MM-DD, e.g. 2026-11-23".to_owned())?;
+    if !shape {
+        return Err("write the day as YYYY-MM-DD, e.g. 2026-11-23".to_owned());
+    }
+    let day = text.parse::<NaiveDate>().map_err(|_| {
+        format!("{text} is no day of the calendar: its month or day is out of range")
+    })?;
     let first = NaiveDate::from_ymd_opt(1970, 1, 2).expect("a date");
     if day < first {
         return Err(format!(
@@ -255,10 +257,13 @@ mod tests {
             parse_day("2026-11-23"),
             Ok(NaiveDate::from_ymd_opt(2026, 11, 23).unwrap())
         );
+        for bad in ["2026-13-01", "2026-02-29", "2026-04-31"] {
+            let err = parse_day(bad).unwrap_err();
+            assert!(err.contains("no day of the calendar"), "{bad}: {err}");
+        }
         for bad in [
             "26-12-06",
             "2026-1-05",
-            "2026-13-01",
             " 2026-11-05",
             "2026-11-05x",
             "２０２６-11-05",

@@ -10,11 +10,17 @@ use serde_json::Value;
 
 /// The exit code, stdout and stderr of `twophase args`.
 fn twophase(args: &[&str]) -> (i32, String, String) {
+    // Any free port for `dev`'s metrics and audit API: the default one may be taken, by
+    // another test's demo among others.
+    twophase_listening_on("127.0.0.1:0", args)
+}
+
+/// Runs `twophase <args>` with `dev`'s metrics and audit API on `listen`; its exit code,
+/// standard output and standard error.
+fn twophase_listening_on(listen: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_twophase"))
         .args(args)
-        // Any free port for `dev`'s metrics and audit API: the default one may be taken, by
-        // another test's demo among others.
-        .env("TWOPHASE_METRICS_LISTEN", "127.0.0.1:0")
+        .env("TWOPHASE_METRICS_LISTEN", listen)
         .env_remove("TWOPHASE_CONFIG")
         .env_remove("TWOPHASE_DATABASE_URL")
         .env_remove("TWOPHASE_KAFKA__BROKERS")
@@ -234,7 +240,12 @@ fn an_address_in_use_is_said_before_anything_starts() {
              address: Address already in use (os error 98)"
         )],
     );
-    assert!(!data.exists());
+    // Only its lock was taken: no database was made.
+    let made: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(made, ["dev.lock"]);
 }
 
 /// A second `twophase dev` on a data directory in use is refused, and the lock goes with the
@@ -271,8 +282,13 @@ fn a_data_directory_in_use_is_refused_until_its_dev_ends() {
         }
     }
 
+    // Its address taken too (as the first one's default would be): the data directory is
+    // what it is told of, as the reason it must not run.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
     let data_dir = dir.to_str().unwrap();
-    let (code, _, stderr) = twophase(&["dev", "--data-dir", data_dir, "--demo", "1"]);
+    let (code, _, stderr) =
+        twophase_listening_on(&listen, &["dev", "--data-dir", data_dir, "--demo", "1"]);
     assert_eq!(code, 3, "{stderr}");
     assert_eq!(
         stderr.trim_end(),
@@ -286,6 +302,59 @@ fn a_data_directory_in_use_is_refused_until_its_dev_ends() {
     first.wait().unwrap();
     let summary = demo(&dir, 1);
     assert_eq!(summary["terminal"], 1, "{summary:#}");
+}
+
+/// A command pointed at a directory that holds no data says so and makes nothing there: a
+/// mistyped path is not taken for a new, empty data directory.
+#[test]
+fn a_data_directory_that_was_never_made_is_named_and_not_made() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
+    let url = format!("sqlite:{}", dir.display());
+    for command in [
+        &["accounts", "list"][..],
+        &["transfers", "stuck"],
+        &["audit", "verify"],
+    ] {
+        let args: Vec<&str> = ["--database-url", url.as_str()]
+            .iter()
+            .chain(command)
+            .copied()
+            .collect();
+        let (code, _, stderr) = twophase(&args);
+        assert_eq!(code, 3, "{command:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{} holds no twophase data (", dir.display()))
+                && stderr.contains("`twophase migrate --database-url sqlite:DIR`"),
+            "{command:?}: {stderr}"
+        );
+        assert!(!dir.exists(), "{command:?} made {}", dir.display());
+    }
+}
+
+/// A wait of no time is refused as the command line is read, not taken for brokers that do not
+/// answer.
+#[test]
+fn a_wait_of_no_time_is_refused() {
+    let id = uuid::Uuid::new_v4().to_string();
+    let (code, _, stderr) = twophase(&[
+        "transfer",
+        "--from",
+        &id,
+        "--to",
+        &id,
+        "--amount",
+        "1",
+        "--currency",
+        "USD",
+        "--wait",
+        "--timeout",
+        "0s",
+    ]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("a wait of no time could never see an outcome"),
+        "{stderr}"
+    );
 }
 
 /// Brokers out of reach: the command says which, within the --timeout it was given.
@@ -314,7 +383,8 @@ fn a_transfer_to_brokers_out_of_reach_says_so_within_its_timeout() {
     ]);
     let took = started.elapsed();
     assert_eq!(code, 3, "{stdout}{stderr}");
-    let said = "error: reaching the Kafka brokers at 127.0.0.1:1: no answer within 2s";
+    let said = "error: reaching the Kafka brokers at 127.0.0.1:1 to watch for the outcome, which \
+                takes a second or two where they answer at once: no answer within 2s";
     assert!(stderr.lines().any(|l| l == said), "{stderr}");
     // Its own timeout and the start of a process, not a client's deadline of 20 or 30 s.
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");

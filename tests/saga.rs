@@ -736,7 +736,7 @@ async fn a_deposit_run_again_under_its_reference_is_made_once() {
     assert_eq!(env.balance(a).await, (dec("10.00"), Decimal::ZERO));
 
     let other = run(&["deposit", &account, "20.00", "--reference", "wire-1"]);
-    assert_ne!(other.status.code(), Some(0), "{other:?}");
+    assert_eq!(other.status.code(), Some(2), "{other:?}");
     let said = String::from_utf8_lossy(&other.stderr);
     assert!(
         said.contains(&format!(
@@ -762,6 +762,70 @@ async fn a_deposit_run_again_under_its_reference_is_made_once() {
         .count("SELECT count(*) FROM account.ledger WHERE reference = 'wire-1'")
         .await;
     assert_eq!(entries, 2);
+}
+
+/// What an account refuses exits 2, apart from a command that failed itself (3), so that a
+/// script can tell a refusal from an outage; amounts show their currency's decimals; and a
+/// closed account stays closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_command_the_account_refuses_exits_2_and_a_closed_account_stays_closed() {
+    let env = TestEnv::new("account-refusals").await;
+    let a = env.open_account("USD", "5").await;
+    let b = env.open_account("EUR", "0").await;
+    let run = |args: &[&str]| {
+        let out = env.command().arg("accounts").args(args).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            said,
+        )
+    };
+    let (a_id, b_id, nobody) = (a.to_string(), b.to_string(), Uuid::new_v4().to_string());
+
+    let (code, shown, _) = run(&["show", &b_id]);
+    assert_eq!(code, Some(0));
+    assert!(
+        shown.contains("balance 0.00  held 0.00  available 0.00"),
+        "{shown}"
+    );
+
+    for (args, refusal) in [
+        (
+            ["withdraw", a_id.as_str(), "6.00"],
+            "available, less than 6.00".to_owned(),
+        ),
+        (
+            ["deposit", nobody.as_str(), "1.00"],
+            format!("account {nobody} does not exist"),
+        ),
+        (
+            ["deposit", a_id.as_str(), "1.001"],
+            "has more decimals than USD allows".to_owned(),
+        ),
+    ] {
+        let (code, _, said) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {said}");
+        assert!(said.contains(&refusal), "{args:?}: {said}");
+    }
+    let (code, _, said) = run(&["close", &a_id]);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("cannot be closed"), "{said}");
+
+    let (code, shown, _) = run(&["close", &b_id]);
+    assert_eq!(code, Some(0));
+    assert!(shown.contains(" closed "), "{shown}");
+    for reopen in ["unfreeze", "freeze"] {
+        let (code, _, said) = run(&[reopen, &b_id]);
+        assert_eq!(code, Some(2), "{reopen}: {said}");
+        assert!(
+            said.contains(&format!("account {b} is closed for good")),
+            "{reopen}: {said}"
+        );
+    }
+    let (code, shown, _) = run(&["show", &b_id]);
+    assert_eq!(code, Some(0));
+    assert!(shown.contains(" closed "), "{shown}");
 }
 
 /// A velocity window longer than the calendar reaches back to the Unix epoch; it panicked the

@@ -24,7 +24,7 @@ pub struct TransferRequested {
     pub to_account: String,
     /// A positive decimal string in plain notation (digits, at most one point between them:
     /// "12.34", not "1.234e1", "+12.34" or ".5") with no more decimals than the currency
-    /// allows.
+    /// allows, zeros at the end aside ("12.340" USD is 12.34).
     pub amount: String,
     /// An ISO 4217 code with a minor unit, e.g. "USD"; not "XXX", "XTS", a precious metal or a
     /// unit of account.

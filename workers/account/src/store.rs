@@ -24,6 +24,8 @@ pub enum AccountError {
     },
     #[error("account {0} still has money, holds or pending credits and cannot be closed")]
     NotEmpty(Uuid),
+    #[error("account {0} is closed for good: it cannot be frozen or made active again")]
+    Closed(Uuid),
     #[error(
         "account {account} cannot take {amount} exactly: its balance of {balance} would pass the \
          largest amount an account holds"
@@ -358,6 +360,13 @@ pub async fn set_status(
 ) -> Result<Account, AccountError> {
     let mut tx = db.begin().await?;
     let account = lock(&mut tx, account_id).await?;
+    if account.status == AccountStatus::Closed.as_str() {
+        // Closing it again changes nothing; anything else would reopen it.
+        return match status {
+            AccountStatus::Closed => Ok(account),
+            _ => Err(AccountError::Closed(account_id)),
+        };
+    }
     if status == AccountStatus::Closed {
         let (pending,) = query_as!(
             &mut tx,
@@ -511,6 +520,29 @@ mod tests {
             overdrawn: 1,
         };
         assert_eq!(totals(&db).await.unwrap(), expected);
+        db.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_closed_account_is_never_reopened() {
+        let dir = std::env::temp_dir().join(format!("twophase-account-{}", Uuid::new_v4()));
+        let url = format!("sqlite:{}", dir.display());
+        twophase_runtime::db::migrate(&url).await.unwrap();
+        let db = Db::connect(&url, crate::SCHEMA, 1).await.unwrap();
+        let id = open(&db, "EUR").await.unwrap().account_id;
+        let closed = set_status(&db, id, AccountStatus::Closed).await.unwrap();
+        assert_eq!(closed.status, "closed");
+        for status in [AccountStatus::Active, AccountStatus::Frozen] {
+            let refused = set_status(&db, id, status).await;
+            assert!(
+                matches!(refused, Err(AccountError::Closed(refused)) if refused == id),
+                "{status:?}: {refused:?}"
+            );
+        }
+        let again = set_status(&db, id, AccountStatus::Closed).await.unwrap();
+        assert_eq!(again.status, "closed");
+        assert_eq!(get(&db, id).await.unwrap().status, "closed");
         db.close().await;
         std::fs::remove_dir_all(dir).unwrap();
     }

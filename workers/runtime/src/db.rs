@@ -80,6 +80,29 @@ fn sqlite_dir(url: &str) -> Option<PathBuf> {
     Some(PathBuf::from(rest.strip_prefix("//").unwrap_or(rest)))
 }
 
+/// Refuses a data directory that [`migrate`] has not made the files of `schemas` in: a
+/// mistyped directory is named as such rather than made, empty, by a command that reads.
+fn migrated(dir: &std::path::Path, schemas: &[&str]) -> Result<(), sqlx::Error> {
+    match schemas
+        .iter()
+        .find(|s| !dir.join(format!("{s}.db")).is_file())
+    {
+        None => Ok(()),
+        Some(schema) => Err(sqlx::Error::Configuration(
+            format!(
+                "{} holds no twophase data ({schema}.db is missing): `twophase migrate \
+                 --database-url sqlite:DIR` makes a data directory, as `twophase dev` does",
+                if dir.as_os_str().is_empty() {
+                    "the current directory".to_owned()
+                } else {
+                    dir.display().to_string()
+                }
+            )
+            .into(),
+        )),
+    }
+}
+
 fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(dir.join(format!("{schema}.db")))
@@ -136,7 +159,7 @@ impl Db {
         lookups: Lookups,
     ) -> Result<Db, sqlx::Error> {
         if let Some(dir) = sqlite_dir(url) {
-            std::fs::create_dir_all(&dir)?;
+            migrated(&dir, &[schema])?;
             // SQLite has one writer at a time; more connections would only wait on its lock.
             let pool = SqlitePoolOptions::new()
                 .max_connections(1)
@@ -176,7 +199,7 @@ impl Db {
     /// attached under its name.
     pub async fn connect_all(url: &str) -> Result<Db, sqlx::Error> {
         if let Some(dir) = sqlite_dir(url) {
-            std::fs::create_dir_all(&dir)?;
+            migrated(&dir, &SCHEMAS)?;
             let attach: Vec<String> = SCHEMAS
                 .iter()
                 .map(|s| {
@@ -873,6 +896,9 @@ mod tests {
     /// A SQLite database of its own in a new directory, which the test removes.
     async fn scratch_sqlite() -> (Db, PathBuf) {
         let dir = std::env::temp_dir().join(format!("twophase-db-{}", uuid::Uuid::new_v4()));
+        // An empty file is an empty database, as `migrate` would leave it.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::File::create(dir.join("scratch.db")).unwrap();
         let db = Db::connect(&format!("sqlite:{}", dir.display()), "scratch", 1)
             .await
             .unwrap();

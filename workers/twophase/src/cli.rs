@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use twophase_account::AccountStatus;
+use twophase_messages::money::in_minor_units;
 use twophase_messages::{Topics, TransferRequested};
-use twophase_runtime::output::{EXIT_ERROR, EXIT_USAGE};
+use twophase_runtime::output::{self, EXIT_ERROR, EXIT_USAGE};
 use twophase_runtime::{db, http, kafka, out, outln, shutdown, telemetry, Publisher};
 use uuid::Uuid;
 
@@ -225,11 +226,24 @@ struct TransferArgs {
     #[arg(long)]
     wait: bool,
     /// How long --wait waits.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = some_time)]
     timeout: Duration,
     /// Print the outcome as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// About as long as `transfer --wait` takes to start watching for its outcome: joining a
+/// consumer group and taking its partitions.
+const WATCH_START: Duration = Duration::from_secs(5);
+
+/// A duration longer than none, as `--timeout` takes it.
+fn some_time(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("a wait of no time could never see an outcome".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Parses the command line, runs the command and maps the result to an exit code.
@@ -253,10 +267,25 @@ pub async fn main() -> u8 {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            EXIT_ERROR
+            eprintln!("error: {}", output::error_text(&e));
+            if refused_by_the_account(&e) {
+                EXIT_REFUSED
+            } else {
+                EXIT_ERROR
+            }
         }
     }
+}
+
+/// Exit status of an account command that the account refused (an unknown account, funds it
+/// does not have, a closed account), as of a transfer rejected: apart from a failure of the
+/// command itself, which a script may retry.
+const EXIT_REFUSED: u8 = 2;
+
+fn refused_by_the_account(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<twophase_account::AccountError>()
+        .is_some_and(|e| !matches!(e, twophase_account::AccountError::Database(_)))
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -468,6 +497,12 @@ async fn stuck(config: &Config, json: bool) -> anyhow::Result<u8> {
 async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u8> {
     use twophase_account::store;
     let pool = pool(config, twophase_account::SCHEMA, db::Lookups::Any).await?;
+    // Amounts with their currency's decimals, as money is read: 0.00 USD, not 0.
+    let written = |mut a: twophase_account::Account| {
+        a.balance = in_minor_units(a.balance, &a.currency);
+        a.held = in_minor_units(a.held, &a.currency);
+        a
+    };
     let show = |a: &twophase_account::Account| {
         outln!(
             "{}  {}  {}  balance {}  held {}  available {}",
@@ -483,7 +518,7 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
         if let Some(entry) = m.earlier_entry {
             eprintln!("already made under this reference (ledger entry {entry}): nothing changed");
         }
-        show(&m.account);
+        show(&written(m.account.clone()));
     };
     match command {
         AccountsCommand::Open { currency } => {
@@ -501,8 +536,12 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
             reference,
         } => moved(&store::withdraw(&pool, id, &amount, reference.as_deref()).await?),
         AccountsCommand::Show { id, entries, json } => {
-            let account = store::get(&pool, id).await?;
-            let ledger = store::ledger(&pool, id, entries).await?;
+            let account = written(store::get(&pool, id).await?);
+            let mut ledger = store::ledger(&pool, id, entries).await?;
+            for e in &mut ledger {
+                e.amount = in_minor_units(e.amount, &e.currency);
+                e.balance_after = in_minor_units(e.balance_after, &e.currency);
+            }
             if json {
                 let out = serde_json::json!({ "account": account, "ledger": ledger });
                 outln!("{}", serde_json::to_string_pretty(&out)?);
@@ -525,22 +564,22 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
             }
         }
         AccountsCommand::List { json } => {
-            let all = store::list(&pool).await?;
+            let all: Vec<_> = store::list(&pool).await?.into_iter().map(written).collect();
             if json {
                 outln!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 all.iter().for_each(show);
             }
         }
-        AccountsCommand::Freeze { id } => {
-            show(&store::set_status(&pool, id, AccountStatus::Frozen).await?)
-        }
-        AccountsCommand::Unfreeze { id } => {
-            show(&store::set_status(&pool, id, AccountStatus::Active).await?)
-        }
-        AccountsCommand::Close { id } => {
-            show(&store::set_status(&pool, id, AccountStatus::Closed).await?)
-        }
+        AccountsCommand::Freeze { id } => show(&written(
+            store::set_status(&pool, id, AccountStatus::Frozen).await?,
+        )),
+        AccountsCommand::Unfreeze { id } => show(&written(
+            store::set_status(&pool, id, AccountStatus::Active).await?,
+        )),
+        AccountsCommand::Close { id } => show(&written(
+            store::set_status(&pool, id, AccountStatus::Closed).await?,
+        )),
     }
     Ok(0)
 }
@@ -580,7 +619,15 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
         Some(
             within(args.timeout, args.timeout, start)
                 .await
-                .with_context(reaching)?,
+                .with_context(|| {
+                    // A timeout this short may end first, whatever the brokers do.
+                    let hint = if args.timeout < WATCH_START {
+                        ", which takes a second or two where they answer at once"
+                    } else {
+                        ""
+                    };
+                    format!("{} to watch for the outcome{hint}", reaching())
+                })?,
         )
     } else {
         None

@@ -12,7 +12,7 @@
 //! their own: the coordinator's timers abort those still preparing and re-send the commit or
 //! abort commands of those already decided.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use twophase_account::{store, AccountStatus};
 use twophase_messages::{Topics, TransferRequested};
 use twophase_runtime::db::{self, Db, Lookups};
 use twophase_runtime::embedded::EmbeddedBroker;
-use twophase_runtime::{http, outln, shutdown, CancellationToken, Publisher};
+use twophase_runtime::{http, outln, query_as, shutdown, CancellationToken, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, OutcomeWatcher};
@@ -34,6 +34,9 @@ use crate::config::Config;
 
 /// Balance of each demo account when it is opened.
 const DEMO_BALANCE: &str = "10000.00";
+/// The reference of the deposit that opens each demo account: it tells them from accounts
+/// opened by hand in the same data directory, which the demo leaves alone.
+const DEMO_REFERENCE: &str = "demo";
 const DEMO_ACCOUNTS: usize = 20;
 /// The longest a consumer's fetch waits on the embedded broker, in milliseconds.
 const EMBEDDED_FETCH_WAIT_MS: &str = "25";
@@ -100,8 +103,12 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
             );
         }
     }
-    // One address serves the audit API beside /metrics and /healthz. Taken first, so that an
-    // address in use is said before anything starts, not among the shutdown's broker errors.
+    // Held until the process ends, when the system lets it go however it ended. Taken first:
+    // a data directory in use is the reason a second `twophase dev` is refused, whatever else
+    // it would find taken.
+    let _lock = lock_data_dir(&args.data_dir)?;
+    // One address serves the audit API beside /metrics and /healthz. Taken before anything
+    // starts, so that an address in use is said then, not among the shutdown's broker errors.
     let listen = config
         .metrics_listen
         .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 9100)));
@@ -113,8 +120,6 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
                  address"
             )
         })?;
-    // Held until the process ends, when the system lets it go however it ended.
-    let _lock = lock_data_dir(&args.data_dir)?;
     let topics = Topics::new(&config.kafka.topic_prefix);
     let broker = EmbeddedBroker::start(&topics.all(), config.kafka.partitions)
         .context("starting the embedded Kafka cluster")?;
@@ -179,7 +184,7 @@ pub async fn run(mut config: Config, args: DevArgs) -> anyhow::Result<u8> {
     eprintln!("  metrics    http://{http}/metrics   health http://{http}/healthz");
     eprintln!("  audit      http://{http}/audit/logs   http://{http}/transfers/ID/timeline");
     eprintln!(
-        "  accounts   {} demo accounts with {DEMO_BALANCE} USD each, and {} (frozen)",
+        "  accounts   {} demo accounts, opened with {DEMO_BALANCE} USD each, and {} (frozen)",
         accounts.active.len(),
         accounts.frozen
     );
@@ -361,15 +366,27 @@ async fn demo_accounts(db: &Db) -> anyhow::Result<DemoAccounts> {
     if accounts.is_empty() {
         for _ in 0..DEMO_ACCOUNTS {
             let account = store::open(db, "USD").await?;
-            store::deposit(db, account.account_id, DEMO_BALANCE, Some("demo")).await?;
+            store::deposit(db, account.account_id, DEMO_BALANCE, Some(DEMO_REFERENCE)).await?;
         }
         let frozen = store::open(db, "USD").await?;
         store::set_status(db, frozen.account_id, AccountStatus::Frozen).await?;
         accounts = store::list(db).await?;
     }
+    let mut tx = db.begin().await?;
+    let opened: HashSet<Uuid> = query_as!(
+        &mut tx,
+        (Uuid,),
+        fetch_all,
+        "SELECT account_id FROM ledger WHERE kind = 'deposit' AND reference = $1",
+        DEMO_REFERENCE,
+    )?
+    .into_iter()
+    .map(|(id,)| id)
+    .collect();
+    tx.commit().await?;
     let active: Vec<Uuid> = accounts
         .iter()
-        .filter(|a| a.status == "active")
+        .filter(|a| a.status == "active" && opened.contains(&a.account_id))
         .map(|a| a.account_id)
         .collect();
     let frozen = accounts

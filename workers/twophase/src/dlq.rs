@@ -753,7 +753,7 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         .context("recording the replay run for the audit trail");
     if let Some(failure) = failure {
         if let Err(e) = recorded {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", twophase_runtime::output::error_text(&e));
         }
         return Err(failure);
     }

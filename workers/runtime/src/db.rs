@@ -114,6 +114,29 @@ fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
         .statement_cache_capacity(STATEMENT_CACHE)
 }
 
+/// How long a PostgreSQL pool tries to open a connection, or waits for one, before it gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pool with its first connection open, or why it could not be opened: a pool that gives up
+/// says only that it timed out, so one connection more is tried for its error (refused, a
+/// password, no such database).
+async fn pg_pool(pool: PgPoolOptions, options: PgConnectOptions) -> Result<PgPool, sqlx::Error> {
+    match pool.connect_with(options.clone()).await {
+        Err(sqlx::Error::PoolTimedOut) => {
+            let attempt = sqlx::PgConnection::connect_with(&options);
+            Err(match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                Ok(Err(why)) => why,
+                Ok(Ok(connection)) => {
+                    let _ = connection.close().await;
+                    sqlx::Error::PoolTimedOut
+                }
+                Err(_) => sqlx::Error::PoolTimedOut,
+            })
+        }
+        pool => pool,
+    }
+}
+
 /// How long a pooled PostgreSQL connection may have been idle and still be used without
 /// testing it first.
 const UNTESTED_IDLE: Duration = Duration::from_secs(1);
@@ -175,7 +198,7 @@ impl Db {
             .statement_cache_capacity(STATEMENT_CACHE);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(CONNECT_TIMEOUT)
             // sqlx tests a connection when it returns to the pool, and by default again when it
             // is taken: a round trip more on every transaction, a tenth of a saga worker's. A
             // connection that came back moments ago was just tested; one that sat idle may
@@ -188,10 +211,8 @@ impl Db {
                     }
                     Ok(true)
                 })
-            })
-            .connect_with(options)
-            .await?;
-        Ok(Db::Postgres(pool))
+            });
+        Ok(Db::Postgres(pg_pool(pool, options).await?))
     }
 
     /// A pool that sees every schema by name (`account.ledger`, `coordinator.transfers`), for
@@ -230,8 +251,12 @@ impl Db {
                 .await?;
             return Ok(Db::Sqlite(pool));
         }
-        let pool = PgPoolOptions::new().max_connections(5).connect(url).await?;
-        Ok(Db::Postgres(pool))
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .acquire_timeout(CONNECT_TIMEOUT);
+        Ok(Db::Postgres(
+            pg_pool(pool, PgConnectOptions::from_str(url)?).await?,
+        ))
     }
 
     /// Starts a transaction. On SQLite it takes the write lock at once, so two transactions
@@ -891,6 +916,18 @@ mod tests {
         let second = backend(db.clone()).await;
         assert_ne!(first, second);
         db.close().await;
+    }
+
+    /// A server that refuses connections is named as such, not as a pool that timed out.
+    #[tokio::test]
+    async fn a_database_out_of_reach_is_said_to_be_so() {
+        // Port 1 on loopback: nothing listens there.
+        let url = "postgres://twophase@127.0.0.1:1/twophase";
+        let refused = Db::connect(url, "account", 1).await.unwrap_err();
+        assert!(
+            matches!(&refused, sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{refused}"
+        );
     }
 
     /// A SQLite database of its own in a new directory, which the test removes.

@@ -108,6 +108,18 @@ impl Config {
         for (key, value) in counts {
             anyhow::ensure!(value > 0, "{key} must be at least 1");
         }
+        anyhow::ensure!(
+            ["postgres://", "postgresql://", "sqlite:"]
+                .iter()
+                .any(|scheme| self.database_url.starts_with(scheme)),
+            "database_url must be a PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE) \
+             or sqlite:DIR, not {}",
+            redact_url(&self.database_url)
+        );
+        anyhow::ensure!(
+            self.kafka.brokers.split(',').any(|b| !b.trim().is_empty()),
+            "kafka.brokers must name at least one broker (HOST:PORT, comma-separated)"
+        );
         Ok(())
     }
 
@@ -190,6 +202,12 @@ mod tests {
         never_stuck.coordinator.commit_stuck_after_attempts = 0;
         let mut spinning_gauges = Config::default();
         spinning_gauges.reconciler.gauges_refresh = std::time::Duration::ZERO;
+        let mysql = Config {
+            database_url: "mysql://root:hunter2@db/twophase".into(),
+            ..Config::default()
+        };
+        let mut no_brokers = Config::default();
+        no_brokers.kafka.brokers = " ,".into();
         for (config, says) in [
             (
                 zero_interval,
@@ -203,6 +221,15 @@ mod tests {
             (
                 spinning_gauges,
                 "reconciler.gauges_refresh must be longer than zero",
+            ),
+            (
+                mysql,
+                "database_url must be a PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE) \
+                 or sqlite:DIR, not mysql://root:***@db/twophase",
+            ),
+            (
+                no_brokers,
+                "kafka.brokers must name at least one broker (HOST:PORT, comma-separated)",
             ),
         ] {
             assert_eq!(config.validate().unwrap_err().to_string(), says);

@@ -284,11 +284,30 @@ fn print_row(row: &Row) {
     );
 }
 
+/// The time between two steps, in the unit that reads best: a step after a restart or an
+/// outage can come minutes or days after the one before.
+fn gap(ms: f64) -> String {
+    if ms < 1_000.0 {
+        return format!("{ms:.1} ms");
+    }
+    if ms < 60_000.0 {
+        return format!("{:.2} s", ms / 1_000.0);
+    }
+    let seconds = (ms / 1_000.0).round() as u64;
+    let (minutes, seconds) = (seconds / 60, seconds % 60);
+    let (hours, minutes) = (minutes / 60, minutes % 60);
+    match (hours / 24, hours % 24) {
+        (0, 0) => format!("{minutes}m {seconds:02}s"),
+        (0, hours) => format!("{hours}h {minutes:02}m {seconds:02}s"),
+        (days, hours) => format!("{days}d {hours:02}h {minutes:02}m"),
+    }
+}
+
 fn print_step(step: &Step) {
     let e = &step.row.entry;
     let since = step
         .since_previous_ms
-        .map_or_else(|| "".to_owned(), |ms| format!("+{ms:.1} ms"));
+        .map_or_else(String::new, |ms| format!("+{}", gap(ms)));
     outln!(
         "  {}  {:>12}  {:<8} {:<34} {:<18} {:<24} {}",
         format_time(&e.occurred_at),
@@ -299,4 +318,24 @@ fn print_step(step: &Step) {
         e.actor_id.as_deref().unwrap_or("-"),
         e.topic,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gap;
+
+    #[test]
+    fn a_gap_between_steps_is_written_in_the_unit_that_reads_best() {
+        for (ms, shown) in [
+            (0.4, "0.4 ms"),
+            (999.94, "999.9 ms"),
+            (1_000.0, "1.00 s"),
+            (5_214.0, "5.21 s"),
+            (333_934.3, "5m 34s"),
+            (3_600_000.0, "1h 00m 00s"),
+            (90_061_000.0, "1d 01h 01m"),
+        ] {
+            assert_eq!(gap(ms), shown, "{ms}");
+        }
+    }
 }

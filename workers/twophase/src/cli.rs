@@ -72,6 +72,9 @@ enum Command {
     #[command(subcommand)]
     Topics(TopicsCommand),
     /// Open accounts, move money in and out, look at balances.
+    ///
+    /// Exit code: 0 done, 2 the account refused (unknown, frozen or closed, funds it lacks, an
+    /// amount its currency does not take), 3 the command itself failed.
     #[command(subcommand)]
     Accounts(AccountsCommand),
     /// Publish a transfer request, and with --wait print its outcome.
@@ -163,12 +166,15 @@ enum TransfersCommand {
 enum AccountsCommand {
     /// Open an empty account.
     Open {
+        /// The ISO 4217 code of the money it holds, e.g. USD; it never changes.
         #[arg(long)]
         currency: String,
     },
     /// Add money from outside (a ledger entry of kind deposit).
     Deposit {
+        /// The account.
         id: Uuid,
+        /// A positive decimal string in the account's currency, e.g. 100.00.
         amount: String,
         /// Names this movement (a payment or wire id): run again with it, as after an answer
         /// that never came, the deposit is not made twice; another amount under it is refused.
@@ -177,7 +183,9 @@ enum AccountsCommand {
     },
     /// Take money out (a ledger entry of kind withdrawal).
     Withdraw {
+        /// The account.
         id: Uuid,
+        /// A positive decimal string in the account's currency, no more than it has available.
         amount: String,
         /// Names this movement, as for deposit: the same withdrawal is not made twice.
         #[arg(long)]
@@ -185,14 +193,18 @@ enum AccountsCommand {
     },
     /// Show an account and its latest ledger entries.
     Show {
+        /// The account.
         id: Uuid,
+        /// How many of its latest ledger entries to show.
         #[arg(long, default_value_t = 10)]
-        entries: i64,
+        entries: u32,
+        /// Print the account and its entries as JSON.
         #[arg(long)]
         json: bool,
     },
     /// List every account.
     List {
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -206,8 +218,10 @@ enum AccountsCommand {
 
 #[derive(Debug, clap::Args)]
 struct TransferArgs {
+    /// The account debited (a UUID).
     #[arg(long)]
     from: String,
+    /// The account credited (a UUID), in the same currency.
     #[arg(long)]
     to: String,
     /// A decimal string, e.g. 12.34.
@@ -220,6 +234,7 @@ struct TransferArgs {
     /// id is safe.
     #[arg(long)]
     id: Option<String>,
+    /// Free text for your own bookkeeping, carried on the request; not interpreted.
     #[arg(long)]
     reference: Option<String>,
     /// Wait for the outcome and print it.
@@ -537,7 +552,7 @@ async fn accounts(config: &Config, command: AccountsCommand) -> anyhow::Result<u
         } => moved(&store::withdraw(&pool, id, &amount, reference.as_deref()).await?),
         AccountsCommand::Show { id, entries, json } => {
             let account = written(store::get(&pool, id).await?);
-            let mut ledger = store::ledger(&pool, id, entries).await?;
+            let mut ledger = store::ledger(&pool, id, i64::from(entries)).await?;
             for e in &mut ledger {
                 e.amount = in_minor_units(e.amount, &e.currency);
                 e.balance_after = in_minor_units(e.balance_after, &e.currency);

@@ -485,12 +485,17 @@ pub async fn check_balances(db: &Db) -> Result<(usize, Vec<Mismatch>), AccountEr
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn totals_sum_balances_per_currency_and_count_the_overdrawn() {
+    /// The account schema on SQLite, in a new directory the test removes.
+    async fn scratch_db() -> (Db, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("twophase-account-{}", Uuid::new_v4()));
         let url = format!("sqlite:{}", dir.display());
         twophase_runtime::db::migrate(&url).await.unwrap();
-        let db = Db::connect(&url, crate::SCHEMA, 1).await.unwrap();
+        (Db::connect(&url, crate::SCHEMA, 1).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn totals_sum_balances_per_currency_and_count_the_overdrawn() {
+        let (db, dir) = scratch_db().await;
         assert_eq!(totals(&db).await.unwrap(), Totals::default());
         let (a, b, c) = (
             open(&db, "USD").await.unwrap(),
@@ -526,10 +531,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_account_is_never_reopened() {
-        let dir = std::env::temp_dir().join(format!("twophase-account-{}", Uuid::new_v4()));
-        let url = format!("sqlite:{}", dir.display());
-        twophase_runtime::db::migrate(&url).await.unwrap();
-        let db = Db::connect(&url, crate::SCHEMA, 1).await.unwrap();
+        let (db, dir) = scratch_db().await;
         let id = open(&db, "EUR").await.unwrap().account_id;
         let closed = set_status(&db, id, AccountStatus::Closed).await.unwrap();
         assert_eq!(closed.status, "closed");

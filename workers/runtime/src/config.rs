@@ -44,6 +44,49 @@ where
     figment.merge(env).extract().map_err(Box::new)
 }
 
+/// A configuration error as a person reads it: for each setting at fault, where it was set (the
+/// file, or the environment variable), the setting, and what is wrong with it.
+pub fn describe(error: &figment::Error) -> String {
+    use figment::error::Kind;
+    let sentences: Vec<String> = error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let metadata = e.metadata.as_ref();
+            let from_env = metadata.is_some_and(|m| m.name.contains("environment"));
+            let file = metadata
+                .and_then(|m| m.source.as_ref())
+                .and_then(|s| s.file_path());
+            let place = match (from_env, file) {
+                _ if e.path.is_empty() => None,
+                (true, _) => Some(format!(
+                    "environment variable {ENV_PREFIX}{}",
+                    e.path.join("__").to_uppercase()
+                )),
+                (false, Some(file)) => Some(file.display().to_string()),
+                (false, None) => None,
+            };
+            let key = e.path.join(".").to_lowercase();
+            let what = match &e.kind {
+                Kind::UnknownField(_, known) => {
+                    let within = match e.path.len() {
+                        0 | 1 => "the settings are".to_owned(),
+                        n => format!("those of {} are", e.path[..n - 1].join(".").to_lowercase()),
+                    };
+                    format!("{key} is no setting; {within} {}", known.join(", "))
+                }
+                kind if key.is_empty() => kind.to_string(),
+                kind => format!("{key}: {kind}"),
+            };
+            match place {
+                Some(place) => format!("{place}: {what}"),
+                None => what,
+            }
+        })
+        .collect();
+    sentences.join("; ")
+}
+
 /// How workers reach Kafka.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -150,7 +193,35 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "nmae = \"typo\"\n")?;
             let err = load::<Sample>(Some(Path::new("c.toml"))).unwrap_err();
-            assert!(err.to_string().contains("nmae"), "{err}");
+            let said = describe(&err);
+            assert!(
+                said.ends_with("c.toml: nmae is no setting; the settings are kafka, name"),
+                "{said}"
+            );
+            jail.create_file("c.toml", "[kafka]\nbrokres = \"typo\"\n")?;
+            let err = load::<Sample>(Some(Path::new("c.toml"))).unwrap_err();
+            let said = describe(&err);
+            assert!(
+                said.contains("c.toml: kafka.brokres is no setting; those of kafka are brokers, "),
+                "{said}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_in_the_environment_names_its_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TWOPHASE_KAFKA__PARTITIONS", "many");
+            let err = load::<Sample>(None).unwrap_err();
+            let said = describe(&err);
+            assert!(
+                said.starts_with(
+                    "environment variable TWOPHASE_KAFKA__PARTITIONS: kafka.partitions: "
+                ),
+                "{said}"
+            );
+            assert!(said.contains("\"many\""), "{said}");
             Ok(())
         });
     }

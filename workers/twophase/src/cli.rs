@@ -305,6 +305,7 @@ fn refused_by_the_account(error: &anyhow::Error) -> bool {
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     let mut config: Config = twophase_runtime::config::load(cli.config.as_deref())
+        .map_err(|e| anyhow::anyhow!(twophase_runtime::config::describe(&e)))
         .context("reading the configuration")?;
     if let Some(brokers) = &cli.brokers {
         config.kafka.brokers = brokers.clone();

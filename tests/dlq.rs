@@ -293,7 +293,7 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
             message_id: None,
             class: "decode",
             worker: "coordinator",
-            error: "payload of twophase.transfer.requested is not valid",
+            error: "payload of twophase.transfer.requested is not JSON",
         },
         Poison {
             name: "wrong-shape",

@@ -51,11 +51,21 @@ pub enum DecodeError {
     },
     /// Says what serde found; the error is not also the source, or a chain printed in full
     /// would say it twice.
-    #[error("payload of {message_type} is not valid: {cause}")]
+    #[error("payload of {message_type} is {}: {cause}", payload_fault(.cause))]
     Payload {
         message_type: String,
         cause: serde_json::Error,
     },
+}
+
+/// What is wrong with a payload serde refused: it is no JSON at all (bytes that are not JSON, or
+/// JSON cut short), or JSON that is not the message (a field missing or of another type).
+fn payload_fault(cause: &serde_json::Error) -> &'static str {
+    if cause.is_syntax() || cause.is_eof() {
+        "not JSON"
+    } else {
+        "not valid"
+    }
 }
 
 impl Message {
@@ -275,7 +285,13 @@ mod tests {
         let err = Message::decode(types::VOTE, SCHEMA_VERSION, b"not json").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "payload of twophase.saga.vote is not valid: expected ident at line 1 column 2"
+            "payload of twophase.saga.vote is not JSON: expected ident at line 1 column 2"
+        );
+        let err = Message::decode(types::VOTE, SCHEMA_VERSION, b"{}").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("payload of twophase.saga.vote is not valid: missing field"),
+            "{err}"
         );
         // Printing the chain of causes (anyhow's `{:#}`) adds nothing to that.
         assert!(std::error::Error::source(&err).is_none());

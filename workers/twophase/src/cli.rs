@@ -225,7 +225,7 @@ struct TransferArgs {
     #[arg(long)]
     to: String,
     /// A decimal string, e.g. 12.34.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     amount: String,
     /// An ISO 4217 code.
     #[arg(long)]
@@ -707,4 +707,32 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(outcome.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A negative amount reaches the transfer's validation, which says why it is refused, rather
+    /// than being taken for a flag the command does not know.
+    #[test]
+    fn a_negative_amount_is_read_as_an_amount() {
+        let cli = Cli::try_parse_from([
+            "twophase",
+            "transfer",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--amount",
+            "-1.00",
+            "--currency",
+            "USD",
+        ])
+        .unwrap();
+        let Command::Transfer(args) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(args.amount, "-1.00");
+    }
 }

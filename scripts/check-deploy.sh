@@ -173,6 +173,11 @@ for name, service in services.items():
 not_run = sorted(t for t in scraped if t.split(":")[0] not in services and t.split(":")[0] != "localhost")
 check(not not_run, f"prometheus.yml scrapes what docker-compose.yml does not run: {', '.join(not_run)}")
 
+# Every worker tells compose whether it is ready; init runs once and ends.
+for name, service in services.items():
+    if service.get("image") == "twophase:local" and name != "init":
+        check("healthcheck" in service, f"{name} has no healthcheck")
+
 if errors:
     for e in errors:
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ pub enum AmountError {
     #[error("amount {} is not a decimal number", crate::quoted(.0))]
     NotANumber(String),
     #[error(
-        "amount {} has more digits than an amount holds (at most {})",
+        "amount {} has more digits than an amount holds (28 significant digits, or 29 up to {})",
         crate::quoted(.0),
         Decimal::MAX
     )]

@@ -58,12 +58,12 @@ pub fn describe(error: &figment::Error) -> String {
                 .and_then(|m| m.source.as_ref())
                 .and_then(|s| s.file_path());
             let place = match (from_env, file) {
+                (false, Some(file)) => Some(file.display().to_string()),
                 _ if e.path.is_empty() => None,
                 (true, _) => Some(format!(
                     "environment variable {ENV_PREFIX}{}",
                     e.path.join("__").to_uppercase()
                 )),
-                (false, Some(file)) => Some(file.display().to_string()),
                 (false, None) => None,
             };
             let key = e.path.join(".").to_lowercase();
@@ -205,6 +205,17 @@ mod tests {
                 said.contains("c.toml: kafka.brokres is no setting; those of kafka are brokers, "),
                 "{said}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_file_that_is_no_toml_is_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "name = \"unclosed\n")?;
+            let err = load::<Sample>(Some(Path::new("c.toml"))).unwrap_err();
+            let said = describe(&err);
+            assert!(said.contains("c.toml: "), "{said}");
             Ok(())
         });
     }

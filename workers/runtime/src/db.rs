@@ -83,10 +83,15 @@ fn sqlite_dir(url: &str) -> Option<PathBuf> {
 /// Refuses a data directory that [`migrate`] has not made the files of `schemas` in: a
 /// mistyped directory is named as such rather than made, empty, by a command that reads.
 fn migrated(dir: &std::path::Path, schemas: &[&str]) -> Result<(), sqlx::Error> {
-    match schemas
-        .iter()
-        .find(|s| !dir.join(format!("{s}.db")).is_file())
-    {
+    let mut missing = None;
+    for schema in schemas {
+        // Only a file that is not there is missing; one that cannot be looked at says why.
+        if !dir.join(format!("{schema}.db")).try_exists()? {
+            missing = Some(schema);
+            break;
+        }
+    }
+    match missing {
         None => Ok(()),
         Some(schema) => Err(sqlx::Error::Configuration(
             format!(

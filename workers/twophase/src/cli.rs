@@ -225,7 +225,7 @@ struct TransferArgs {
     #[arg(long)]
     to: String,
     /// A decimal string, e.g. 12.34.
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_negative_numbers = true)]
     amount: String,
     /// An ISO 4217 code.
     #[arg(long)]
@@ -320,6 +320,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     let config = load_config(&cli)?;
+    if !matches!(cli.command, Command::Dev(_)) {
+        config.validate_services()?;
+    }
     // Flushes the spans not yet exported when the command ends.
     let _telemetry = telemetry::init(config.log_json, cli.command.service_name())?;
     let topics = Topics::new(&config.kafka.topic_prefix);
@@ -637,7 +640,8 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
                 .await
                 .with_context(|| {
                     // A timeout this short may end first, whatever the brokers do.
-                    let hint = if args.timeout < WATCH_START {
+                    let timed_out = started.elapsed() >= args.timeout;
+                    let hint = if timed_out && args.timeout < WATCH_START {
                         ", which takes a second or two where they answer at once"
                     } else {
                         ""
@@ -734,5 +738,19 @@ mod tests {
             panic!("{:?}", cli.command);
         };
         assert_eq!(args.amount, "-1.00");
+        // A flag where the amount should be is not taken for one.
+        let missing = Cli::try_parse_from([
+            "twophase",
+            "transfer",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--currency",
+            "USD",
+            "--amount",
+            "--wait",
+        ]);
+        assert!(missing.is_err(), "{missing:?}");
     }
 }

@@ -108,14 +108,26 @@ impl Config {
         for (key, value) in counts {
             anyhow::ensure!(value > 0, "{key} must be at least 1");
         }
-        anyhow::ensure!(
-            ["postgres://", "postgresql://", "sqlite:"]
-                .iter()
-                .any(|scheme| self.database_url.starts_with(scheme)),
-            "database_url must be a PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE) \
-             or sqlite:DIR, not {}",
-            redact_url(&self.database_url)
-        );
+        Ok(())
+    }
+
+    /// Checks the settings that name the real services, for every command but `twophase dev`,
+    /// which runs its own and leaves them unused. The URL itself is never repeated: written
+    /// in another form, it could show its password.
+    pub fn validate_services(&self) -> anyhow::Result<()> {
+        if !["postgres://", "postgresql://", "sqlite:"]
+            .iter()
+            .any(|scheme| self.database_url.starts_with(scheme))
+        {
+            let kind = match self.database_url.split_once("://") {
+                Some((scheme, _)) => format!("a {scheme}:// URL"),
+                None => "no URL of any kind".to_owned(),
+            };
+            anyhow::bail!(
+                "database_url must be a PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE) \
+                 or sqlite:DIR; it is {kind}"
+            );
+        }
         anyhow::ensure!(
             self.kafka.brokers.split(',').any(|b| !b.trim().is_empty()),
             "kafka.brokers must name at least one broker (HOST:PORT, comma-separated)"
@@ -202,12 +214,7 @@ mod tests {
         never_stuck.coordinator.commit_stuck_after_attempts = 0;
         let mut spinning_gauges = Config::default();
         spinning_gauges.reconciler.gauges_refresh = std::time::Duration::ZERO;
-        let mysql = Config {
-            database_url: "mysql://root:hunter2@db/twophase".into(),
-            ..Config::default()
-        };
-        let mut no_brokers = Config::default();
-        no_brokers.kafka.brokers = " ,".into();
+
         for (config, says) in [
             (
                 zero_interval,
@@ -222,17 +229,39 @@ mod tests {
                 spinning_gauges,
                 "reconciler.gauges_refresh must be longer than zero",
             ),
+        ] {
+            assert_eq!(config.validate().unwrap_err().to_string(), says);
+        }
+    }
+
+    #[test]
+    fn a_service_setting_no_worker_can_use_is_refused_without_its_secret() {
+        assert!(Config::default().validate_services().is_ok());
+        let url = |url: &str| Config {
+            database_url: url.into(),
+            ..Config::default()
+        };
+        let mut no_brokers = Config::default();
+        no_brokers.kafka.brokers = " ,".into();
+        let must = "database_url must be a PostgreSQL URL \
+                    (postgres://USER:PASSWORD@HOST:PORT/DATABASE) or sqlite:DIR; it is";
+        for (config, says) in [
             (
-                mysql,
-                "database_url must be a PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE) \
-                 or sqlite:DIR, not mysql://root:***@db/twophase",
+                url("mysql://root:hunter2@db/twophase"),
+                format!("{must} a mysql:// URL"),
+            ),
+            (
+                url("host=db user=app password=hunter2"),
+                format!("{must} no URL of any kind"),
             ),
             (
                 no_brokers,
-                "kafka.brokers must name at least one broker (HOST:PORT, comma-separated)",
+                "kafka.brokers must name at least one broker (HOST:PORT, comma-separated)".into(),
             ),
         ] {
-            assert_eq!(config.validate().unwrap_err().to_string(), says);
+            let said = config.validate_services().unwrap_err().to_string();
+            assert_eq!(said, says);
+            assert!(!said.contains("hunter2"));
         }
     }
 

@@ -717,40 +717,24 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
 mod tests {
     use super::*;
 
+    /// `twophase transfer` between two accounts in USD, and then `amount`'s arguments.
+    fn transfer(amount: &[&str]) -> Result<Cli, clap::Error> {
+        let head = ["twophase", "transfer", "--from", "a", "--to", "b"];
+        let tail = ["--currency", "USD"];
+        Cli::try_parse_from(head.iter().chain(&tail).chain(amount))
+    }
+
     /// A negative amount reaches the transfer's validation, which says why it is refused, rather
     /// than being taken for a flag the command does not know.
     #[test]
     fn a_negative_amount_is_read_as_an_amount() {
-        let cli = Cli::try_parse_from([
-            "twophase",
-            "transfer",
-            "--from",
-            "a",
-            "--to",
-            "b",
-            "--amount",
-            "-1.00",
-            "--currency",
-            "USD",
-        ])
-        .unwrap();
+        let cli = transfer(&["--amount", "-1.00"]).unwrap();
         let Command::Transfer(args) = cli.command else {
             panic!("{:?}", cli.command);
         };
         assert_eq!(args.amount, "-1.00");
         // A flag where the amount should be is not taken for one.
-        let missing = Cli::try_parse_from([
-            "twophase",
-            "transfer",
-            "--from",
-            "a",
-            "--to",
-            "b",
-            "--currency",
-            "USD",
-            "--amount",
-            "--wait",
-        ]);
+        let missing = transfer(&["--amount", "--wait"]);
         assert!(missing.is_err(), "{missing:?}");
     }
 }

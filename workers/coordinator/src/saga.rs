@@ -406,15 +406,16 @@ mod tests {
         }
     }
 
+    /// A saga `participant` voted no on, for `reason`.
+    fn refused_by(participant: Participant, reason: &str) -> Saga {
+        let mut s = saga();
+        s.on_vote(participant, Decision::No, Some(reason), None);
+        s
+    }
+
     #[test]
     fn a_late_vote_after_the_abort_changes_nothing() {
-        let mut s = saga();
-        s.on_vote(
-            Participant::Risk,
-            Decision::No,
-            Some(reasons::RISK_REJECTED),
-            None,
-        );
+        let mut s = refused_by(Participant::Risk, reasons::RISK_REJECTED);
         assert_eq!(
             s.on_vote(Participant::Source, Decision::Yes, None, None),
             Applied::Recorded
@@ -425,13 +426,7 @@ mod tests {
 
     #[test]
     fn a_risk_vote_after_the_outcome_leaves_the_outcome_as_it_was() {
-        let mut s = saga();
-        s.on_vote(
-            Participant::Source,
-            Decision::No,
-            Some(reasons::INSUFFICIENT_FUNDS),
-            None,
-        );
+        let mut s = refused_by(Participant::Source, reasons::INSUFFICIENT_FUNDS);
         let now = Utc::now();
         s.on_ack(AccountAction::Release, now).unwrap();
         assert_eq!(

@@ -396,14 +396,19 @@ mod tests {
                     Emit::Account(AccountAction::CancelCredit)
                 ]
             );
-            let now = Utc::now();
-            s.on_ack(AccountAction::Release, now).unwrap();
-            assert_eq!(
-                s.on_ack(AccountAction::CancelCredit, now),
-                Ok(Applied::Advanced)
-            );
-            assert_eq!(s.status, Status::Failed);
+            acknowledge_the_abort(&mut s);
         }
+    }
+
+    /// Acknowledges an abort's release and credit cancellation: the saga has failed.
+    fn acknowledge_the_abort(s: &mut Saga) {
+        let now = Utc::now();
+        s.on_ack(AccountAction::Release, now).unwrap();
+        assert_eq!(
+            s.on_ack(AccountAction::CancelCredit, now),
+            Ok(Applied::Advanced)
+        );
+        assert_eq!(s.status, Status::Failed);
     }
 
     /// A saga `participant` voted no on, for `reason`.
@@ -427,13 +432,7 @@ mod tests {
     #[test]
     fn a_risk_vote_after_the_outcome_leaves_the_outcome_as_it_was() {
         let mut s = refused_by(Participant::Source, reasons::INSUFFICIENT_FUNDS);
-        let now = Utc::now();
-        s.on_ack(AccountAction::Release, now).unwrap();
-        assert_eq!(
-            s.on_ack(AccountAction::CancelCredit, now),
-            Ok(Applied::Advanced)
-        );
-        assert_eq!(s.status, Status::Failed);
+        acknowledge_the_abort(&mut s);
         let assessment = RiskAssessment {
             score: 10,
             level: twophase_messages::RiskLevel::Low,

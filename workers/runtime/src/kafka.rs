@@ -4,7 +4,7 @@ pub mod fatal;
 pub mod headers;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -116,8 +116,10 @@ pub struct Publisher {
 }
 
 /// What librdkafka tells the producer beyond deliveries: errors, a fatal one among them.
-#[derive(Debug, Clone, Copy)]
-pub struct PublisherContext;
+#[derive(Debug, Default)]
+pub struct PublisherContext {
+    errors: ErrorLog,
+}
 
 impl ClientContext for PublisherContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, line: &str) {
@@ -125,7 +127,60 @@ impl ClientContext for PublisherContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::error!(%error, reason, "librdkafka producer error");
+        if let Some(left_out) = self.errors.admit(&error) {
+            tracing::error!(%error, reason, left_out, "librdkafka producer error");
+        }
+    }
+}
+
+/// How often a client's error of one kind is logged at most.
+const ERROR_REPEAT: Duration = Duration::from_secs(30);
+
+/// Which of a client's errors to log. While its brokers are down, librdkafka reports it again at
+/// every attempt to reconnect, several times a second, for as long as an outage lasts: each kind
+/// of error is logged once, then at most once every [`ERROR_REPEAT`], with how many like it
+/// were left out since.
+#[derive(Debug)]
+pub(crate) struct ErrorLog {
+    every: Duration,
+    /// By kind: when it was last logged, and how many were left out since.
+    seen: std::sync::Mutex<std::collections::HashMap<Option<i32>, (Instant, u64)>>,
+}
+
+impl Default for ErrorLog {
+    fn default() -> ErrorLog {
+        ErrorLog::every(ERROR_REPEAT)
+    }
+}
+
+impl ErrorLog {
+    fn every(every: Duration) -> ErrorLog {
+        ErrorLog {
+            every,
+            seen: Default::default(),
+        }
+    }
+
+    /// Whether to log `error` now: if so, how many of its kind were left out since it was last
+    /// logged.
+    pub(crate) fn admit(&self, error: &KafkaError) -> Option<u64> {
+        let now = Instant::now();
+        let kind = error.rdkafka_error_code().map(|code| code as i32);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.get_mut(&kind) {
+            Some((at, left_out)) if now.duration_since(*at) < self.every => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                seen.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
     }
 }
 
@@ -154,7 +209,7 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
 
 impl Publisher {
     pub fn new(kafka: &KafkaConfig) -> Result<Publisher, KafkaError> {
-        let producer = producer_config(kafka).create_with_context(PublisherContext)?;
+        let producer = producer_config(kafka).create_with_context(PublisherContext::default())?;
         Ok(Publisher { producer })
     }
 
@@ -295,6 +350,22 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[String]) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Brokers down, reported at every reconnect: the first report is logged, the repeats only
+    /// once the interval has passed, with their count; another kind of error is its own.
+    #[test]
+    fn a_repeated_client_error_is_logged_once_an_interval_with_its_count() {
+        let down = || KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        let refused = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        let log = ErrorLog::every(Duration::from_millis(300));
+        assert_eq!(log.admit(&down()), Some(0));
+        assert_eq!(log.admit(&down()), None);
+        assert_eq!(log.admit(&refused), Some(0));
+        assert_eq!(log.admit(&down()), None);
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(log.admit(&down()), Some(2));
+        assert_eq!(log.admit(&down()), None);
+    }
 
     /// A bank's cluster speaks TLS, with SASL over it: the clients are built to.
     #[test]

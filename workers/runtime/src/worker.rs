@@ -247,11 +247,16 @@ impl DeadLetterForm {
 pub struct MemberContext {
     group: String,
     health: Health,
+    errors: crate::kafka::ErrorLog,
 }
 
 impl MemberContext {
     pub fn new(group: String, health: Health) -> MemberContext {
-        MemberContext { group, health }
+        MemberContext {
+            group,
+            health,
+            errors: Default::default(),
+        }
     }
 }
 
@@ -266,11 +271,14 @@ impl ClientContext for MemberContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        let Some(left_out) = self.errors.admit(&error) else {
+            return;
+        };
         if reason.starts_with("Subscribed topic not available") {
             // Right after topics are created the broker may not know them yet.
-            tracing::warn!(%error, reason, "librdkafka error");
+            tracing::warn!(%error, reason, left_out, "librdkafka error");
         } else {
-            tracing::error!(%error, reason, "librdkafka error");
+            tracing::error!(%error, reason, left_out, "librdkafka error");
         }
     }
 }

@@ -18,8 +18,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-#[doc(hidden)]
-pub use futures;
 use rust_decimal::Decimal;
 pub use sqlx;
 use sqlx::encode::IsNull;
@@ -83,29 +81,24 @@ fn sqlite_dir(url: &str) -> Option<PathBuf> {
 /// Refuses a data directory that [`migrate`] has not made the files of `schemas` in: a
 /// mistyped directory is named as such rather than made, empty, by a command that reads.
 fn migrated(dir: &std::path::Path, schemas: &[&str]) -> Result<(), sqlx::Error> {
-    let mut missing = None;
     for schema in schemas {
         // Only a file that is not there is missing; one that cannot be looked at says why.
         if !dir.join(format!("{schema}.db")).try_exists()? {
-            missing = Some(schema);
-            break;
+            let dir = if dir.as_os_str().is_empty() {
+                "the current directory".to_owned()
+            } else {
+                dir.display().to_string()
+            };
+            return Err(sqlx::Error::Configuration(
+                format!(
+                    "{dir} holds no twophase data ({schema}.db is missing): `twophase migrate \
+                     --database-url sqlite:DIR` makes a data directory, as `twophase dev` does"
+                )
+                .into(),
+            ));
         }
     }
-    match missing {
-        None => Ok(()),
-        Some(schema) => Err(sqlx::Error::Configuration(
-            format!(
-                "{} holds no twophase data ({schema}.db is missing): `twophase migrate \
-                 --database-url sqlite:DIR` makes a data directory, as `twophase dev` does",
-                if dir.as_os_str().is_empty() {
-                    "the current directory".to_owned()
-                } else {
-                    dir.display().to_string()
-                }
-            )
-            .into(),
-        )),
-    }
+    Ok(())
 }
 
 fn sqlite_options(dir: &std::path::Path, schema: &str) -> SqliteConnectOptions {
@@ -393,30 +386,16 @@ macro_rules! query_as {
 #[macro_export]
 macro_rules! for_each_row {
     ($tx:expr, $t:ty, $sql:expr, $each:expr $(,)?) => {{
-        use $crate::db::futures::TryStreamExt as _;
         let sql: &str = $sql;
-        let mut each = $each;
         match $tx {
             $crate::db::Tx::Postgres(tx) => {
-                let mut rows = $crate::db::sqlx::query_as::<_, $t>(sql).fetch(&mut **tx);
-                loop {
-                    match rows.try_next().await {
-                        Ok(Some(row)) => each(row),
-                        Ok(None) => break Ok(()),
-                        Err(e) => break Err(e),
-                    }
-                }
+                let rows = $crate::db::sqlx::query_as::<_, $t>(sql).fetch(&mut **tx);
+                $crate::db::each_row(rows, $each).await
             }
             $crate::db::Tx::Sqlite(tx) => {
                 let sql = $crate::db::sqlite_text(sql);
-                let mut rows = $crate::db::sqlx::query_as::<_, $t>(&sql).fetch(&mut **tx);
-                loop {
-                    match rows.try_next().await {
-                        Ok(Some(row)) => each(row),
-                        Ok(None) => break Ok(()),
-                        Err(e) => break Err(e),
-                    }
-                }
+                let rows = $crate::db::sqlx::query_as::<_, $t>(&sql).fetch(&mut **tx);
+                $crate::db::each_row(rows, $each).await
             }
         }
     }};
@@ -492,6 +471,21 @@ pub fn padded(rows: usize) -> usize {
         };
     }
     size
+}
+
+/// Hands each row of `rows` to `each` as it comes, for [`for_each_row!`](crate::for_each_row):
+/// the first error ends it.
+#[doc(hidden)]
+pub async fn each_row<T, E>(
+    rows: impl futures::Stream<Item = Result<T, E>>,
+    mut each: impl FnMut(T),
+) -> Result<(), E> {
+    use futures::TryStreamExt as _;
+    let mut rows = std::pin::pin!(rows);
+    while let Some(row) = rows.try_next().await? {
+        each(row);
+    }
+    Ok(())
 }
 
 /// Runs a statement over a list of rows; the public macros below say which.

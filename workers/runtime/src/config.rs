@@ -174,6 +174,13 @@ mod tests {
         name: String,
     }
 
+    /// How loading a configuration file of `text` is refused.
+    fn refusal_of_file(jail: &mut figment::Jail, text: &str) -> figment::error::Result<String> {
+        jail.create_file("c.toml", text)?;
+        let err = load::<Sample>(Some(Path::new("c.toml"))).unwrap_err();
+        Ok(describe(&err))
+    }
+
     #[test]
     fn file_then_env_override_defaults_and_stray_env_is_ignored() {
         figment::Jail::expect_with(|jail| {
@@ -191,16 +198,12 @@ mod tests {
     #[test]
     fn unknown_file_keys_are_refused() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("c.toml", "nmae = \"typo\"\n")?;
-            let err = load::<Sample>(Some(Path::new("c.toml"))).unwrap_err();
-            let said = describe(&err);
+            let said = refusal_of_file(jail, "nmae = \"typo\"\n")?;
             assert!(
                 said.ends_with("c.toml: nmae is no setting; the settings are kafka, name"),
                 "{said}"
             );
-            jail.create_file("c.toml", "[kafka]\nbrokres = \"typo\"\n")?;
-            let err = load::<Sample>(Some(Path::new("c.toml"))).unwrap_err();
-            let said = describe(&err);
+            let said = refusal_of_file(jail, "[kafka]\nbrokres = \"typo\"\n")?;
             assert!(
                 said.contains("c.toml: kafka.brokres is no setting; those of kafka are brokers, "),
                 "{said}"
@@ -212,9 +215,7 @@ mod tests {
     #[test]
     fn a_file_that_is_no_toml_is_named() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("c.toml", "name = \"unclosed\n")?;
-            let err = load::<Sample>(Some(Path::new("c.toml"))).unwrap_err();
-            let said = describe(&err);
+            let said = refusal_of_file(jail, "name = \"unclosed\n")?;
             assert!(said.contains("c.toml: "), "{said}");
             Ok(())
         });

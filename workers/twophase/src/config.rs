@@ -214,7 +214,6 @@ mod tests {
         never_stuck.coordinator.commit_stuck_after_attempts = 0;
         let mut spinning_gauges = Config::default();
         spinning_gauges.reconciler.gauges_refresh = std::time::Duration::ZERO;
-
         for (config, says) in [
             (
                 zero_interval,

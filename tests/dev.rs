@@ -389,3 +389,57 @@ fn a_transfer_to_brokers_out_of_reach_says_so_within_its_timeout() {
     // Its own timeout and the start of a process, not a client's deadline of 20 or 30 s.
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
 }
+
+/// Without --wait, --timeout bounds the publish too; and since a request the brokers did not
+/// acknowledge may have reached them, the error names the id the command made up, so that it
+/// can be sent again without being made twice.
+#[test]
+fn a_transfer_not_acknowledged_in_time_names_its_id_for_sending_again() {
+    let (from, to) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = twophase(&[
+        "--brokers",
+        "127.0.0.1:1",
+        "transfer",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--amount",
+        "1.00",
+        "--currency",
+        "USD",
+        "--timeout",
+        "2s",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "printed an id as if sent: {stdout}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    let id = line
+        .split_once("; transfer ")
+        .and_then(|(said, rest)| {
+            assert_eq!(
+                said,
+                "error: reaching the Kafka brokers at 127.0.0.1:1: no answer within 2s"
+            );
+            rest.split_once(' ')
+        })
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| panic!("no transfer id in: {line}"));
+    uuid::Uuid::parse_str(id).unwrap_or_else(|e| panic!("{id} in {line}: {e}"));
+    assert!(
+        line.ends_with(&format!(
+            " may have reached them all the same, and sending it again with --id {id} is safe: \
+             an id is applied once"
+        )),
+        "{line}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+}

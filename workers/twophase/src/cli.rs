@@ -240,7 +240,7 @@ struct TransferArgs {
     /// Wait for the outcome and print it.
     #[arg(long)]
     wait: bool,
-    /// How long --wait waits.
+    /// How long the brokers have to take the request and, with --wait, the outcome to come.
     #[arg(long, default_value = "30s", value_parser = some_time)]
     timeout: Duration,
     /// Print the outcome as JSON.
@@ -654,14 +654,18 @@ async fn transfer(config: &Config, args: TransferArgs) -> anyhow::Result<u8> {
     };
     let publisher = Publisher::new(&config.kafka)?;
     let send = client::request_transfer(&publisher, &config.kafka, &request);
-    let sent = if args.wait {
-        let left = args.timeout.saturating_sub(started.elapsed());
-        within(left, args.timeout, send)
-            .await
-            .with_context(reaching)?
-    } else {
-        send.await.with_context(reaching)?
-    };
+    let left = args.timeout.saturating_sub(started.elapsed());
+    // A request the brokers did not acknowledge may still have reached them. Its id, which
+    // the command may have made up, is what lets it be sent again without being made twice.
+    let sent = within(left, args.timeout, send).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {}; transfer {} may have reached them all the same, and sending it again \
+             with --id {2} is safe: an id is applied once",
+            reaching(),
+            output::error_text(&e),
+            request.transfer_id
+        )
+    })?;
     let Some(watcher) = watcher else {
         outln!("{}", request.transfer_id);
         return Ok(0);

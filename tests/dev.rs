@@ -149,23 +149,28 @@ fn a_worker_that_cannot_start_ends_the_demo_with_its_own_error() {
     assert!(error.contains("fetch.wait.max.mss"), "{error}");
 }
 
+/// The flags every other command takes to reach Kafka and the database: `dev` refuses them
+/// before or after its name, and its help does not offer them.
 #[test]
 fn dev_refuses_the_flags_that_name_real_services() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-{}", uuid::Uuid::new_v4()));
     let data = dir.join("data");
-    for (flag, value) in [
-        ("--brokers", "kafka.example:9092"),
-        ("--database-url", "postgres://db.example/twophase"),
+    let (code, help, stderr) = twophase(&["dev", "--help"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(help.contains("--data-dir"), "{help}");
+    for (flag, value, before) in [
+        ("--brokers", "kafka.example:9092", true),
+        ("--database-url", "postgres://db.example/twophase", true),
+        ("--brokers", "kafka.example:9092", false),
+        ("--database-url", "postgres://db.example/twophase", false),
     ] {
-        let args = [
-            flag,
-            value,
-            "dev",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--demo",
-            "1",
-        ];
+        assert!(!help.contains(flag), "{help}");
+        let dev = ["dev", "--data-dir", data.to_str().unwrap(), "--demo", "1"];
+        let args: Vec<&str> = if before {
+            [flag, value].iter().chain(&dev).copied().collect()
+        } else {
+            dev.iter().chain(&[flag, value]).copied().collect()
+        };
         let (code, stdout, stderr) = twophase(&args);
         assert_eq!(code, 64, "{stdout}{stderr}");
         assert!(stdout.is_empty(), "{stdout}");

@@ -55,6 +55,13 @@ pub struct DevArgs {
     /// Print the demo summary as JSON.
     #[arg(long, requires = "demo")]
     json: bool,
+    // The real services' flags, which every other command takes: out of `dev --help`, as dev
+    // refuses them (`cli::main` says why). Being `dev`'s own, they are not given it again from
+    // the global ones, and what they read still reaches those.
+    #[arg(long, hide = true)]
+    brokers: Option<String>,
+    #[arg(long, hide = true)]
+    database_url: Option<String>,
 }
 
 /// What `--demo` reports.

@@ -842,8 +842,8 @@ async fn a_velocity_window_longer_than_the_calendar_counts_from_the_epoch() {
 }
 
 /// A balance takes an amount only exactly: one that would pass the largest decimal, or need
-/// rounding to fit, is voted down at prepare, and a deposit refused, so that no credit or debit
-/// can fail or round after the decision.
+/// rounding to fit, is voted down at prepare, and a deposit or withdrawal refused, so that no
+/// credit or debit can fail or round after the decision.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_amount_a_balance_cannot_take_exactly_fails_the_transfer_and_moves_nothing() {
     let mut env = TestEnv::new("balance-limit").await;
@@ -887,16 +887,24 @@ async fn an_amount_a_balance_cannot_take_exactly_fails_the_transfer_and_moves_no
     }
     assert_eq!(env.balance(payee).await, (dec("112.34"), Decimal::ZERO));
 
+    // Nor does an operator's deposit or withdrawal round: the whole-number balance would keep
+    // its value while the ledger recorded 0.49 gone.
     let db = env.pool("account").await;
-    let refused = twophase_account::store::deposit(&db, full, "1", None).await;
+    let refused = [
+        twophase_account::store::deposit(&db, full, "1", None).await,
+        twophase_account::store::withdraw(&db, whole, "0.49", None).await,
+    ];
     db.close().await;
-    assert!(
-        refused
-            .as_ref()
-            .is_err_and(|e| e.to_string().contains("would pass the largest amount")),
-        "{refused:?}"
-    );
+    for refused in refused {
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("would pass the largest amount")),
+            "{refused:?}"
+        );
+    }
     assert_eq!(env.balance(full).await, (dec(largest), Decimal::ZERO));
+    assert_eq!(env.balance(whole).await, (dec(largest), Decimal::ZERO));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -27,8 +27,8 @@ pub enum AccountError {
     #[error("account {0} is closed for good: it cannot be frozen or made active again")]
     Closed(Uuid),
     #[error(
-        "account {account} cannot take {amount} exactly: its balance of {balance} would pass the \
-         largest amount an account holds"
+        "account {account} cannot move {amount} exactly: its balance of {balance} would pass the \
+         largest amount an account holds, to the last decimal"
     )]
     BalanceLimit {
         account: Uuid,
@@ -311,14 +311,17 @@ async fn move_external(
                 amount,
             });
         }
-        account.balance - amount
+        twophase_messages::exact_sub(account.balance, amount)
     } else {
-        twophase_messages::exact_add(account.balance, amount).ok_or(AccountError::BalanceLimit {
-            account: account_id,
-            balance: account.balance,
-            amount,
-        })?
-    };
+        twophase_messages::exact_add(account.balance, amount)
+    }
+    // A balance too large to keep the amount's decimals would be rounded: the ledger would
+    // record money moved that the balance does not show.
+    .ok_or(AccountError::BalanceLimit {
+        account: account_id,
+        balance: account.balance,
+        amount,
+    })?;
     let now = Timestamp::now();
     let updated = query_as!(
         &mut tx,

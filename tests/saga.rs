@@ -562,7 +562,7 @@ async fn a_request_without_ce_time_is_answered_with_its_record_time() {
 }
 
 /// PostgreSQL's text and jsonb cannot hold a NUL; a request carrying one, in a free-text field,
-/// a malformed field or its `tracestate`, still gets its outcome.
+/// a malformed field, its `tracestate` or its `correlation-id`, still gets its outcome.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_with_a_nul_in_it_gets_its_outcome() {
     let mut env = TestEnv::new("nul").await;
@@ -574,24 +574,36 @@ async fn a_request_with_a_nul_in_it_gets_its_outcome() {
     let mut in_account = request(a, b, "1", "USD");
     in_account.to_account = format!("{b}\u{0}");
     let in_tracestate = request(a, b, "1", "USD");
+    let in_correlation_id = request(a, b, "1", "USD");
     let watcher = env.watcher().await;
     env.request(&in_reference).await;
     env.request(&in_account).await;
-    env.publisher
-        .send_raw(
-            &env.topics.requests(),
-            Some(in_tracestate.transfer_id.as_bytes()),
-            &serde_json::to_vec(&in_tracestate).unwrap(),
-            headers(&[("tracestate", "vendor=a\u{0}b")]),
-        )
-        .await
-        .unwrap();
-    let ids = [&in_reference, &in_account, &in_tracestate].map(|r| r.transfer_id.clone());
+    for (r, header) in [
+        (&in_tracestate, ("tracestate", "vendor=a\u{0}b")),
+        (&in_correlation_id, ("correlation-id", "order\u{0}7")),
+    ] {
+        env.publisher
+            .send_raw(
+                &env.topics.requests(),
+                Some(r.transfer_id.as_bytes()),
+                &serde_json::to_vec(r).unwrap(),
+                headers(&[header]),
+            )
+            .await
+            .unwrap();
+    }
+    let ids = [
+        &in_reference,
+        &in_account,
+        &in_tracestate,
+        &in_correlation_id,
+    ]
+    .map(|r| r.transfer_id.clone());
     let outcomes = watcher
         .wait_for(ids, Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(outcomes.len(), 3, "logs in {}", env.log_dir.display());
+    assert_eq!(outcomes.len(), 4, "logs in {}", env.log_dir.display());
     assert_outcome(&outcomes[&in_reference.transfer_id], "completed", None);
     assert_outcome(
         &outcomes[&in_account.transfer_id],
@@ -599,10 +611,11 @@ async fn a_request_with_a_nul_in_it_gets_its_outcome() {
         Some(reasons::INVALID_ACCOUNT_ID),
     );
     assert_outcome(&outcomes[&in_tracestate.transfer_id], "completed", None);
+    assert_outcome(&outcomes[&in_correlation_id.transfer_id], "completed", None);
     // The same request again is the same transfer: its fingerprint is of what was sent.
     let again = env.transfer(&in_reference).await;
     assert_eq!(again, outcomes[&in_reference.transfer_id]);
-    assert_eq!(env.balance(b).await, (dec("2"), Decimal::ZERO));
+    assert_eq!(env.balance(b).await, (dec("3"), Decimal::ZERO));
 }
 
 /// Publishes an account command by hand and waits for the worker's reply to it.

@@ -23,7 +23,7 @@ use twophase_messages::{
     EvaluateRisk, Message, Participant, Topics, TransferCompleted, TransferFailed,
     TransferRejected, TransferRequested, Vote,
 };
-use twophase_runtime::db::{stored_json, Db, Timestamp, Tx};
+use twophase_runtime::db::{stored_json, stored_text, Db, Timestamp, Tx};
 use twophase_runtime::http::Health;
 use twophase_runtime::worker::{self, Incoming, WorkerSettings};
 use twophase_runtime::{
@@ -282,7 +282,11 @@ impl Coordinator {
             traceparent: Some(traceparent),
             tracestate,
             request_message_id: Some(envelope.id),
-            correlation_id: envelope.correlation_id.clone(),
+            // Carried on by the timer's messages, as stored.
+            correlation_id: envelope
+                .correlation_id
+                .as_deref()
+                .map(|c| stored_text(c).into_owned()),
             resend_attempts: 0,
             created_at: now(),
             decided_at: None,

@@ -816,6 +816,11 @@ async fn an_account_command_the_account_refuses_exits_2_and_a_closed_account_sta
             ["deposit", a_id.as_str(), "1.001"],
             "has more decimals than USD allows".to_owned(),
         ),
+        // Refused by the account's rules, not taken for a flag.
+        (
+            ["withdraw", a_id.as_str(), "-5.00"],
+            "must be greater than zero".to_owned(),
+        ),
     ] {
         let (code, _, said) = run(&args);
         assert_eq!(code, Some(2), "{args:?}: {said}");

@@ -175,6 +175,7 @@ enum AccountsCommand {
         /// The account.
         id: Uuid,
         /// A positive decimal string in the account's currency, e.g. 100.00.
+        #[arg(allow_negative_numbers = true)]
         amount: String,
         /// Names this movement (a payment or wire id): run again with it, as after an answer
         /// that never came, the deposit is not made twice; another amount under it is refused.
@@ -186,6 +187,7 @@ enum AccountsCommand {
         /// The account.
         id: Uuid,
         /// A positive decimal string in the account's currency, no more than it has available.
+        #[arg(allow_negative_numbers = true)]
         amount: String,
         /// Names this movement, as for deposit: the same withdrawal is not made twice.
         #[arg(long)]

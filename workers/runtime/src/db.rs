@@ -743,8 +743,8 @@ pub fn stored_json(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// Whether a database error may go away on retry: the server or network is unavailable, the
-/// pool is exhausted, or a concurrent transaction won a race (serialization failure, deadlock,
+/// Whether a database error may go away on retry: the server or network is unavailable, a new
+/// connection is refused its login, the pool is exhausted, or a concurrent transaction won a race (serialization failure, deadlock,
 /// a busy SQLite file, a unique violation on a dedupe key — the retry then finds the winner's
 /// row).
 pub fn is_transient(error: &sqlx::Error) -> bool {
@@ -782,6 +782,10 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
                 || code == "25006"
                 // An I/O error on the server's disk: the disk, not the message.
                 || code == "58030"
+                // A new connection refused its login (28: a rotated password, a changed
+                // pg_hba.conf or role) or its database (3D000): the set-up, not the message.
+                || code.starts_with("28")
+                || code == "3D000"
         }
         _ => false,
     }
@@ -983,11 +987,12 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a lost race or a
-    /// full or failing disk is retried; bad data and a missing grant are not, although their
-    /// codes are all digits, as SQLite's are.
+    /// On the real PostgreSQL of `scripts/test.sh` (skipped without it): a lost race, a full or
+    /// failing disk or a refused login is retried; bad data and a missing grant are not,
+    /// although their codes are all digits, as SQLite's are.
     #[tokio::test]
-    async fn on_postgresql_a_lost_race_or_a_full_disk_is_transient_and_bad_data_is_not() {
+    async fn on_postgresql_a_lost_race_a_failing_disk_or_a_refused_login_is_transient_and_bad_data_is_not(
+    ) {
         let Ok(url) = std::env::var("TWOPHASE_TEST_DATABASE_URL") else {
             return;
         };
@@ -999,6 +1004,9 @@ mod tests {
             ("25006", true),  // read-only transaction: a standby, during a failover
             ("53100", true),  // disk full
             ("58030", true),  // I/O error
+            ("28P01", true),  // a new connection's password refused
+            ("28000", true),  // a new connection's login refused
+            ("3D000", true),  // a new connection's database not there
             ("22021", false), // a character the encoding cannot hold (a NUL in text)
             ("22022", false), // indicator overflow
             ("42501", false), // insufficient privilege

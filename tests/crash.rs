@@ -221,7 +221,8 @@ async fn a_commit_is_never_abandoned_and_a_stuck_one_raises_a_critical_event() {
 
 /// The round of re-sends that makes a commit stuck is recorded, and the coordinator dies
 /// before it publishes the `commit_stuck` event. The restarted coordinator publishes it with its
-/// next re-send, and with each one after that under the same id.
+/// next re-send, and with each one after that under the same id, and counts each for the
+/// critical alert.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
     let mut env = TestEnv::new("crash-stuck-lost").await;
@@ -247,7 +248,7 @@ async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
         "the stuck round was recorded"
     );
 
-    env.start("coordinator");
+    let port = env.start_serving("coordinator", &[]).await;
     let mut ids = Vec::new();
     while ids.len() < 2 {
         let (envelope, stuck) = next_commit_stuck(&events, &req.transfer_id).await;
@@ -259,6 +260,9 @@ async fn a_commit_stuck_event_lost_to_a_crash_is_published_after_the_restart() {
         "a repeated commit_stuck event is the same message"
     );
     assert_eq!(env.count(&committing("> 2")).await, 1);
+    // The critical alert's counter rises with each of those re-sends, in the new process too.
+    let counted = common::metric(port, "twophase_commit_stuck_total", &[]).await;
+    assert!(counted.is_some_and(|n| n >= 2.0), "{counted:?}");
 
     completes_once_the_account_worker_is_back(&mut env, &req, b).await;
 }

@@ -556,8 +556,10 @@ impl Coordinator {
         if stored.resend_attempts < threshold {
             return out;
         }
+        // Counted with every re-send, not once: the critical alert stays on while the commit
+        // is stuck, and a count lost with a crashed coordinator is made good by the next one.
+        metrics::commit_stuck();
         if stored.resend_attempts == threshold {
-            metrics::commit_stuck();
             tracing::error!(transfer_id = %saga.transfer_id, "commit stuck: a participant has not acknowledged the commit");
         }
         let pending = saga.awaited_commands();

@@ -176,8 +176,8 @@ pub const COMMIT_RETRIES: Def = Def {
 
 pub const COMMIT_STUCK: Def = Def {
     name: "twophase_commit_stuck_total",
-    help: "Transfers whose commit crossed the stuck threshold (a commit_stuck event was \
-           published). The coordinator keeps retrying them.",
+    help: "Re-sends of a commit past the stuck threshold, each with its commit_stuck event. \
+           The coordinator keeps retrying such a commit until it is acknowledged.",
     labels: &[],
     kind: Kind::Counter,
 };
@@ -483,7 +483,7 @@ pub fn commit_retry() {
     METRICS.commit_retries.inc();
 }
 
-/// A commit crossed the stuck threshold (the `commit_stuck` event was published).
+/// A commit past the stuck threshold was sent again (with its `commit_stuck` event).
 pub fn commit_stuck() {
     METRICS.commit_stuck.inc();
 }

@@ -611,36 +611,48 @@ async fn a_header_name_that_is_not_utf8_stops_nothing_and_is_kept() {
 
 /// A producer's `ce_id` need not be a UUID, and is unique only within its `ce_source`:
 /// `replay --message-id` takes the id as `dlq list` shows it, or the UUID the workers know the
-/// message by, and two messages with one `ce_id` from two sources are two messages.
+/// message by, and two messages with one `ce_id` from two sources are two messages, as are two
+/// different ones a producer sent under one. A message that fails again after a replay is one
+/// message: the next replay sends it once, from its later dead letter, with or without a
+/// `ce_id` of its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_are_chosen_by_the_ids_producers_gave_them() {
     let mut env = TestEnv::new("dlqids").await;
     env.start("coordinator");
     let requests = env.topics.requests();
-    // Rejected at once by the coordinator alone; published last on the same key, so that its
-    // outcome comes after every dead letter before it.
+    // Rejected at once by the coordinator alone; published after the dead letters on the same
+    // key, so that its outcome comes after every dead letter before it. Sent again, its outcome
+    // is published again.
     let mut last = request(Uuid::new_v4(), Uuid::new_v4(), "0", "USD");
     last.transfer_id = Uuid::new_v4().to_string();
     let key = last.transfer_id.clone();
     let shouted = Uuid::new_v4().to_string().to_uppercase();
     let raw = RawProducer::new(&env);
-    for (ce_id, ce_source) in [
-        ("order-42-evt", "/shop"),
-        ("order-42-evt", "/till"),
-        (shouted.as_str(), "/shop"),
+    for (ce_id, ce_source, payload) in [
+        ("order-42-evt", "/shop", "not JSON"),
+        ("order-42-evt", "/till", "not JSON"),
+        (shouted.as_str(), "/shop", "not JSON"),
+        ("order-43-evt", "/shop", "not JSON, once"),
+        ("order-43-evt", "/shop", "not JSON, twice"),
     ] {
         let headers = [
             ("ce_id", ce_id.to_owned()),
             ("ce_source", ce_source.to_owned()),
         ];
-        raw.send(&requests, &key, b"not JSON", &headers).await;
+        raw.send(&requests, &key, payload.as_bytes(), &headers)
+            .await;
     }
-    let watcher = env.watcher().await;
-    env.request(&last).await;
-    watcher
-        .wait_for([last.transfer_id.clone()], Duration::from_secs(60))
-        .await
-        .unwrap();
+    let (partition, offset) = raw.send(&requests, &key, b"not JSON", &[]).await;
+    let headerless = Envelope::position_id(&requests, partition, offset).to_string();
+    let settle = || async {
+        let watcher = env.watcher().await;
+        env.request(&last).await;
+        watcher
+            .wait_for([last.transfer_id.clone()], Duration::from_secs(60))
+            .await
+            .unwrap();
+    };
+    settle().await;
 
     let would_replay = |ids: &[&str]| {
         let mut args = vec![
@@ -664,13 +676,62 @@ async fn dead_letters_are_chosen_by_the_ids_producers_gave_them() {
             let out = twophase_ok(env, &args).await;
             out.lines()
                 .filter(|l| l.starts_with("would replay"))
-                .count()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
         }
     };
-    assert_eq!(would_replay(&["order-42-evt"]).await, 2);
-    assert_eq!(would_replay(&[&shouted]).await, 1);
-    assert_eq!(would_replay(&[&shouted.to_lowercase()]).await, 1);
-    assert_eq!(would_replay(&[]).await, 3);
+    assert_eq!(would_replay(&["order-42-evt"]).await.len(), 2);
+    assert_eq!(would_replay(&["order-43-evt"]).await.len(), 2);
+    assert_eq!(would_replay(&[&shouted]).await.len(), 1);
+    assert_eq!(would_replay(&[&shouted.to_lowercase()]).await.len(), 1);
+    assert_eq!(would_replay(&[]).await.len(), 6);
+
+    // The record without headers is replayed, fails again, and is set aside again.
+    let out = twophase_ok(
+        &env,
+        &[
+            "dlq",
+            "replay",
+            "--topic",
+            "transfers.requests",
+            "--message-id",
+            &headerless,
+            "--actor",
+            "t",
+        ],
+    )
+    .await;
+    assert_eq!(out.lines().count(), 1, "{out}");
+    settle().await;
+    let letters: Vec<Value> = list(&env, "transfers.requests", &[])
+        .await
+        .into_iter()
+        .filter(|d| d["identity"] == headerless.as_str())
+        .collect();
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    let (first, again) = (&letters[0], &letters[1]);
+    let position = |d: &Value| {
+        format!(
+            "{}/{}/{}",
+            d["dlq_topic"].as_str().unwrap(),
+            d["dlq_partition"],
+            d["dlq_offset"]
+        )
+    };
+    assert_eq!(first["message_id"], Value::Null, "{first:#}");
+    assert_eq!(again["message_id"], headerless.as_str(), "{again:#}");
+    assert_eq!(
+        again["replayed_from"].as_str(),
+        Some(position(first).as_str()),
+        "{again:#}"
+    );
+    let chosen = would_replay(&[&headerless]).await;
+    assert_eq!(chosen.len(), 1, "{chosen:?}");
+    assert!(
+        chosen[0].starts_with(&format!("would replay {} ", position(again))),
+        "{chosen:?}"
+    );
+    assert_eq!(would_replay(&[]).await.len(), 6);
 }
 
 /// A record near the producer's size limit cannot be dead-lettered whole: the headers that

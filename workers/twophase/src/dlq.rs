@@ -80,7 +80,8 @@ pub enum DlqCommand {
     /// Re-publish chosen dead letters to the topic they came from.
     ///
     /// Each is published with its original key, bytes and headers (trace context kept), without
-    /// the dlq-* headers, plus twophase-replayed-from/-at/-by. Handlers are idempotent, so
+    /// the dlq-* headers, plus twophase-replayed-from/-at/-by (and, for a record that had no
+    /// ce_id, the id the workers knew it by as its ce_id). Handlers are idempotent, so
     /// replaying twice is safe; a message that fails again goes back to the dead-letter topic.
     /// Prints one line per message re-published (or, with --dry-run, that would be), and records
     /// the run on the <prefix>ops.replays topic for the audit trail. Without --message-id,
@@ -299,10 +300,18 @@ impl DeadLetter {
     /// The headers a replay carries: the original ones, without the consume loop's `dlq-*`
     /// ones and any earlier replay's, plus where, when and by whom this replay came.
     pub fn replay_headers(&self, at: DateTime<Utc>, by: &str) -> OwnedHeaders {
+        // A record without a `ce_id` is known by where it was consumed, and its copy would sit
+        // elsewhere: the copy carries that id as its `ce_id`, so that the workers know it by the
+        // same id, and a dead letter of the copy is the same message's for the next replay.
+        let given_id = match self.message_id().filter(|id| !id.is_empty()) {
+            Some(_) => None,
+            None => self.identity().map(|id| id.to_string()),
+        };
         let mut out = OwnedHeaders::new();
         for (name, value) in &self.headers {
             if name.starts_with(DLQ_HEADER_PREFIX.as_bytes())
                 || name.starts_with(replay_headers::PREFIX.as_bytes())
+                || (given_id.is_some() && name == headers::ID.as_bytes())
             {
                 continue;
             }
@@ -314,11 +323,12 @@ impl DeadLetter {
         }
         let from = self.position();
         let at = at.to_rfc3339();
-        for (key, value) in [
+        let given_id = given_id.as_deref().map(|id| (headers::ID, id));
+        for (key, value) in given_id.into_iter().chain([
             (replay_headers::FROM, from.as_str()),
             (replay_headers::AT, at.as_str()),
             (replay_headers::BY, by),
-        ] {
+        ]) {
             out = out.insert(Header {
                 key,
                 value: Some(value.as_bytes()),
@@ -651,12 +661,13 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<u8> {
         );
     }
     // A message set aside more than once (it failed again after a replay) is replayed once,
-    // from its latest dead letter.
+    // from its latest dead letter. Two messages a producer sent under one id are two: their
+    // keys or bytes differ.
     let mut seen = HashSet::new();
     let mut chosen: Vec<&DeadLetter> = Vec::new();
     for d in matching.iter().rev() {
         match d.identity() {
-            Some(id) if !seen.insert(id) => {
+            Some(id) if !seen.insert((id, &d.key, &d.payload)) => {
                 eprintln!(
                     "skipping {}: message {} is replayed from its later dead letter",
                     d.position(),

@@ -413,6 +413,7 @@ mod tests {
             consumer_properties: [
                 ("fetch.wait.max.ms".to_owned(), "25".to_owned()),
                 ("session.timeout.ms".to_owned(), "30000".to_owned()),
+                ("max.poll.interval.ms".to_owned(), "900000".to_owned()),
             ]
             .into(),
             ..KafkaConfig::default()
@@ -428,6 +429,7 @@ mod tests {
             &crate::config::RetryConfig::default(),
         );
         assert_eq!(member.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(member.get("max.poll.interval.ms"), Some("900000"));
         assert_eq!(member.get("fetch.wait.max.ms"), Some("25"));
         let producer = producer_config(&kafka);
         assert_eq!(producer.get("session.timeout.ms"), None);

@@ -315,6 +315,14 @@ pub fn member_config(
     name: &str,
     retry: &RetryConfig,
 ) -> ClientConfig {
+    // A message may fail for its whole retry budget, with a minute to spare, before it is set
+    // aside. Each message of a batch has a budget of its own, and an outage is waited out, so
+    // in a longer one the member leaves the group while it waits, and rejoins when it polls
+    // again; what it had not stored is redone by whoever holds the partition then (handlers
+    // are idempotent). (librdkafka's ceiling is a day.)
+    let max_poll_interval = (retry.give_up_after.as_millis() as u64 + 60_000)
+        .min(86_400_000)
+        .to_string();
     let mut config = consumer_config(kafka);
     with_defaults(
         &mut config,
@@ -325,6 +333,7 @@ pub fn member_config(
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "2000"),
             ("statistics.interval.ms", "5000"),
+            ("max.poll.interval.ms", &max_poll_interval),
         ],
     );
     config
@@ -334,18 +343,7 @@ pub fn member_config(
             format!("twophase-{name}-{}", std::process::id()),
         )
         .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        // A message may fail for its whole retry budget, with a minute to spare, before it is
-        // set aside. Each message of a batch has a budget of its own, and an outage is waited
-        // out, so in a longer one the member leaves the group while it waits, and rejoins when
-        // it polls again; what it had not stored is redone by whoever holds the partition then
-        // (handlers are idempotent). (librdkafka's ceiling is a day.)
-        .set(
-            "max.poll.interval.ms",
-            (retry.give_up_after.as_millis() as u64 + 60_000)
-                .min(86_400_000)
-                .to_string(),
-        );
+        .set("enable.auto.offset.store", "false");
     config
 }
 

@@ -613,8 +613,8 @@ async fn a_header_name_that_is_not_utf8_stops_nothing_and_is_kept() {
 /// `replay --message-id` takes the id as `dlq list` shows it, or the UUID the workers know the
 /// message by, and two messages with one `ce_id` from two sources are two messages, as are two
 /// different ones a producer sent under one. A message that fails again after a replay is one
-/// message: the next replay sends it once, from its later dead letter, with or without a
-/// `ce_id` of its own.
+/// message, even one without a `ce_id`: the next replay sends it once, from its later dead
+/// letter.
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_are_chosen_by_the_ids_producers_gave_them() {
     let mut env = TestEnv::new("dlqids").await;

@@ -27,8 +27,8 @@ pub enum AccountError {
     #[error("account {0} is closed for good: it cannot be frozen or made active again")]
     Closed(Uuid),
     #[error(
-        "account {account} cannot move {amount} exactly: its balance of {balance} would pass the \
-         largest amount an account holds, to the last decimal"
+        "account {account} cannot move {amount} exactly: from its balance of {balance}, the result \
+         would pass the largest amount an account holds, or need more digits than it keeps"
     )]
     BalanceLimit {
         account: Uuid,

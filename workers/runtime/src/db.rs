@@ -744,9 +744,9 @@ pub fn stored_json(value: serde_json::Value) -> serde_json::Value {
 }
 
 /// Whether a database error may go away on retry: the server or network is unavailable, a new
-/// connection is refused its login, the pool is exhausted, or a concurrent transaction won a race (serialization failure, deadlock,
-/// a busy SQLite file, a unique violation on a dedupe key — the retry then finds the winner's
-/// row).
+/// connection is refused its login, the pool is exhausted, or a concurrent transaction won a
+/// race (serialization failure, deadlock, a busy SQLite file, a unique violation on a dedupe
+/// key — the retry then finds the winner's row).
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
@@ -991,8 +991,7 @@ mod tests {
     /// failing disk or a refused login is retried; bad data and a missing grant are not,
     /// although their codes are all digits, as SQLite's are.
     #[tokio::test]
-    async fn on_postgresql_a_lost_race_a_failing_disk_or_a_refused_login_is_transient_and_bad_data_is_not(
-    ) {
+    async fn on_postgresql_races_disks_and_refused_logins_are_transient_and_bad_data_is_not() {
         let Ok(url) = std::env::var("TWOPHASE_TEST_DATABASE_URL") else {
             return;
         };

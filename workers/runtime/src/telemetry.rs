@@ -49,11 +49,17 @@ impl Drop for Telemetry {
     }
 }
 
+/// What a process logs unless `RUST_LOG` says otherwise: a line for each step of each message.
+pub const LOG_EVERY_STEP: &str = "info,sqlx=warn,rdkafka=warn";
+
+/// What a process that reports in its own words logs unless `RUST_LOG` says otherwise:
+/// warnings and errors only.
+pub const LOG_WARNINGS: &str = "warn";
+
 /// Installs the global subscriber for a process whose spans are exported as `service` (unless
-/// `OTEL_SERVICE_NAME` names it). `RUST_LOG` overrides the default `info` level.
-pub fn init(json: bool, service: &str) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+/// `OTEL_SERVICE_NAME` names it), logging what `RUST_LOG` selects, else `default_log`.
+pub fn init(json: bool, service: &str, default_log: &str) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_log));
     let provider = if export_configured() {
         Some(tracer_provider(service)?)
     } else {

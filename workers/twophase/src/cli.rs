@@ -325,8 +325,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     if !matches!(cli.command, Command::Dev(_)) {
         config.validate_services()?;
     }
+    // The demo reports in its own words: a log line per step of its thousand transfers would
+    // bury its progress bar and summary.
+    let default_log = match &cli.command {
+        Command::Dev(args) if args.is_demo() => telemetry::LOG_WARNINGS,
+        _ => telemetry::LOG_EVERY_STEP,
+    };
     // Flushes the spans not yet exported when the command ends.
-    let _telemetry = telemetry::init(config.log_json, cli.command.service_name())?;
+    let _telemetry = telemetry::init(config.log_json, cli.command.service_name(), default_log)?;
     let topics = Topics::new(&config.kafka.topic_prefix);
     match cli.command {
         Command::Dev(args) => return crate::dev::run(config, args).await,

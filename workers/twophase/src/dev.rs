@@ -64,6 +64,13 @@ pub struct DevArgs {
     database_url: Option<String>,
 }
 
+impl DevArgs {
+    /// Whether this run is a demo, which ends with a summary.
+    pub fn is_demo(&self) -> bool {
+        self.demo.is_some()
+    }
+}
+
 /// What `--demo` reports.
 #[derive(Debug, Serialize)]
 pub struct Summary {

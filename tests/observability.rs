@@ -15,6 +15,24 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     common::http_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path).await
 }
 
+/// Waits until `worker`'s `/healthz` on `port` says ready, for at most `within`.
+async fn wait_ready(worker: &str, port: u16, within: Duration) {
+    let started = Instant::now();
+    loop {
+        match get(port, "/healthz").await {
+            Some((200, body)) => {
+                assert!(body.contains("ready"), "{worker}: {body}");
+                return;
+            }
+            other => assert!(
+                started.elapsed() < within,
+                "{worker} never became ready: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Every `twophase_*` series name in a text, histogram suffixes folded into their base name.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -90,20 +108,7 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported_by_a_worker() {
 
     // Ready once consuming: every worker has partitions and a database that answers.
     for (worker, port) in &ports {
-        let started = Instant::now();
-        loop {
-            match get(*port, "/healthz").await {
-                Some((200, body)) => {
-                    assert!(body.contains("ready"), "{worker}: {body}");
-                    break;
-                }
-                other => assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "{worker} never became ready: {other:?}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_ready(worker, *port, Duration::from_secs(30)).await;
     }
 
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
@@ -339,4 +344,20 @@ async fn the_in_flight_gauge_counts_a_transfer_waiting_for_its_votes() {
         let series = format!(r#"twophase_sagas_in_flight{{status="{status}"}}"#);
         wait_for_value(port, &series, 0.0).await;
     }
+}
+
+/// With the cooperative protocol a rebalance names only the partitions it moves: a copy that
+/// hands some of its partitions to a new one keeps the rest, and stays ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_that_keeps_partitions_through_a_cooperative_rebalance_stays_ready() {
+    let mut env = TestEnv::new("cooperative").await;
+    env.with_config(
+        "[kafka.consumer_properties]\n\"partition.assignment.strategy\" = \"cooperative-sticky\"\n",
+    );
+    let first = env.start_serving("risk", &[]).await;
+    wait_ready("the first risk worker", first, Duration::from_secs(30)).await;
+    let second = env.start_serving("risk", &[]).await;
+    // The second takes partitions only once the first has given them up.
+    wait_ready("the second risk worker", second, Duration::from_secs(60)).await;
+    wait_ready("the first risk worker", first, Duration::from_secs(10)).await;
 }

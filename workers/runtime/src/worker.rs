@@ -294,15 +294,23 @@ impl ConsumerContext for MemberContext {
         }
     }
 
-    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(partitions) => {
-                tracing::info!(partitions = partitions.count(), "partitions assigned");
-                self.health.set_assigned(partitions.count() > 0);
-            }
-            Rebalance::Revoke(_) => self.health.set_assigned(false),
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Error(e) = rebalance {
+            tracing::warn!(error = %e, "rebalance failed");
+            return;
         }
+        // What the member holds now: with the cooperative protocol (a
+        // partition.assignment.strategy of cooperative-sticky), a rebalance names only the
+        // partitions it adds or takes away, and the member keeps the rest.
+        let held = consumer.assignment().map_or(0, |a| a.count());
+        if let Rebalance::Assign(partitions) = rebalance {
+            tracing::info!(partitions = partitions.count(), held, "partitions assigned");
+        }
+        self.health.set_assigned(held > 0);
     }
 }
 

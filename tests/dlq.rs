@@ -542,13 +542,21 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
 
 /// A header's name is bytes on the wire, and a producer outside the project can write one
 /// that is not UTF-8. rdkafka panics reading such a name; the workers read headers through
-/// librdkafka themselves, so a request that carries one is settled, and a dead letter keeps it.
+/// librdkafka themselves, so a request that carries one is settled, a dead letter keeps it, and
+/// the audit store keeps both.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_header_name_that_is_not_utf8_stops_nothing_and_is_kept() {
     let mut env = TestEnv::new("header-bytes").await;
     env.start("coordinator");
     env.start("account");
     env.start("risk");
+    env.start_with(
+        "audit",
+        &[
+            ("TWOPHASE_AUDIT__LISTEN", "127.0.0.1:0"),
+            ("TWOPHASE_AUDIT__BATCH_TIMEOUT", "50ms"),
+        ],
+    );
     let a = env.open_account("USD", "10").await;
     let b = env.open_account("USD", "0").await;
     let raw = RawProducer::new(&env);
@@ -582,7 +590,8 @@ async fn a_header_name_that_is_not_utf8_stops_nothing_and_is_kept() {
         .send_with(&requests, Some(0), key, b"not JSON", garbage)
         .await;
     let valid = with_foreign(out.envelope.to_headers());
-    raw.send_with(&requests, Some(0), key, &out.payload, valid)
+    let (_, valid_offset) = raw
+        .send_with(&requests, Some(0), key, &out.payload, valid)
         .await;
 
     let outcome = common::outcome_of(&watcher, key, Duration::from_secs(60)).await;
@@ -606,6 +615,22 @@ async fn a_header_name_that_is_not_utf8_stops_nothing_and_is_kept() {
         d["headers"]["x-\u{fffd}\u{fffd}"], "from-elsewhere",
         "{d:#}"
     );
+
+    let audited = format!(
+        "SELECT count(*) FROM audit.audit_log
+         WHERE (topic = '{requests}' AND kafka_partition = 0 AND kafka_offset IN ({offset}, \
+         {valid_offset})) OR topic = '{}'",
+        Topics::dead_letters(&requests)
+    );
+    let started = Instant::now();
+    while env.count(&audited).await < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the audit store lacks the records with the foreign header (logs in {})",
+            env.log_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     env.check_invariants().await;
 }
 

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use chrono::Utc;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers as _, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::Message as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -23,6 +23,7 @@ use twophase_messages::envelope::headers as ce;
 use twophase_messages::Topics;
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::http::Health;
+use twophase_runtime::kafka::headers as record_headers;
 use twophase_runtime::worker::{commit_stored, member_config, MemberContext};
 use twophase_runtime::{metrics, telemetry, KafkaConfig, RetryConfig};
 
@@ -191,13 +192,13 @@ async fn collect(
     batch
 }
 
-/// The bytes of a record a batch holds: its payload, key and headers.
+/// The bytes of a record a batch holds: its payload, key and headers (read as bytes: rdkafka's
+/// own reader panics on a name that is not UTF-8).
 fn size_of_record(m: &BorrowedMessage<'_>) -> usize {
-    let headers = m.headers().map_or(0, |h| {
-        h.iter()
-            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
-            .sum()
-    });
+    let headers: usize = record_headers::of(m)
+        .iter()
+        .map(|h| h.name.len() + h.value.map_or(0, <[u8]>::len))
+        .sum();
     m.payload_len() + m.key_len() + headers
 }
 

@@ -1165,6 +1165,12 @@ async fn the_query_api_filters_pages_and_refuses_bad_parameters() {
         ("page_size=0", "page_size", "from 1 to 100"),
         ("page_size=101", "page_size", "from 1 to 100"),
         ("page=101&page_size=100", "page", "10000"),
+        ("before=yesterday", "before", "not a page's next"),
+        (
+            "before=2026-11-24T10:00:00.000Z,x",
+            "before",
+            "not a page's next",
+        ),
         (
             "severity=fatal",
             "severity",
@@ -1257,6 +1263,39 @@ async fn the_query_api_filters_pages_and_refuses_bad_parameters() {
     );
     let (_, health) = get_json(api, "/healthz").await;
     assert_eq!(health["database"], "ok");
+
+    // Page after page by `next`: rows written meanwhile, newer than the first page, shift
+    // page numbers but not the pages that follow a `next`.
+    let mut walked = Vec::new();
+    let mut query = "/audit/logs?severity=info&page_size=5".to_owned();
+    let mut later = 0;
+    loop {
+        let (code, page) = get_json(api, &query).await;
+        assert_eq!(code, 200, "{query}: {page}");
+        walked.extend(ids(&page));
+        let Some(next) = page["next"].as_str() else {
+            break;
+        };
+        later += 1;
+        let at = base + chrono::Duration::seconds(100 + later);
+        let headers = envelope_headers(types::TRANSFER_REQUESTED, at, &transfers[0].to_string());
+        let payload = json!({"transfer_id": transfers[0]});
+        let newer = entry_of(
+            &env,
+            &env.topics.requests(),
+            0,
+            1000 + later,
+            &headers,
+            &payload,
+        );
+        assert_eq!(newer.severity, "info");
+        store::append(&db, &[newer], Timestamp::now())
+            .await
+            .unwrap();
+        query = format!("/audit/logs?severity=info&page_size=5&before={next}");
+    }
+    assert_eq!(walked, info);
+    assert_eq!(later, 4, "a short last page has no next");
 }
 
 #[tokio::test(flavor = "multi_thread")]

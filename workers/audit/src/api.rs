@@ -2,11 +2,14 @@
 //!
 //! - `GET /audit/logs?entity_type=&entity_id=&event_type=&severity=&start_time=&end_time=&page=&page_size=`
 //!   — matching rows newest first, `{ "rows": [...], "total": N, "total_exact": true, "page": p,
-//!   "page_size": s }`. Times are RFC 3339; `start_time` is inclusive and `end_time` exclusive.
-//!   `page` counts from 1, `page_size` is 1 to 100 (50 if absent), and pages reach 10,000 rows
-//!   deep: narrow the time window to go further back. Matching rows are counted up to 100,000;
-//!   past that `total` is 100000 and `total_exact` false, so that a broad filter on a large
-//!   table answers as fast as a narrow one.
+//!   "page_size": s, "next": … }`. Times are RFC 3339; `start_time` is inclusive and `end_time`
+//!   exclusive. `page` counts from 1, `page_size` is 1 to 100 (50 if absent), and pages reach
+//!   10,000 rows deep. A full page's `next` (else null), given back as `before`, starts the
+//!   following page after its last row, however deep, and rows written meanwhile do not shift
+//!   it as they shift page numbers; `page` then counts from there. Matching rows (after
+//!   `before`, if given) are counted up to 100,000; past that `total` is 100000 and
+//!   `total_exact` false, so that a broad filter on a large table answers as fast as a narrow
+//!   one.
 //! - `GET /transfers/{id}/timeline` — every audited message of a transfer by time then offset,
 //!   each with `since_previous_ms`.
 //!
@@ -33,13 +36,14 @@ use crate::record::{entity, Severity};
 use crate::store::{self, LogFilter, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, MAX_WINDOW};
 
 /// The parameters of `GET /audit/logs`.
-pub const PARAMETERS: [&str; 8] = [
+pub const PARAMETERS: [&str; 9] = [
     "entity_type",
     "entity_id",
     "event_type",
     "severity",
     "start_time",
     "end_time",
+    "before",
     "page",
     "page_size",
 ];
@@ -115,6 +119,7 @@ pub fn parse_filter<'a>(
             }
             "start_time" => filter.start_time = Some(time(name, value)?),
             "end_time" => filter.end_time = Some(time(name, value)?),
+            "before" => filter.before = Some(value.parse().map_err(|e| bad(name, e))?),
             "page" => {
                 filter.page = value
                     .parse::<u32>()
@@ -154,8 +159,8 @@ pub fn parse_filter<'a>(
         return Err(bad(
             "page",
             format!(
-                "page {} of {} rows reaches past the newest {MAX_WINDOW} rows; narrow the \
-                 filters (an earlier end_time) to look further back",
+                "page {} of {} rows reaches past the newest {MAX_WINDOW} rows; go on from a \
+                 page's next (as before), or narrow the filters, to look further back",
                 filter.page, filter.page_size
             ),
         ));

@@ -69,7 +69,11 @@ struct QueryArgs {
     /// Rows that occurred before this RFC 3339 time.
     #[arg(long)]
     end_time: Option<String>,
-    /// Which page, from 1.
+    /// Only the rows after this place in the order: the `next` an earlier page gave, so that
+    /// rows written meanwhile do not shift the pages.
+    #[arg(long, value_name = "NEXT")]
+    before: Option<String>,
+    /// Which page, from 1 (counted from --before if given).
     #[arg(long, default_value_t = 1)]
     page: u32,
     /// Rows per page, 1 to 100.
@@ -234,6 +238,7 @@ async fn query(db: &Db, args: QueryArgs) -> anyhow::Result<u8> {
         ("severity", args.severity.as_deref()),
         ("start_time", args.start_time.as_deref()),
         ("end_time", args.end_time.as_deref()),
+        ("before", args.before.as_deref()),
         ("page", Some(page.as_str())),
         ("page_size", Some(page_size.as_str())),
     ];
@@ -263,6 +268,9 @@ async fn query(db: &Db, args: QueryArgs) -> anyhow::Result<u8> {
         pages.max(1),
         page.total
     );
+    if let Some(next) = &page.next {
+        outln!("next page: --before {next}");
+    }
     Ok(0)
 }
 

@@ -283,6 +283,8 @@ pub struct LogFilter {
     pub start_time: Option<Timestamp>,
     /// Exclusive.
     pub end_time: Option<Timestamp>,
+    /// Only the rows after this one, newest first: a page's [`Page::next`].
+    pub before: Option<Cursor>,
     /// From 1.
     pub page: u32,
     /// 1 to [`MAX_PAGE_SIZE`].
@@ -310,6 +312,51 @@ pub struct Page {
     pub total_exact: bool,
     pub page: u32,
     pub page_size: u32,
+    /// Where the next page starts, as `before` takes it, if this page is full: rows written
+    /// meanwhile do not move it, as they move a page number.
+    pub next: Option<String>,
+}
+
+/// A row's place in the order of [`query`] (newest first, then the latest written first), as
+/// text: `<occurred_at>,<id>`, the time in RFC 3339 to the millisecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub occurred_at: Timestamp,
+    pub id: i64,
+}
+
+impl Cursor {
+    fn of(row: &Row) -> Cursor {
+        Cursor {
+            occurred_at: row.entry.occurred_at,
+            id: row.id,
+        }
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{},{}",
+            crate::record::format_time(&self.occurred_at),
+            self.id
+        )
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cursor, String> {
+        let unlike = || format!("{s:?} is not a page's next, such as 2026-11-24T10:00:00.000Z,42");
+        let (time, id) = s.rsplit_once(',').ok_or_else(unlike)?;
+        let occurred_at = chrono::DateTime::parse_from_rfc3339(time).map_err(|_| unlike())?;
+        Ok(Cursor {
+            occurred_at: Timestamp::from(occurred_at.with_timezone(&chrono::Utc)),
+            id: id.parse().map_err(|_| unlike())?,
+        })
+    }
 }
 
 impl LogFilter {
@@ -335,6 +382,17 @@ impl LogFilter {
         if let Some(t) = self.end_time {
             binds.push(Bind::Time(t));
             conditions.push(format!("occurred_at < ${}", binds.len()));
+        }
+        if let Some(c) = self.before {
+            binds.push(Bind::Time(c.occurred_at));
+            let earlier = binds.len();
+            binds.push(Bind::Time(c.occurred_at));
+            binds.push(Bind::Int(c.id));
+            conditions.push(format!(
+                "(occurred_at < ${earlier} OR (occurred_at = ${} AND id < ${}))",
+                earlier + 1,
+                earlier + 2
+            ));
         }
         let clause = if conditions.is_empty() {
             String::new()
@@ -370,12 +428,17 @@ pub async fn query(db: &Db, filter: &LogFilter) -> Result<Page, sqlx::Error> {
     );
     let rows = fetch_all_dyn::<Row>(&mut tx, &sql, &binds).await?;
     tx.commit().await?;
+    let next = rows
+        .last()
+        .filter(|_| rows.len() == filter.page_size as usize)
+        .map(|last| Cursor::of(last).to_string());
     Ok(Page {
         rows,
         total: counted.min(COUNT_LIMIT),
         total_exact: counted <= COUNT_LIMIT,
         page: filter.page,
         page_size: filter.page_size,
+        next,
     })
 }
 

@@ -1047,3 +1047,72 @@ async fn a_thousand_random_transfers_with_two_account_workers_keep_every_invaria
     assert!(by_status.get("completed").copied().unwrap_or(0) > 0);
     env.check_invariants().await;
 }
+
+/// `twophase bench` against running workers: a short closed loop settles what it sends, finds
+/// invariants 1–4 holding, and, on a real broker, measures the ceiling reference, each part of
+/// it above zero (the embedded broker cannot create the ceiling's topics).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_bench_settles_its_load_keeps_the_invariants_and_measures_a_ceiling() {
+    let mut env = TestEnv::new("bench").await;
+    env.start_all(1);
+    // Once one transfer is settled the workers hold their partitions: the loop measures them,
+    // not their start.
+    let a = env.open_account("USD", "10").await;
+    let b = env.open_account("USD", "0").await;
+    assert_outcome(
+        &env.transfer(&request(a, b, "1", "USD")).await,
+        "completed",
+        None,
+    );
+    let json = env.log_dir.join("bench.json");
+    let mut cmd = env.command();
+    cmd.args([
+        "bench",
+        "--concurrency",
+        "8",
+        "--warmup",
+        "1s",
+        "--duration",
+        "2s",
+    ])
+    .args(["--accounts", "20", "--json"])
+    .arg(&json);
+    if !env.embedded() {
+        cmd.arg("--ceiling");
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(results["transfers"].as_u64() > Some(0), "{results:#}");
+    assert!(
+        results["completed_per_second"].as_f64() > Some(0.0),
+        "{results:#}"
+    );
+    let invariants = &results["invariants"];
+    assert_eq!(
+        invariants["violations"],
+        serde_json::json!([]),
+        "{results:#}"
+    );
+    assert!(invariants["transfers"].as_u64() >= results["transfers"].as_u64());
+    if env.embedded() {
+        return;
+    }
+    let ceiling = &results["ceiling"];
+    for figure in [
+        "broker_transfers_per_second",
+        "database_rows_per_second",
+        "database_transfers_per_second",
+        "share_of_broker",
+        "share_of_database",
+    ] {
+        assert!(
+            ceiling[figure].as_f64() > Some(0.0),
+            "{figure}: {results:#}"
+        );
+    }
+}

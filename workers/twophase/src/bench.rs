@@ -25,15 +25,15 @@ use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use twophase_account::store;
-use twophase_messages::TransferRequested;
+use twophase_messages::{Message, TransferRequested};
 use twophase_runtime::db::{Db, Timestamp};
 use twophase_runtime::kafka::{client_config, consumer_config};
-use twophase_runtime::{execute, execute_rows, outln, KafkaConfig, Publisher};
+use twophase_runtime::{execute, execute_rows, outln, KafkaConfig, Outgoing, Publisher};
 use uuid::Uuid;
 
 use crate::client::{self, Outcome, OutcomeWatcher};
@@ -237,7 +237,8 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<u8> {
     let invariants = crate::invariants::check(&all).await?;
     let ceiling = if args.ceiling {
         let in_flight = args.concurrency.unwrap_or(64).max(1);
-        Some(measure_ceiling(config, in_flight, samples.len() as f64 / seconds).await?)
+        // Completed transfers are the ones that took all twelve messages.
+        Some(measure_ceiling(config, in_flight, completed as f64 / seconds).await?)
     } else {
         None
     };
@@ -488,7 +489,8 @@ async fn measure_ceiling(
 /// The relays work as the workers do, minus the database and the logic: they take what has
 /// arrived as a batch, hand every message it causes to the producer at once and wait for the
 /// broker's acknowledgements before taking the next batch. `in_flight` transfers are kept
-/// going, as the closed loop does.
+/// going, as the closed loop does. Each message is the size of a saga's: a transfer request's
+/// JSON under its envelope's headers, keyed by a UUID's text.
 async fn broker_ceiling(
     kafka: &KafkaConfig,
     in_flight: usize,
@@ -497,7 +499,9 @@ async fn broker_ceiling(
     let run = Uuid::new_v4().simple().to_string();
     let topics = ["requests", "commands", "replies", "events"]
         .map(|name| format!("bench-ceiling-{run}.{name}"));
-    twophase_runtime::kafka::ensure_topics(kafka, &topics).await?;
+    twophase_runtime::kafka::ensure_topics(kafka, &topics)
+        .await
+        .context("creating the ceiling reference's topics (the embedded broker cannot)")?;
     let measured = relay_chain(kafka, &run, &topics, in_flight, duration).await;
     // The run's topics go with it, measured or not: a long-lived cluster keeps no litter.
     let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
@@ -523,6 +527,7 @@ async fn relay_chain(
     duration: Duration,
 ) -> anyhow::Result<f64> {
     let producer: FutureProducer = twophase_runtime::kafka::producer_config(kafka).create()?;
+    let body = Arc::new(Body::of_a_request(requests));
     let consumer = |group: &str, topics: &[&str]| -> anyhow::Result<StreamConsumer> {
         let c: StreamConsumer = consumer_config(kafka)
             .set("group.id", format!("bench-ceiling-{run}-{group}"))
@@ -536,10 +541,10 @@ async fn relay_chain(
     let outcomes = consumer("outcomes", &[events])?;
     let stop = tokio_util::sync::CancellationToken::new();
     let relay_coordinator = {
-        let (producer, stop) = (producer.clone(), stop.clone());
+        let (producer, stop, body) = (producer.clone(), stop.clone(), body.clone());
         let (commands, events, replies) = (commands.clone(), events.clone(), replies.clone());
         let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
-        tokio::spawn(relay(coordinator, producer, stop, move |m| {
+        tokio::spawn(relay(coordinator, producer, stop, body, move |m| {
             let key = m.key().unwrap_or_default().to_vec();
             if m.topic() != replies {
                 return vec![(commands.clone(), key, 3)];
@@ -558,23 +563,28 @@ async fn relay_chain(
     };
     let relay_participant = {
         let (producer, stop, replies) = (producer.clone(), stop.clone(), replies.clone());
-        tokio::spawn(relay(participant, producer, stop, move |m| {
+        let body = body.clone();
+        tokio::spawn(relay(participant, producer, stop, body, move |m| {
             vec![(replies.clone(), m.key().unwrap_or_default().to_vec(), 1)]
         }))
     };
     // Keep `in_flight` transfers going; count those whose outcome arrives within the duration.
     let started = Instant::now();
     let mut next = 0u64;
-    let mut keys = |n: usize| -> Vec<[u8; 8]> {
+    let mut keys = |n: usize| -> Vec<String> {
         (0..n)
             .map(|_| {
                 next += 1;
-                next.to_be_bytes()
+                // As long as a transfer id.
+                format!("{next:036}")
             })
             .collect()
     };
+    fn on<'a>(topic: &'a str, keys: &'a [String]) -> impl Iterator<Item = (&'a str, &'a [u8])> {
+        keys.iter().map(move |k| (topic, k.as_bytes()))
+    }
     let first = keys(in_flight);
-    publish_all(&producer, first.iter().map(|k| (requests.as_str(), &k[..]))).await?;
+    publish_all(&producer, &body, on(requests, &first)).await?;
     let mut done = 0usize;
     while started.elapsed() < duration {
         let Ok(outcome) = tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await
@@ -590,7 +600,7 @@ async fn relay_chain(
         done += settled;
         // As many new transfers as settled, sent together.
         let more = keys(settled);
-        publish_all(&producer, more.iter().map(|k| (requests.as_str(), &k[..]))).await?;
+        publish_all(&producer, &body, on(requests, &more)).await?;
     }
     let seconds = started.elapsed().as_secs_f64();
     stop.cancel();
@@ -605,6 +615,7 @@ async fn relay(
     consumer: StreamConsumer,
     producer: FutureProducer,
     stop: tokio_util::sync::CancellationToken,
+    body: Arc<Body>,
     mut causes: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>, usize)>,
 ) -> anyhow::Result<()> {
     loop {
@@ -619,19 +630,64 @@ async fn relay(
         let records = out
             .iter()
             .flat_map(|(topic, key, n)| std::iter::repeat_n((topic.as_str(), key.as_slice()), *n));
-        publish_all(&producer, records).await?;
+        publish_all(&producer, &body, records).await?;
     }
 }
 
-/// Hands every record (topic, key; the key is the payload too) to the producer at once, then
-/// waits until the broker has them all.
+/// What every message of [`broker_ceiling`] carries, whatever its topic and key.
+struct Body {
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+}
+
+impl Body {
+    /// A transfer request's payload and headers, as a producer publishes it on `topic`.
+    fn of_a_request(topic: &str) -> Body {
+        let request = TransferRequested {
+            transfer_id: Uuid::new_v4().to_string(),
+            from_account: Uuid::new_v4().to_string(),
+            to_account: Uuid::new_v4().to_string(),
+            amount: "1234.56".into(),
+            currency: "USD".into(),
+            reference: None,
+        };
+        let id = request.transfer_id.clone();
+        let out = Outgoing::new(
+            topic.to_owned(),
+            &id,
+            "/twophase/bench",
+            &Message::TransferRequested(request),
+        );
+        let headers =
+            out.envelope
+                .to_headers()
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (key, value)| {
+                    h.insert(Header {
+                        key,
+                        value: Some(value.as_bytes()),
+                    })
+                });
+        Body {
+            payload: out.payload,
+            headers,
+        }
+    }
+}
+
+/// Hands every record (topic, key) to the producer at once, each with `body`, then waits until
+/// the broker has them all.
 async fn publish_all<'a>(
     producer: &FutureProducer,
+    body: &Body,
     records: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> anyhow::Result<()> {
     let mut deliveries = Vec::new();
     for (topic, key) in records {
-        let record = FutureRecord::to(topic).key(key).payload(key);
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(&body.payload)
+            .headers(body.headers.clone());
         deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
     }
     for delivery in deliveries {

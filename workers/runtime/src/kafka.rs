@@ -293,7 +293,7 @@ where
 }
 
 /// The Kafka headers of an envelope.
-fn envelope_headers(envelope: &Envelope) -> OwnedHeaders {
+pub fn envelope_headers(envelope: &Envelope) -> OwnedHeaders {
     envelope
         .to_headers()
         .into_iter()

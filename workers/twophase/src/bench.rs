@@ -25,7 +25,7 @@ use rand::Rng;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::message::{Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -658,19 +658,9 @@ impl Body {
             "/twophase/bench",
             &Message::TransferRequested(request),
         );
-        let headers =
-            out.envelope
-                .to_headers()
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (key, value)| {
-                    h.insert(Header {
-                        key,
-                        value: Some(value.as_bytes()),
-                    })
-                });
         Body {
+            headers: twophase_runtime::kafka::envelope_headers(&out.envelope),
             payload: out.payload,
-            headers,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The audit query API, served by the audit worker beside `/metrics` and `/healthz`:
 //!
-//! - `GET /audit/logs?entity_type=&entity_id=&event_type=&severity=&start_time=&end_time=&page=&page_size=`
+//! - `GET /audit/logs?entity_type=&entity_id=&event_type=&severity=&start_time=&end_time=&before=&page=&page_size=`
 //!   — matching rows newest first, `{ "rows": [...], "total": N, "total_exact": true, "page": p,
 //!   "page_size": s, "next": … }`. Times are RFC 3339; `start_time` is inclusive and `end_time`
 //!   exclusive. `page` counts from 1, `page_size` is 1 to 100 (50 if absent), and pages reach

@@ -37,7 +37,8 @@ enum AuditCommand {
     /// per chain the first link that does not hold: a row whose content no longer matches its
     /// hash (names the row), a gap in the sequence (rows deleted), a row that does not link to
     /// the one before it. Prints each chain's head (last sequence number and hash): kept
-    /// elsewhere, they show if the newest rows are ever removed.
+    /// elsewhere, they show if the newest rows are ever removed, or a chain rewritten from some
+    /// row on by someone who recomputed its hashes, which the chain alone cannot show.
     ///
     /// Exit code: 0 every chain intact, 1 a chain is broken.
     Verify {

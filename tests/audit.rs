@@ -37,9 +37,7 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 async fn twophase(env: &TestEnv, args: &[&str]) -> Output {
     let mut cmd = env.command();
     cmd.args(args).env("RUST_LOG", "warn");
-    tokio::task::spawn_blocking(move || cmd.output().expect("the twophase binary runs"))
-        .await
-        .unwrap()
+    common::output(cmd).await
 }
 
 fn stdout(out: &Output) -> String {

@@ -40,9 +40,7 @@ fn dec(s: &str) -> Decimal {
 async fn twophase(env: &TestEnv, args: &[&str]) -> Output {
     let mut cmd = env.command();
     cmd.args(args).env("RUST_LOG", "warn");
-    tokio::task::spawn_blocking(move || cmd.output().expect("the twophase binary runs"))
-        .await
-        .unwrap()
+    common::output(cmd).await
 }
 
 /// Runs `twophase <args>`, expects success, and returns its standard output.
@@ -472,9 +470,7 @@ async fn each_kind_of_poison_message_is_dead_lettered_and_its_partition_moves_on
     ])
     .args(["--message-id", &identity])
     .env_remove("USER");
-    let out = tokio::task::spawn_blocking(move || dry.output().unwrap())
-        .await
-        .unwrap();
+    let out = common::output(dry).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -1314,9 +1310,7 @@ async fn bad_input_is_refused_with_a_clear_sentence_and_nothing_is_published() {
     let mut cmd = env.command();
     cmd.args(["dlq", "replay", "--topic", "saga.replies"])
         .env_remove("USER");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let out = common::output(cmd).await;
     expect(&out, 3, "cannot tell who is replaying");
 
     // An empty dead-letter topic: an empty list, and a replay with nothing to do.

@@ -63,9 +63,7 @@ async fn reconcile_cli(env: &TestEnv, date: NaiveDate) -> (i32, Report) {
         &date.to_string(),
         "--json",
     ]);
-    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let output = common::output(cmd).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let report: Report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
         panic!(
@@ -636,9 +634,7 @@ async fn a_run_that_cannot_finish_exits_3_and_says_why() {
     // A database that cannot be reached: the events are read, the ledger cannot be.
     cmd.env("TWOPHASE_DATABASE_URL", "sqlite:/proc/no-such-dir/data")
         .args(["reconcile", "--date", &today().to_string(), "--json"]);
-    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let output = common::output(cmd).await;
     let report: Report = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(output.status.code(), Some(3));
     assert_eq!(report.status, RunStatus::Failed);
@@ -711,9 +707,7 @@ async fn the_daily_run_reconciles_the_day_before_at_its_time() {
     let mut cmd = env.command();
     cmd.env("TWOPHASE_RECONCILER__TIME_ZONE", "UTC")
         .args(["reconciler", "--once", "--json"]);
-    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let output = common::output(cmd).await;
     let again: Report = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(output.status.code(), Some(0));
     assert_eq!((again.date, again.replaced), (yesterday, true));

@@ -1080,9 +1080,7 @@ async fn a_short_bench_settles_its_load_keeps_the_invariants_and_measures_a_ceil
     if !env.embedded() {
         cmd.arg("--ceiling");
     }
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap();
+    let out = common::output(cmd).await;
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
     let results: serde_json::Value =

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
@@ -397,6 +397,14 @@ impl TestEnv {
             report.violations.join("\n")
         );
     }
+}
+
+/// Runs `cmd` (such as [`TestEnv::command`] with its arguments) to its end on a blocking
+/// thread, so that the workers' test tasks go on meanwhile; its exit status and output.
+pub async fn output(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("the twophase binary runs"))
+        .await
+        .unwrap()
 }
 
 /// A plain HTTP/1.0 GET (the server closes the connection after answering): status and body,

@@ -562,8 +562,8 @@ async fn relay_chain(
         }))
     };
     let relay_participant = {
-        let (producer, stop, replies) = (producer.clone(), stop.clone(), replies.clone());
-        let body = body.clone();
+        let (producer, stop, body) = (producer.clone(), stop.clone(), body.clone());
+        let replies = replies.clone();
         tokio::spawn(relay(participant, producer, stop, body, move |m| {
             vec![(replies.clone(), m.key().unwrap_or_default().to_vec(), 1)]
         }))
